@@ -1,0 +1,67 @@
+"""The FastAPI application: ``create_app`` wires the service, middleware, routes and errors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.responses import Response
+
+from api import errors as api_errors
+from api import routes, ws
+from api.auth import parse_tokens
+from api.middleware import BodyGuard, RequestContext
+from ledger import postgres
+from ledger.service import LedgerService
+from ledger.settings import Settings
+
+
+def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    tokens = parse_tokens(settings.api_tokens)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = postgres.async_pool(database_url, settings.pool_size)
+        await pool.open(wait=True, timeout=postgres.limits.pool_timeout_s)
+        app.state.service = LedgerService(pool)
+        app.state.notifier = ws.Notifier(database_url)
+        app.state.notifier.start()
+        try:
+            yield
+        finally:
+            await app.state.notifier.stop()
+            await app.state.service.close()
+            await pool.close()
+
+    app = FastAPI(
+        title="ledger",
+        version="1",
+        summary="An event-sourced double-entry ledger",
+        openapi_url="/v1/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.tokens = tokens
+    app.add_middleware(BodyGuard)
+    app.add_middleware(RequestContext)
+    api_errors.install(app)
+    app.include_router(routes.router)
+    app.include_router(ws.router)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> Response:
+        try:
+            async with app.state.service.pool.connection(timeout=2.0) as conn:
+                await conn.execute("SELECT 1")
+        except Exception as exc:
+            return api_errors.problem(503, "not_ready", "Not ready", f"database: {type(exc).__name__}")
+        return Response(b'{"status":"ready"}', media_type="application/json")
+
+    return app

@@ -1,0 +1,158 @@
+"""The /v1 routes: each turns HTTP into a service call and the result back into HTTP."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from pydantic import ValidationError
+from starlette.responses import Response
+
+from api import schemas
+from api.auth import actor
+from api.errors import PROBLEM
+from ledger import errors, limits
+from ledger.money import parse_asset
+from ledger.service import LedgerService, Result
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(actor)])
+
+LedgerPath = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
+AccountPath = Annotated[str, Path(min_length=1, max_length=limits.account_name_length_max)]
+KeyPath = Annotated[str, Path(min_length=1, max_length=limits.idempotency_key_length_max)]
+Limit = Annotated[int, Query(ge=1, le=limits.page_size_max)]
+AsOf = Annotated[int | None, Query(ge=0, description="A log position")]
+
+_problems: dict[int | str, dict[str, Any]] = {
+    code: {"model": schemas.Problem, "content": {PROBLEM: {}}} for code in (400, 404, 409, 413, 422, 503)
+}
+
+
+def service(request: Request) -> LedgerService:
+    svc: LedgerService = request.app.state.service
+    return svc
+
+
+Service = Annotated[LedgerService, Depends(service)]
+
+
+def meta(request: Request) -> dict[str, Any]:
+    return {"actor": actor(request), "request_id": request.scope["state"].get("request_id", "")}
+
+
+Meta = Annotated[dict[str, Any], Depends(meta)]
+
+
+def json_response(body: Any, status: int = 200, replayed: bool | None = None) -> Response:
+    headers = {"Idempotent-Replayed": "true"} if replayed else None
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
+def created(result: Result) -> Response:
+    return json_response(result.body, 201, result.replayed)
+
+
+@router.post("/ledgers", status_code=201, response_model=schemas.LedgerOut, responses=_problems)
+async def create_ledger(body: schemas.CreateLedger, svc: Service, m: Meta) -> Response:
+    """Creates a ledger; the same request again returns it unchanged."""
+    return created(await svc.create_ledger(body.name, body.parsed_assets(), m))
+
+
+@router.get("/ledgers/{ledger}", response_model=schemas.LedgerOut, responses=_problems)
+async def get_ledger(ledger: LedgerPath, svc: Service) -> Response:
+    return json_response(await svc.get_ledger(ledger))
+
+
+@router.post("/ledgers/{ledger}/assets", status_code=201, responses=_problems)
+async def define_asset(ledger: LedgerPath, body: schemas.DefineAsset, svc: Service, m: Meta) -> Response:
+    return created(await svc.define_asset(ledger, parse_asset(body.asset), m))
+
+
+@router.post("/ledgers/{ledger}/accounts", status_code=201, response_model=schemas.AccountOut,
+             responses=_problems)
+async def open_account(ledger: LedgerPath, body: schemas.OpenAccount, svc: Service, m: Meta) -> Response:
+    """Opens an account; the same request again returns it (Idempotent-Replayed: true)."""
+    return created(await svc.open_account(ledger, body.command(), m))
+
+
+@router.get("/ledgers/{ledger}/accounts/{name}", response_model=schemas.AccountOut,
+            responses=_problems)
+async def get_account(ledger: LedgerPath, name: AccountPath, svc: Service, as_of: AsOf = None) -> Response:
+    """The account and its balances per asset, now or as of a log position."""
+    return json_response(await svc.account(ledger, name, as_of))
+
+
+@router.get("/ledgers/{ledger}/accounts/{name}/postings", responses=_problems)
+async def list_postings(
+    ledger: LedgerPath, name: AccountPath, svc: Service,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Limit = limits.page_size_default,
+) -> Response:
+    """The account's postings, newest first, each with the balance right after it."""
+    return json_response(await svc.postings(ledger, name, cursor, limit))
+
+
+@router.post("/ledgers/{ledger}/transfers", status_code=201, response_model=schemas.TransferOut,
+             responses=_problems)
+async def post_transfer(
+    ledger: LedgerPath, body: schemas.TransferIn, svc: Service, m: Meta,
+    idempotency_key: Annotated[str | None, Header(max_length=limits.idempotency_key_length_max)] = None,
+) -> Response:
+    """Posts a transfer: all postings apply atomically, or none does."""
+    if not idempotency_key:
+        raise errors.IdempotencyKeyMissing("send an Idempotency-Key header with every transfer")
+    _check_key(idempotency_key)
+    m = {**m, "idempotency_key": idempotency_key}
+    return created(await svc.post_transfer(ledger, body.command(idempotency_key), m))
+
+
+@router.post("/ledgers/{ledger}/transfers/batch", response_model=schemas.BatchOut,
+             responses=_problems)
+async def post_batch(ledger: LedgerPath, body: schemas.BatchIn, svc: Service, m: Meta) -> Response:
+    """Up to the batch limit of transfers, each with its own `id` (idempotency key) and its own
+    result, in request order. One invalid item does not stop the others."""
+    commands: list[Any] = []
+    for index, raw in enumerate(body.items):
+        try:
+            item = schemas.BatchItemIn.model_validate(raw)
+            commands.append(item.command(item.id))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            commands.append(errors.InvalidRequest(f"items.{index}.{where}: {first['msg']}"))
+        except errors.LedgerError as exc:
+            commands.append(exc)
+    return json_response({"results": await svc.post_batch(ledger, commands, m)})
+
+
+@router.get("/ledgers/{ledger}/transfers/{key}", response_model=schemas.TransferOut,
+            responses=_problems)
+async def get_transfer(ledger: LedgerPath, key: KeyPath, svc: Service) -> Response:
+    return json_response(await svc.transfer(ledger, key))
+
+
+@router.get("/ledgers/{ledger}/events", responses=_problems)
+async def list_events(
+    ledger: LedgerPath, svc: Service,
+    after: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = limits.page_size_default,
+) -> Response:
+    """The ledger's log in order, from the position after `after`."""
+    return json_response(await svc.events(ledger, after, limit))
+
+
+@router.get("/ledgers/{ledger}/balances", responses=_problems)
+async def list_balances(
+    ledger: LedgerPath, svc: Service, as_of: AsOf = None,
+    cursor: Annotated[str | None, Query(max_length=limits.account_name_length_max)] = None,
+    limit: Limit = limits.page_size_default,
+) -> Response:
+    """A page of accounts with their balances, and per asset the sum over all accounts."""
+    return json_response(await svc.balances(ledger, cursor, limit, as_of))
+
+
+def _check_key(key: str) -> None:
+    if not all(0x21 <= ord(c) <= 0x7E for c in key):
+        raise errors.InvalidRequest("Idempotency-Key must be printable ASCII without spaces")

@@ -1,0 +1,113 @@
+"""Live events over a WebSocket: ``/v1/ledgers/{ledger}/events/stream?after=N``.
+
+Each subscriber reads the log itself, a page at a time, from the position after the last one it
+sent; Postgres ``NOTIFY`` only wakes it. There is no queue per subscriber to overflow: a slow
+client just reads further behind, and one that reconnects with ``after=`` misses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from typing import Any
+
+import orjson
+import psycopg
+import structlog
+from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
+
+from api.auth import ws_actor
+from ledger import errors, limits
+from ledger.log import NOTIFY_CHANNEL
+from ledger.service import LedgerService
+
+logger = structlog.get_logger(__name__)
+router = APIRouter()
+
+
+class Notifier:
+    """One LISTEN connection per process; wakes the subscribers of the ledger named."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._task: asyncio.Task[None] | None = None
+        self.count = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._listen(), name="notifier")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def register(self, ledger: str) -> asyncio.Event:
+        if self.count >= limits.stream_clients_max:
+            raise errors.Overloaded("too many stream subscribers")
+        event = asyncio.Event()
+        self._waiters[ledger].add(event)
+        self.count += 1
+        return event
+
+    def unregister(self, ledger: str, event: asyncio.Event) -> None:
+        self._waiters[ledger].discard(event)
+        self.count -= 1
+
+    async def _listen(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self._wake_all()  # anything committed while we were not listening
+                    delay = 0.1
+                    async for note in conn.notifies():
+                        for event in self._waiters.get(note.payload.rpartition(":")[0], ()):
+                            event.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("notifier reconnecting", error=repr(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _wake_all(self) -> None:
+        for events in self._waiters.values():
+            for event in events:
+                event.set()
+
+
+@router.websocket("/v1/ledgers/{ledger}/events/stream")
+async def stream(websocket: WebSocket, ledger: str, after: int = Query(0, ge=0)) -> None:
+    svc: LedgerService = websocket.app.state.service
+    notifier: Notifier = websocket.app.state.notifier
+    try:
+        ws_actor(websocket)
+        await svc.ledger_ref(ledger)
+        wake = notifier.register(ledger)
+    except errors.LedgerError as error:
+        await websocket.close(code=1008 if error.status < 500 else 1013, reason=error.code)
+        return
+    await websocket.accept()
+    try:
+        while True:
+            wake.clear()
+            page: dict[str, Any] = await svc.events(ledger, after, limits.stream_page_events)
+            for item in page["items"]:
+                await websocket.send_text(orjson.dumps(item).decode())
+            after = page["next_after"]
+            if len(page["items"]) < limits.stream_page_events:
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout=limits.stream_heartbeat_s)
+                except TimeoutError:
+                    await websocket.send_text('{"type":"heartbeat","position":%d}' % after)
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+    except errors.LedgerError as error:
+        with contextlib.suppress(RuntimeError):
+            await websocket.close(code=1011, reason=error.code)
+    finally:
+        notifier.unregister(ledger, wake)

@@ -1,0 +1,186 @@
+"""Every expected failure, with its stable code.
+
+Codes are snake_case and never change once released. Within each group they are listed in the
+order they are checked, so that a client can tell which rule it broke first (as TigerBeetle
+documents its result codes). ``docs/errors.md`` is checked against this module by a test.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class LedgerError(Exception):
+    """An expected failure: the request was refused and nothing was changed."""
+
+    code: ClassVar[str] = "ledger_error"
+    status: ClassVar[int] = 400
+    title: ClassVar[str] = "The request was refused"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+    def to_result(self) -> dict[str, Any]:
+        """The error as an item result of a batch."""
+        return {"code": self.code, "detail": self.detail, **self.extra}
+
+
+# --- Request shape (checked first, before anything is read from the database) -------------
+
+
+class InvalidRequest(LedgerError):
+    code = "invalid_request"
+    title = "The request is malformed"
+    status = 422
+
+
+class InvalidAmount(LedgerError):
+    code = "invalid_amount"
+    title = "Amounts are strings of 1 to 38 ASCII digits, greater than zero"
+    status = 422
+
+
+class InvalidAsset(LedgerError):
+    code = "invalid_asset"
+    title = "Assets are written CODE/SCALE, such as USD/2"
+    status = 422
+
+
+class AccountsMustBeDifferent(LedgerError):
+    code = "accounts_must_be_different"
+    title = "A posting must debit and credit different accounts"
+    status = 422
+
+
+class PayloadTooLarge(LedgerError):
+    code = "payload_too_large"
+    title = "The request is larger than the limit"
+    status = 413
+
+
+class BatchTooLarge(LedgerError):
+    code = "batch_too_large"
+    title = "The batch has more items than the limit"
+    status = 413
+
+
+class IdempotencyKeyMissing(LedgerError):
+    code = "idempotency_key_missing"
+    title = "An Idempotency-Key is required"
+    status = 400
+
+
+# --- Against the ledger's state, in this order -------------------------------------------------
+
+
+class LedgerNotFound(LedgerError):
+    code = "ledger_not_found"
+    title = "No such ledger"
+    status = 404
+
+
+class LedgerExists(LedgerError):
+    code = "ledger_exists"
+    title = "A ledger with this name exists with other settings"
+    status = 409
+
+
+class IdempotencyKeyReused(LedgerError):
+    code = "idempotency_key_reused"
+    title = "This key was already used with a different request"
+    status = 422
+
+
+class AssetNotFound(LedgerError):
+    code = "asset_not_found"
+    title = "The asset is not defined in this ledger"
+    status = 422
+
+
+class AssetScaleMismatch(LedgerError):
+    code = "asset_scale_mismatch"
+    title = "The asset is defined in this ledger with another scale"
+    status = 422
+
+
+class AssetExists(LedgerError):
+    code = "asset_exists"
+    title = "The asset is already defined with another scale"
+    status = 409
+
+
+class AccountNotFound(LedgerError):
+    code = "account_not_found"
+    title = "No such account in this ledger"
+    status = 422
+
+
+class AccountExists(LedgerError):
+    code = "account_exists"
+    title = "An account with this name exists with other settings"
+    status = 409
+
+
+class Overflow(LedgerError):
+    code = "overflow"
+    title = "A balance would exceed 38 digits"
+    status = 422
+
+
+# --- Lookups -----------------------------------------------------------------------------------
+
+
+class TransferNotFound(LedgerError):
+    code = "transfer_not_found"
+    title = "No transfer with this key"
+    status = 404
+
+
+class AccountNotFoundForRead(LedgerError):
+    code = "account_not_found"
+    title = "No such account in this ledger"
+    status = 404
+
+
+class PositionOutOfRange(LedgerError):
+    code = "position_out_of_range"
+    title = "The position is beyond the log's head"
+    status = 422
+
+
+class InvalidCursor(LedgerError):
+    code = "invalid_cursor"
+    title = "The cursor is not one this server gave out"
+    status = 400
+
+
+# --- Transient: the outcome is unknown or nothing happened; retry with the same key ----------
+
+
+class Unavailable(LedgerError):
+    code = "unavailable"
+    title = "The ledger cannot take this request now; retry with the same key"
+    status = 503
+
+
+class Overloaded(Unavailable):
+    code = "overloaded"
+    title = "Too many commands are waiting; retry with the same key"
+    status = 503
+
+
+class Timeout(Unavailable):
+    code = "timeout"
+    title = "The command was not committed in time; its outcome is unknown, retry with the same key"
+    status = 503
+
+
+def all_error_classes() -> list[type[LedgerError]]:
+    """Every error class, in the order they are declared (which is the order of checking)."""
+    return [
+        obj
+        for obj in globals().values()
+        if isinstance(obj, type) and issubclass(obj, LedgerError) and obj is not LedgerError
+    ]

@@ -1,0 +1,90 @@
+"""Every stored event of the ledger.
+
+Each ledger's log is one event stream: ``originator_id`` is the ledger's name and
+``originator_version`` the event's position in that ledger's log (1, 2, 3 ... without gaps).
+The classes follow the eventsourcing library's domain event protocol, so its ``Mapper`` turns
+them into ``StoredEvent`` objects and back, and its notification log and projections read them.
+
+Stored events name their class by topic (``ledger.events:TransferPosted``): **an event class
+never moves and is never renamed**. Change one by adding ``class_version`` and an
+``upcast_vN_vN+1`` static method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from eventsourcing.persistence import Mapper, Transcoder
+from eventsourcing.utils import get_topic
+
+
+@dataclass(frozen=True)
+class LedgerEvent:
+    """Fields common to every event."""
+
+    originator_id: str
+    """The ledger's name."""
+    originator_version: int
+    """The event's position in the ledger's log."""
+    recorded_at: str
+    """When the event was committed: ISO 8601, UTC, microseconds."""
+    meta: dict[str, Any]
+    """Who and what caused it: ``actor``, ``request_id``."""
+
+    @property
+    def position(self) -> int:
+        return self.originator_version
+
+
+@dataclass(frozen=True)
+class LedgerCreated(LedgerEvent):
+    assets: list[str]
+    """The assets the ledger starts with, as ``CODE/SCALE``."""
+
+
+@dataclass(frozen=True)
+class AssetDefined(LedgerEvent):
+    asset: str
+
+
+@dataclass(frozen=True)
+class AccountOpened(LedgerEvent):
+    account: str
+    type: str
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TransferPosted(LedgerEvent):
+    key: str
+    """The client's idempotency key."""
+    postings: list[dict[str, str]]
+    """Each ``{"debit", "credit", "asset": "CODE/SCALE", "amount": "<digits>"}``."""
+    metadata: dict[str, Any]
+
+
+class CanonicalJSONTranscoder(Transcoder):
+    """JSON with sorted keys and no spaces: one byte string per event state, reproducible.
+
+    Events hold only strings, small integers, lists and dicts (amounts are strings of digits),
+    so there is nothing to register; anything else is a bug and raises.
+    """
+
+    def encode(self, obj: Any) -> bytes:
+        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+
+    def decode(self, data: bytes) -> Any:
+        return orjson.loads(data)
+
+
+def canonical_json(obj: Any) -> bytes:
+    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+
+
+MAPPER: Mapper[str] = Mapper(transcoder=CanonicalJSONTranscoder())
+
+TOPICS: dict[type[LedgerEvent], str] = {
+    cls: get_topic(cls) for cls in (LedgerCreated, AssetDefined, AccountOpened, TransferPosted)
+}

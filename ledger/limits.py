@@ -1,0 +1,54 @@
+"""Every bound the ledger enforces, in one place, with its unit in its name.
+
+A request that goes past one of these gets a clear error; nothing stored is touched.
+"""
+
+from typing import Final
+
+# Money
+amount_digits_max: Final = 38
+"""Amounts are integers in minor units of at most 38 decimal digits (NUMERIC(38,0))."""
+amount_max: Final = 10**amount_digits_max - 1
+asset_scale_max: Final = 38
+asset_code_length_max: Final = 16
+
+# Names and free-form data
+ledger_name_length_max: Final = 64
+account_name_length_max: Final = 128
+idempotency_key_length_max: Final = 128
+metadata_bytes_max: Final = 4_096
+"""Canonical JSON size of one metadata object."""
+metadata_depth_max: Final = 4
+
+# Shapes of requests
+postings_per_transfer_max: Final = 64
+batch_items_max: Final = 1_000
+"""Transfers in one POST .../transfers/batch request."""
+request_body_bytes_max: Final = 4 * 1024 * 1024
+"""Largest HTTP request body; bigger ones get 413 before they are parsed."""
+assets_per_ledger_create_max: Final = 64
+
+# Pages
+page_size_default: Final = 100
+page_size_max: Final = 1_000
+
+# Write path
+group_transfers_max: Final = 2_000
+"""Most commands coalesced into one database transaction by a ledger's writer."""
+writer_queue_commands_max: Final = 20_000
+"""Commands waiting for a ledger's writer; past this, new ones are refused with 503."""
+lock_timeout_ms: Final = 5_000
+statement_timeout_ms: Final = 30_000
+request_timeout_ms: Final = 30_000
+"""How long a request waits for its command to be committed before answering 503."""
+write_retries_max: Final = 3
+"""Retries of a whole write transaction on errors that are safe to retry."""
+
+# Connections
+pool_timeout_s: Final = 10.0
+
+# Streams
+stream_clients_max: Final = 1_000
+"""WebSocket subscribers per server process."""
+stream_page_events: Final = 500
+stream_heartbeat_s: Final = 15.0

@@ -1,0 +1,99 @@
+"""Connections to Postgres: pools, type adaptation, and translation of database errors.
+
+Every connection runs as the ``ledger_app`` role (which may append to history but not change
+it), loads NUMERIC as ``int`` (never ``float`` or ``Decimal``), and has bounded lock and
+statement timeouts.
+"""
+
+from __future__ import annotations
+
+from psycopg.abc import Buffer
+from typing import Any
+
+import psycopg
+from psycopg.adapt import Loader
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+from ledger import errors, limits
+
+APP_ROLE = "ledger_app"
+
+
+class IntNumericLoader(Loader):
+    """NUMERIC(38,0) → int, exactly. Money columns never hold a fraction."""
+
+    def load(self, data: Buffer) -> int:
+        return int(bytes(data))
+
+
+SESSION_SQL = (
+    f"SET ROLE {APP_ROLE}",
+    f"SET lock_timeout = {limits.lock_timeout_ms}",
+    f"SET statement_timeout = {limits.statement_timeout_ms}",
+    "SET idle_in_transaction_session_timeout = 60000",
+)
+
+
+def adapt(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
+    conn.adapters.register_loader("numeric", IntNumericLoader)
+
+
+async def _configure_async(conn: psycopg.AsyncConnection[Any]) -> None:
+    adapt(conn)
+    for sql in SESSION_SQL:
+        await conn.execute(sql, prepare=False)
+    await conn.commit()
+
+
+def _configure_sync(conn: psycopg.Connection[Any]) -> None:
+    adapt(conn)
+    for sql in SESSION_SQL:
+        conn.execute(sql, prepare=False)
+    conn.commit()
+
+
+def async_pool(url: str, size: int) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
+    """A pool for the API and writers; open it with ``await pool.open()``."""
+    return AsyncConnectionPool(
+        url,
+        min_size=1,
+        max_size=size,
+        open=False,
+        configure=_configure_async,
+        timeout=limits.pool_timeout_s,
+        kwargs={"autocommit": False, "prepare_threshold": 0},
+        name="ledger",
+    )
+
+
+def sync_pool(url: str, size: int) -> ConnectionPool[psycopg.Connection[Any]]:
+    """A pool for synchronous readers (the notification log, projections, the CLI)."""
+    return ConnectionPool(
+        url,
+        min_size=1,
+        max_size=size,
+        open=False,
+        configure=_configure_sync,
+        timeout=limits.pool_timeout_s,
+        kwargs={"autocommit": False},
+        name="ledger-sync",
+    )
+
+
+RETRYABLE = (
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.LockNotAvailable,
+    psycopg.OperationalError,
+)
+"""Errors after which the whole transaction may be tried again. Every command is idempotent,
+so even a connection lost after COMMIT was sent is safe to retry: the retry replays."""
+
+
+def translate(exc: BaseException) -> errors.LedgerError:
+    """A database failure as the ledger's own error: transient ones become 503, never 4xx."""
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        return errors.Timeout("the database did not answer in time; retry with the same key")
+    if isinstance(exc, psycopg.errors.NumericValueOutOfRange):
+        return errors.Overflow("a total would exceed 38 digits")
+    return errors.Unavailable(f"the database failed: {type(exc).__name__}")

@@ -1,0 +1,399 @@
+"""The ledger's commands and queries: what the API and the CLI call.
+
+Commands go through the ledger's writer (group commit); queries read Postgres directly. The
+service speaks in plain dicts ready to be rendered as JSON: amounts as strings of digits,
+assets as ``CODE/SCALE``, hashes as hex.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from ledger import domain, errors, limits, log
+from ledger.events import canonical_json
+from ledger.events import AccountOpened, AssetDefined, LedgerCreated, LedgerEvent, TransferPosted
+from ledger.money import Asset
+from ledger.postgres import RETRYABLE, translate
+from ledger.writer import Writers
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """A command's answer: the resource, and whether it was already there (a replay)."""
+
+    body: dict[str, Any]
+    replayed: bool
+
+
+class LedgerService:
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self.pool = pool
+        self.writers = Writers(pool)
+        self._ledgers: dict[str, log.LedgerRef] = {}
+
+    async def close(self) -> None:
+        await self.writers.close()
+
+    # --- Commands ------------------------------------------------------------------------------
+
+    async def create_ledger(
+        self, name: str, assets: list[Asset] | None, meta: dict[str, Any]
+    ) -> Result:
+        from ledger.money import DEFAULT_ASSETS
+
+        chosen = list(DEFAULT_ASSETS if assets is None else assets)
+        codes = [a.code for a in chosen]
+        if len(set(codes)) != len(codes):
+            raise errors.InvalidRequest("an asset code is listed twice")
+        try:
+            async with self.pool.connection() as conn:
+                committed = await log.create_ledger(conn, name, chosen, meta)
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
+        return Result(await self._ledger_body(name), committed.replayed)
+
+    async def define_asset(self, ledger: str, asset: Asset, meta: dict[str, Any]) -> Result:
+        committed = await self._submit_one(ledger, domain.DefineAsset(asset), meta)
+        assert isinstance(committed.event, AssetDefined | LedgerCreated)
+        return Result({"asset": str(asset), "position": committed.event.position},
+                      committed.replayed)
+
+    async def open_account(self, ledger: str, command: domain.OpenAccount, meta: dict[str, Any]) -> Result:
+        committed = await self._submit_one(ledger, command, meta)
+        return Result(await self.account(ledger, command.name), committed.replayed)
+
+    async def post_transfer(self, ledger: str, command: domain.PostTransfer, meta: dict[str, Any]) -> Result:
+        committed = await self._submit_one(ledger, command, meta)
+        return Result(transfer_body(committed), committed.replayed)
+
+    async def post_batch(
+        self, ledger: str, commands: list[domain.PostTransfer | errors.LedgerError], meta: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """One result per item, in request order. Items that failed validation are passed in
+        as their error and take no part in the write."""
+        if len(commands) > limits.batch_items_max:
+            raise errors.BatchTooLarge(f"a batch has at most {limits.batch_items_max} items")
+        ref = await self.ledger_ref(ledger)
+        valid = [(c, meta) for c in commands if not isinstance(c, errors.LedgerError)]
+        outcomes = iter(await self.writers.get(ref).submit(list(valid)) if valid else [])
+        results = []
+        for command in commands:
+            outcome = command if isinstance(command, errors.LedgerError) else next(outcomes)
+            if isinstance(outcome, errors.LedgerError):
+                results.append({"status": "error", "error": outcome.to_result()})
+            else:
+                results.append({
+                    "status": "replayed" if outcome.replayed else "created",
+                    "transfer": transfer_body(outcome),
+                })
+        return results
+
+    async def _submit_one(self, ledger: str, command: domain.Command, meta: dict[str, Any]) -> log.Committed:
+        ref = await self.ledger_ref(ledger)
+        (outcome,) = await self.writers.get(ref).submit([(command, meta)])
+        if isinstance(outcome, errors.LedgerError):
+            raise outcome
+        return outcome
+
+    # --- Queries -------------------------------------------------------------------------------
+
+    async def ledger_ref(self, name: str) -> log.LedgerRef:
+        ref = self._ledgers.get(name)
+        if ref is None:
+            row = await self._one("SELECT id FROM ledgers WHERE name = %s", (name,))
+            if row is None:
+                raise errors.LedgerNotFound(f"ledger {name!r} does not exist")
+            ref = self._ledgers[name] = log.LedgerRef(int(row[0]), name)
+        return ref
+
+    async def _ledger_body(self, name: str) -> dict[str, Any]:
+        ref = await self.ledger_ref(name)
+        row = await self._one(
+            "SELECT head_position, head_hash, created_at FROM ledgers WHERE id = %s", (ref.id,)
+        )
+        assert row is not None
+        assets = await self._all(
+            "SELECT code, scale FROM assets WHERE ledger_id = %s ORDER BY code", (ref.id,)
+        )
+        return {
+            "name": name,
+            "head": {"position": row[0], "hash": bytes(row[1]).hex()},
+            "assets": [f"{code}/{scale}" for code, scale in assets],
+            "created_at": row[2].isoformat(),
+        }
+
+    async def get_ledger(self, name: str) -> dict[str, Any]:
+        return await self._ledger_body(name)
+
+    async def head(self, ledger: str) -> int:
+        ref = await self.ledger_ref(ledger)
+        row = await self._one("SELECT head_position FROM ledgers WHERE id = %s", (ref.id,))
+        assert row is not None
+        return int(row[0])
+
+    async def account(self, ledger: str, name: str, as_of: int | None = None) -> dict[str, Any]:
+        ref = await self.ledger_ref(ledger)
+        row = await self._one(
+            "SELECT id, type, metadata, position FROM accounts WHERE ledger_id = %s AND name = %s",
+            (ref.id, name),
+        )
+        if row is None or (as_of is not None and row[3] > as_of):
+            raise errors.AccountNotFoundForRead(f"account {name!r} does not exist", account=name)
+        account_id, scales = int(row[0]), await self._scales(ref.id)
+        if as_of is None:
+            balances = await self._all(
+                "SELECT asset, debits_posted, credits_posted, debits_pending, credits_pending,"
+                " version, position FROM balances WHERE account_id = %s ORDER BY asset",
+                (account_id,),
+            )
+        else:
+            await self._check_position(ref, as_of)
+            # The newest entry at or before as_of, per asset: one index probe each.
+            balances = await self._all(
+                "SELECT b.asset, e.debits_posted, e.credits_posted, e.debits_pending,"
+                " e.credits_pending, NULL, e.position FROM balances b"
+                " CROSS JOIN LATERAL (SELECT * FROM entries x"
+                "   WHERE x.account_id = b.account_id AND x.asset = b.asset AND x.position <= %s"
+                "   ORDER BY x.position DESC, x.leg DESC LIMIT 1) e"
+                " WHERE b.account_id = %s ORDER BY b.asset",
+                (as_of, account_id),
+            )
+        return {
+            "name": name,
+            "type": row[1],
+            "metadata": row[2],
+            "opened_at_position": row[3],
+            "as_of": as_of,
+            "balances": [_balance_json(r, scales) for r in balances],
+        }
+
+    async def transfer(self, ledger: str, key: str) -> dict[str, Any]:
+        ref = await self.ledger_ref(ledger)
+        row = await self._one(
+            "SELECT e.position, e.topic, e.state, e.hash FROM transfers t"
+            " JOIN events e ON e.ledger_id = t.ledger_id AND e.position = t.position"
+            " WHERE t.ledger_id = %s AND t.key = %s",
+            (ref.id, key),
+        )
+        if row is None:
+            raise errors.TransferNotFound(f"no transfer with key {key!r}")
+        event = log.to_event(ledger, row[0], row[1], row[2])
+        return transfer_body(log.Committed(event, bytes(row[3]), replayed=True))
+
+    async def postings(
+        self, ledger: str, account: str, cursor: str | None, limit: int
+    ) -> dict[str, Any]:
+        """An account's entries, newest first, a page at a time."""
+        ref = await self.ledger_ref(ledger)
+        row = await self._one(
+            "SELECT id FROM accounts WHERE ledger_id = %s AND name = %s", (ref.id, account)
+        )
+        if row is None:
+            raise errors.AccountNotFoundForRead(f"account {account!r} does not exist")
+        before = _decode_cursor(cursor) if cursor else (2**62, 0)
+        scales = await self._scales(ref.id)
+        rows = await self._all(
+            "SELECT x.asset, x.position, x.leg, x.debit, x.amount, x.debits_posted,"
+            " x.credits_posted, x.debits_pending, x.credits_pending, ev.state"
+            " FROM balances b CROSS JOIN LATERAL (SELECT * FROM entries e"
+            "   WHERE e.account_id = b.account_id AND e.asset = b.asset"
+            "   AND (e.position, e.leg) < (%s, %s) ORDER BY e.position DESC, e.leg DESC LIMIT %s) x"
+            " JOIN events ev ON ev.ledger_id = %s AND ev.position = x.position"
+            " WHERE b.account_id = %s ORDER BY x.position DESC, x.leg DESC, x.asset LIMIT %s",
+            (before[0], before[1], limit + 1, ref.id, row[0], limit + 1),
+        )
+        items = []
+        for r in rows[:limit]:
+            state = orjson.loads(bytes(r[9]))
+            posting = state["postings"][r[2]]
+            items.append({
+                "position": r[1],
+                "transfer": state["key"],
+                "leg": r[2],
+                "side": "debit" if r[3] else "credit",
+                "counterparty": posting["credit"] if r[3] else posting["debit"],
+                "asset": f"{r[0]}/{scales[r[0]]}",
+                "amount": str(r[4]),
+                "balance_after": _totals_json(r[5:9]),
+                "recorded_at": state["recorded_at"],
+            })
+        next_cursor = None
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            next_cursor = _encode_cursor(int(last[1]), int(last[2]))
+        return {"items": items, "next_cursor": next_cursor}
+
+    async def events(self, ledger: str, after: int, limit: int) -> dict[str, Any]:
+        ref = await self.ledger_ref(ledger)
+        rows = await self._all(
+            "SELECT position, topic, state, hash FROM events WHERE ledger_id = %s AND position > %s"
+            " ORDER BY position LIMIT %s",
+            (ref.id, after, limit),
+        )
+        items = [event_body(ledger, r[0], r[1], bytes(r[2]), bytes(r[3])) for r in rows]
+        return {"items": items, "next_after": items[-1]["position"] if items else after}
+
+    async def balances(
+        self, ledger: str, cursor: str | None, limit: int, as_of: int | None = None
+    ) -> dict[str, Any]:
+        """Every account's balances (a page of accounts), and per asset the sum over all
+        accounts, which double entry keeps at zero."""
+        ref = await self.ledger_ref(ledger)
+        if as_of is not None:
+            await self._check_position(ref, as_of)
+        after = cursor or ""
+        scales = await self._scales(ref.id)
+        position_filter = "" if as_of is None else " AND e.position <= %(as_of)s"
+        source = (
+            "SELECT b.account_id, b.asset, b.debits_posted, b.credits_posted, b.debits_pending,"
+            " b.credits_pending FROM balances b"
+            if as_of is None else
+            "SELECT b.account_id, b.asset, e.debits_posted, e.credits_posted, e.debits_pending,"
+            " e.credits_pending FROM balances b CROSS JOIN LATERAL (SELECT * FROM entries e"
+            " WHERE e.account_id = b.account_id AND e.asset = b.asset" + position_filter +
+            " ORDER BY e.position DESC, e.leg DESC LIMIT 1) e"
+        )
+        params = {"ledger": ref.id, "after": after, "limit": limit + 1, "as_of": as_of}
+        accounts = await self._all(
+            "SELECT id, name, type FROM accounts WHERE ledger_id = %(ledger)s AND name > %(after)s"
+            + ("" if as_of is None else " AND position <= %(as_of)s")
+            + " ORDER BY name LIMIT %(limit)s",
+            params,
+        )
+        page = accounts[:limit]
+        ids = [a[0] for a in page]
+        rows = await self._all(
+            f"SELECT * FROM ({source}) s WHERE account_id = ANY(%(ids)s) ORDER BY asset",
+            {**params, "ids": ids},
+        )
+        by_account: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
+        for r in rows:
+            by_account[r[0]].append(_balance_json((r[1], *r[2:6], None, None), scales))
+        totals = await self._all(
+            f"SELECT s.asset, sum(s.debits_posted), sum(s.credits_posted), sum(s.debits_pending),"
+            f" sum(s.credits_pending) FROM ({source}) s JOIN accounts a ON a.id = s.account_id"
+            f" WHERE a.ledger_id = %(ledger)s GROUP BY s.asset ORDER BY s.asset",
+            params,
+        )
+        return {
+            "as_of": as_of,
+            "accounts": [
+                {"name": a[1], "type": a[2], "balances": by_account[a[0]]} for a in page
+            ],
+            "totals": [
+                {
+                    "asset": f"{t[0]}/{scales[t[0]]}",
+                    "debits_posted": str(t[1]),
+                    "credits_posted": str(t[2]),
+                    "debits_pending": str(t[3]),
+                    "credits_pending": str(t[4]),
+                    "net_posted": str(t[2] - t[1]),
+                }
+                for t in totals
+            ],
+            "next_cursor": page[-1][1] if len(accounts) > limit else None,
+        }
+
+    async def _check_position(self, ref: log.LedgerRef, as_of: int) -> None:
+        head = await self.head(ref.name)
+        if as_of < 0 or as_of > head:
+            raise errors.PositionOutOfRange(f"as_of {as_of} is outside 0..{head}", head=head)
+
+    async def _scales(self, ledger_id: int) -> dict[str, int]:
+        rows = await self._all("SELECT code, scale FROM assets WHERE ledger_id = %s", (ledger_id,))
+        return {code: int(scale) for code, scale in rows}
+
+    async def _one(self, sql: str, params: Any) -> Any:
+        rows = await self._all(sql, params)
+        return rows[0] if rows else None
+
+    async def _all(self, sql: str, params: Any) -> list[Any]:
+        for attempt in range(1, limits.write_retries_max + 1):
+            try:
+                async with self.pool.connection() as conn:
+                    cur = await conn.execute(sql, params)  # type: ignore[arg-type]
+                    return await cur.fetchall()
+            except RETRYABLE as exc:
+                if attempt == limits.write_retries_max:
+                    raise translate(exc) from exc
+            except psycopg.Error as exc:
+                raise translate(exc) from exc
+        raise AssertionError("unreachable")
+
+
+# --- Rendering ---------------------------------------------------------------------------------
+
+
+def transfer_body(committed: log.Committed) -> dict[str, Any]:
+    event = committed.event
+    assert isinstance(event, TransferPosted)
+    return {
+        "key": event.key,
+        "ledger": event.originator_id,
+        "position": event.position,
+        "hash": committed.hash.hex(),
+        "recorded_at": event.recorded_at,
+        "postings": [
+            {"debit": p["debit"], "credit": p["credit"], "asset": p["asset"], "amount": p["amount"]}
+            for p in event.postings
+        ],
+        # Canonical key order, so that a replay is byte-for-byte the original answer.
+        "metadata": orjson.loads(canonical_json(event.metadata)),
+    }
+
+
+def event_body(ledger: str, position: int, topic: str, state: bytes, digest: bytes) -> dict[str, Any]:
+    event = log.to_event(ledger, position, topic, state)
+    data = {k: v for k, v in vars(event).items()
+            if k not in ("originator_id", "originator_version", "recorded_at", "meta")}
+    return {
+        "position": position,
+        "type": type(event).__name__,
+        "recorded_at": event.recorded_at,
+        "data": data,
+        "meta": event.meta,
+        "hash": digest.hex(),
+    }
+
+
+def _totals_json(t: Any) -> dict[str, str]:
+    return {
+        "debits_posted": str(t[0]),
+        "credits_posted": str(t[1]),
+        "debits_pending": str(t[2]),
+        "credits_pending": str(t[3]),
+    }
+
+
+def _balance_json(row: Any, scales: dict[str, int]) -> dict[str, Any]:
+    body: dict[str, Any] = {"asset": f"{row[0]}/{scales[row[0]]}", **_totals_json(row[1:5])}
+    body["net_posted"] = str(row[2] - row[1])
+    if row[5] is not None:
+        body["version"] = row[5]
+    if row[6] is not None:
+        body["position"] = row[6]
+    return body
+
+
+def _encode_cursor(position: int, leg: int) -> str:
+    return base64.urlsafe_b64encode(f"{position}:{leg}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[int, int]:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+        position, leg = text.split(":")
+        if not (position.isdigit() and leg.isdigit()):
+            raise ValueError(text)
+        return int(position), int(leg)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise errors.InvalidCursor(f"cursor {cursor[:40]!r} is not valid") from exc
+
+
+__all__ = ["AccountOpened", "LedgerEvent", "LedgerService", "Result"]

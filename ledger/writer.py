@@ -1,0 +1,163 @@
+"""Group commit: one writer per ledger coalesces concurrent commands into one transaction.
+
+Appends to a ledger are serialised by its head lock anyway, so instead of many transactions
+queueing on that lock, the commands queue here, and the writer runs them ``group_transfers_max``
+at a time through :func:`ledger.log.write`. Each submitter still gets its own outcomes.
+
+Every bound is explicit: the queue refuses work past ``writer_queue_commands_max`` (503,
+retry), a submitter waits at most ``request_timeout_ms`` (503, outcome unknown, retry with the
+same key), and a failed transaction is retried at most ``write_retries_max`` times, only for
+errors that are safe to retry (every command is idempotent, so a retry replays).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import structlog
+from psycopg_pool import AsyncConnectionPool
+
+from ledger import domain, errors, limits, log
+from ledger.postgres import RETRYABLE, translate
+
+logger = structlog.get_logger(__name__)
+
+Item = tuple[domain.Command, dict[str, Any]]
+
+
+@dataclass(slots=True)
+class _Unit:
+    """What one caller submitted: written together, answered together."""
+
+    items: list[Item]
+    future: asyncio.Future[list[log.Outcome]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class LedgerWriter:
+    def __init__(self, pool: AsyncConnectionPool[Any], ledger: log.LedgerRef) -> None:
+        self.pool = pool
+        self.ledger = ledger
+        self._queue: deque[_Unit] = deque()
+        self._queued_items = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.groups_written = 0
+        self.items_written = 0
+
+    @property
+    def queued(self) -> int:
+        return self._queued_items
+
+    async def submit(self, items: list[Item]) -> list[log.Outcome]:
+        if self._queued_items + len(items) > limits.writer_queue_commands_max:
+            raise errors.Overloaded(
+                f"ledger {self.ledger.name!r} has {self._queued_items} commands waiting"
+            )
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name=f"writer:{self.ledger.name}")
+        unit = _Unit(items)
+        self._queue.append(unit)
+        self._queued_items += len(items)
+        self._wakeup.set()
+        try:
+            # shield: a caller that gives up must not cancel a group other callers share.
+            return await asyncio.wait_for(
+                asyncio.shield(unit.future), timeout=limits.request_timeout_ms / 1000
+            )
+        except TimeoutError:
+            raise errors.Timeout(
+                "the command was not committed in time; its outcome is unknown,"
+                " retry with the same key"
+            ) from None
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while self._queue:
+            unit = self._queue.popleft()
+            if not unit.future.done():
+                unit.future.set_exception(errors.Unavailable("the server is shutting down"))
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                group = self._take_group()
+                items = [item for unit in group for item in unit.items]
+                try:
+                    outcomes = await self._write(items)
+                except errors.LedgerError as error:
+                    for unit in group:
+                        if not unit.future.done():
+                            unit.future.set_exception(error)
+                    continue
+                except Exception as exc:  # a bug: answer 503 and keep the writer alive
+                    logger.exception("writer failed", ledger=self.ledger.name)
+                    for unit in group:
+                        if not unit.future.done():
+                            unit.future.set_exception(errors.Unavailable(f"internal error: {exc!r}"))
+                    continue
+                self.groups_written += 1
+                self.items_written += len(items)
+                start = 0
+                for unit in group:
+                    end = start + len(unit.items)
+                    if not unit.future.done():
+                        unit.future.set_result(outcomes[start:end])
+                    start = end
+
+    def _take_group(self) -> list[_Unit]:
+        group = [self._queue.popleft()]
+        size = len(group[0].items)
+        while self._queue and size + len(self._queue[0].items) <= limits.group_transfers_max:
+            unit = self._queue.popleft()
+            group.append(unit)
+            size += len(unit.items)
+        self._queued_items -= size
+        return group
+
+    async def _write(self, items: list[Item]) -> list[log.Outcome]:
+        for attempt in range(1, limits.write_retries_max + 1):
+            try:
+                async with self.pool.connection() as conn:
+                    return await log.write(conn, self.ledger, items)
+            except RETRYABLE as exc:
+                logger.warning("write retried", ledger=self.ledger.name, attempt=attempt,
+                               error=type(exc).__name__)
+                if attempt == limits.write_retries_max:
+                    raise translate(exc) from exc
+                await asyncio.sleep(0.01 * 2**attempt)
+            except psycopg.Error as exc:
+                raise translate(exc) from exc
+        raise AssertionError("unreachable")
+
+
+class Writers:
+    """The writer of each ledger this process writes to, created on first use."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self.pool = pool
+        self._writers: dict[str, LedgerWriter] = {}
+
+    def get(self, ledger: log.LedgerRef) -> LedgerWriter:
+        writer = self._writers.get(ledger.name)
+        if writer is None:
+            writer = self._writers[ledger.name] = LedgerWriter(self.pool, ledger)
+        return writer
+
+    def all(self) -> list[LedgerWriter]:
+        return list(self._writers.values())
+
+    async def close(self) -> None:
+        for writer in self._writers.values():
+            await writer.close()

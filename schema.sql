@@ -1,0 +1,128 @@
+-- The ledger's database, the single source of truth for its shape (schema version 1).
+-- Applied by `ledger migrate`; later changes come as numbered files in migrations/.
+--
+-- Money columns are NUMERIC(38,0): integers in an asset's minor units, up to 38 digits.
+-- The event log (events) and the posting history (entries) are append-only: UPDATE, DELETE
+-- and TRUNCATE are refused by triggers, and the application role has no such grants.
+
+CREATE TABLE ledgers (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name          text NOT NULL UNIQUE CHECK (name ~ '^[a-z0-9][a-z0-9_.-]{0,63}$'),
+    -- The log head: the last position appended and its hash. Every writer locks this row
+    -- first, which serialises appends per ledger (gapless positions, inline hash chain)
+    -- and every balance change of the ledger.
+    head_position bigint NOT NULL DEFAULT 0 CHECK (head_position >= 0),
+    head_hash     bytea  NOT NULL CHECK (length(head_hash) = 32),
+    -- recorded_at of the head event: a new event is never recorded before it, so that
+    -- recorded time grows with position even if the server's clock steps back.
+    head_recorded_at timestamptz NOT NULL DEFAULT now(),
+    created_at    timestamptz NOT NULL DEFAULT now()
+);
+
+-- One row per accepted command effect, per ledger, numbered 1, 2, 3 ... in commit order.
+-- state holds the exact canonical JSON bytes that were hashed:
+--   hash = sha256(prev_hash || position as 8 bytes big-endian || topic || 0x00 || state)
+-- with prev_hash of position 1 = sha256('ledger-genesis:' || ledger name).
+CREATE TABLE events (
+    ledger_id   bigint NOT NULL,
+    position    bigint NOT NULL CHECK (position > 0),
+    topic       text   NOT NULL,
+    state       bytea  NOT NULL,
+    recorded_at timestamptz NOT NULL,
+    hash        bytea  NOT NULL CHECK (length(hash) = 32),
+    PRIMARY KEY (ledger_id, position)
+);
+
+CREATE TABLE assets (
+    ledger_id bigint   NOT NULL REFERENCES ledgers (id),
+    code      text     NOT NULL CHECK (code ~ '^[A-Z][A-Z0-9]{0,15}$'),
+    scale     smallint NOT NULL CHECK (scale BETWEEN 0 AND 38),
+    position  bigint   NOT NULL,
+    PRIMARY KEY (ledger_id, code)
+);
+
+CREATE SEQUENCE accounts_id_seq;
+
+CREATE TABLE accounts (
+    id        bigint PRIMARY KEY,
+    ledger_id bigint NOT NULL REFERENCES ledgers (id),
+    name      text   NOT NULL CHECK (length(name) BETWEEN 1 AND 128),
+    type      text   NOT NULL CHECK (type IN ('asset', 'liability', 'equity', 'revenue', 'expense')),
+    metadata  jsonb  NOT NULL DEFAULT '{}',
+    position  bigint NOT NULL,
+    UNIQUE (ledger_id, name)
+);
+
+-- Live balances, updated in the same transaction as the events that change them.
+CREATE TABLE balances (
+    account_id      bigint NOT NULL REFERENCES accounts (id),
+    asset           text   NOT NULL,
+    debits_posted   numeric(38, 0) NOT NULL DEFAULT 0 CHECK (debits_posted >= 0),
+    credits_posted  numeric(38, 0) NOT NULL DEFAULT 0 CHECK (credits_posted >= 0),
+    debits_pending  numeric(38, 0) NOT NULL DEFAULT 0 CHECK (debits_pending >= 0),
+    credits_pending numeric(38, 0) NOT NULL DEFAULT 0 CHECK (credits_pending >= 0),
+    version         bigint NOT NULL CHECK (version > 0),
+    position        bigint NOT NULL,
+    PRIMARY KEY (account_id, asset)
+);
+
+-- Idempotency keys of transfers, kept forever. request_hash is the SHA-256 of the canonical
+-- request; the transfer itself is the event at (ledger_id, position).
+CREATE TABLE transfers (
+    ledger_id    bigint NOT NULL,
+    key          text   NOT NULL,
+    position     bigint NOT NULL,
+    request_hash bytea  NOT NULL,
+    PRIMARY KEY (ledger_id, key)
+);
+
+-- One row per side of each posting, with the account's running totals after it, so that a
+-- balance as of any log position is one index lookup (the newest entry at or before it).
+CREATE TABLE entries (
+    account_id      bigint NOT NULL,
+    asset           text   NOT NULL,
+    position        bigint NOT NULL,
+    leg             smallint NOT NULL,
+    debit           boolean NOT NULL,
+    amount          numeric(38, 0) NOT NULL CHECK (amount > 0),
+    debits_posted   numeric(38, 0) NOT NULL,
+    credits_posted  numeric(38, 0) NOT NULL,
+    debits_pending  numeric(38, 0) NOT NULL,
+    credits_pending numeric(38, 0) NOT NULL,
+    PRIMARY KEY (account_id, asset, position, leg)
+);
+
+CREATE FUNCTION refuse_change_to_history() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION '% on % refused: the ledger''s history is append-only', TG_OP, TG_TABLE_NAME
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$;
+
+CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events
+    FOR EACH ROW EXECUTE FUNCTION refuse_change_to_history();
+CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
+    FOR EACH STATEMENT EXECUTE FUNCTION refuse_change_to_history();
+CREATE TRIGGER entries_append_only BEFORE UPDATE OR DELETE ON entries
+    FOR EACH ROW EXECUTE FUNCTION refuse_change_to_history();
+CREATE TRIGGER entries_no_truncate BEFORE TRUNCATE ON entries
+    FOR EACH STATEMENT EXECUTE FUNCTION refuse_change_to_history();
+CREATE TRIGGER transfers_append_only BEFORE UPDATE OR DELETE ON transfers
+    FOR EACH ROW EXECUTE FUNCTION refuse_change_to_history();
+CREATE TRIGGER transfers_no_truncate BEFORE TRUNCATE ON transfers
+    FOR EACH STATEMENT EXECUTE FUNCTION refuse_change_to_history();
+
+-- The role the application runs as (connections SET ROLE to it): it may append to history
+-- but holds no UPDATE, DELETE or TRUNCATE grant on it.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'ledger_app') THEN
+        CREATE ROLE ledger_app NOLOGIN;
+    END IF;
+END
+$$;
+GRANT ledger_app TO CURRENT_USER;
+GRANT USAGE ON SCHEMA public TO ledger_app;
+GRANT SELECT, INSERT, UPDATE ON ledgers, accounts, assets, balances TO ledger_app;
+GRANT SELECT, INSERT ON events, entries, transfers TO ledger_app;
+GRANT USAGE, SELECT ON SEQUENCE accounts_id_seq TO ledger_app;
