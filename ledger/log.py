@@ -141,52 +141,50 @@ async def write(
     items: list[tuple[domain.Command, dict[str, Any]]],
 ) -> list[Outcome]:
     """Decides and appends a group of commands in one transaction (see the module docstring)."""
-    async with conn.transaction():
-        cur = conn.cursor()
-        # 1. The head lock.
-        await cur.execute(
+    async with conn.pipeline(), conn.transaction():
+        # 1 and 2: the head lock and every read, sent together in one round trip.
+        keys = [c.key for c, _ in items if isinstance(c, domain.PostTransfer)]
+        names = _account_names(items)
+        pairs = _balance_keys(items)
+        opens = sum(isinstance(c, domain.OpenAccount) for c, _ in items)
+        head_cur = await conn.execute(
             "SELECT head_position, head_hash, head_recorded_at FROM ledgers WHERE id = %s FOR UPDATE",
             (ledger.id,),
         )
-        head = await cur.fetchone()
-        assert head is not None, "writer for a ledger that does not exist"
-        position, previous_hash, head_recorded_at = int(head[0]), bytes(head[1]), head[2]
-
-        # 2. Load, set-based.
-        keys = [c.key for c, _ in items if isinstance(c, domain.PostTransfer)]
-        known_keys: dict[str, tuple[int, bytes]] = {}
-        if keys:
-            await cur.execute(
-                "SELECT key, position, request_hash FROM transfers"
-                " WHERE ledger_id = %s AND key = ANY(%s)",
-                (ledger.id, keys),
-            )
-            known_keys = {k: (int(p), bytes(h)) for k, p, h in await cur.fetchall()}
-        names = _account_names(items)
-        await cur.execute(
+        keys_cur = await conn.execute(
+            "SELECT key, position, request_hash FROM transfers WHERE ledger_id = %s AND key = ANY(%s)",
+            (ledger.id, keys),
+        )
+        accounts_cur = await conn.execute(
             "SELECT id, name, type, metadata, position FROM accounts"
             " WHERE ledger_id = %s AND name = ANY(%s)",
             (ledger.id, list(names)),
         )
-        accounts = {r[1]: domain.Account(int(r[0]), r[1], r[2], r[3], int(r[4])) for r in await cur.fetchall()}
-        await cur.execute("SELECT code, scale, position FROM assets WHERE ledger_id = %s", (ledger.id,))
-        asset_rows = {code: (int(scale), int(pos)) for code, scale, pos in await cur.fetchall()}
-        pairs = _balance_keys(items, accounts)
-        balances: dict[tuple[int, str], domain.Balance] = {}
-        if pairs:
-            await cur.execute(
-                "SELECT b.account_id, b.asset, debits_posted, credits_posted, debits_pending,"
-                " credits_pending, version, position FROM balances b"
-                " JOIN unnest(%s::bigint[], %s::text[]) AS k(account_id, asset)"
-                " ON b.account_id = k.account_id AND b.asset = k.asset",
-                ([p[0] for p in pairs], [p[1] for p in pairs]),
-            )
-            balances = {(r[0], r[1]): domain.Balance(*r[2:]) for r in await cur.fetchall()}
-        opens = sum(isinstance(c, domain.OpenAccount) for c, _ in items)
-        new_ids: list[int] = []
-        if opens:
-            await cur.execute("SELECT nextval('accounts_id_seq') FROM generate_series(1, %s)", (opens,))
-            new_ids = [int(r[0]) for r in await cur.fetchall()]
+        assets_cur = await conn.execute(
+            "SELECT code, scale, position FROM assets WHERE ledger_id = %s", (ledger.id,)
+        )
+        balances_cur = await conn.execute(
+            "SELECT a.id, b.asset, b.debits_posted, b.credits_posted, b.debits_pending,"
+            " b.credits_pending, b.version, b.position"
+            " FROM unnest(%s::text[], %s::text[]) AS k(name, asset)"
+            " JOIN accounts a ON a.ledger_id = %s AND a.name = k.name"
+            " JOIN balances b ON b.account_id = a.id AND b.asset = k.asset",
+            ([n for n, _ in pairs], [a for _, a in pairs], ledger.id),
+        )
+        ids_cur = await conn.execute(
+            "SELECT nextval('accounts_id_seq') FROM generate_series(1, %s)", (opens,)
+        )
+        head = await head_cur.fetchone()
+        assert head is not None, "writer for a ledger that does not exist"
+        position, previous_hash, head_recorded_at = int(head[0]), bytes(head[1]), head[2]
+        known_keys = {k: (int(p), bytes(h)) for k, p, h in await keys_cur.fetchall()}
+        accounts = {
+            r[1]: domain.Account(int(r[0]), r[1], r[2], r[3], int(r[4]))
+            for r in await accounts_cur.fetchall()
+        }
+        asset_rows = {code: (int(scale), int(pos)) for code, scale, pos in await assets_cur.fetchall()}
+        balances = {(r[0], r[1]): domain.Balance(*r[2:]) for r in await balances_cur.fetchall()}
+        new_ids = [int(r[0]) for r in await ids_cur.fetchall()]
 
         # 3. Decide, in order.
         state = domain.LedgerState(
@@ -279,7 +277,7 @@ async def write(
 
         # 4. Append, set-based.
         if appended:
-            await _append(cur, ledger, appended, recorded, new_keys, entries, touched,
+            await _append(conn, ledger, appended, recorded, new_keys, entries, touched,
                           new_accounts, new_assets)
 
         # Replays and conflicts name events already in the log (or appended just now).
@@ -300,7 +298,7 @@ async def write(
 
 
 async def _append(
-    cur: psycopg.AsyncCursor[Any],
+    conn: psycopg.AsyncConnection[Any],
     ledger: LedgerRef,
     appended: list[_Appended],
     recorded: datetime,
@@ -310,7 +308,7 @@ async def _append(
     new_accounts: list[domain.Account],
     new_assets: list[tuple[Asset, int]],
 ) -> None:
-    await cur.execute(
+    await conn.execute(
         "INSERT INTO events (ledger_id, position, topic, state, recorded_at, hash)"
         " SELECT %s, p, t, s, %s, h FROM unnest(%s::int8[], %s::text[], %s::bytea[], %s::bytea[])"
         " AS e(p, t, s, h)",
@@ -324,7 +322,7 @@ async def _append(
         ),
     )
     if new_accounts:
-        await cur.execute(
+        await conn.execute(
             "INSERT INTO accounts (id, ledger_id, name, type, metadata, position)"
             " SELECT i, %s, n, t, m, p FROM unnest(%s::int8[], %s::text[], %s::text[],"
             " %s::jsonb[], %s::int8[]) AS a(i, n, t, m, p)",
@@ -338,21 +336,21 @@ async def _append(
             ),
         )
     if new_assets:
-        await cur.execute(
+        await conn.execute(
             "INSERT INTO assets (ledger_id, code, scale, position)"
             " SELECT %s, c, s, p FROM unnest(%s::text[], %s::int2[], %s::int8[]) AS a(c, s, p)",
             (ledger.id, [a.code for a, _ in new_assets], [a.scale for a, _ in new_assets],
              [p for _, p in new_assets]),
         )
     if new_keys:
-        await cur.execute(
+        await conn.execute(
             "INSERT INTO transfers (ledger_id, key, position, request_hash)"
             " SELECT %s, k, p, h FROM unnest(%s::text[], %s::int8[], %s::bytea[]) AS t(k, p, h)",
             (ledger.id, [k for k, _, _ in new_keys], [p for _, p, _ in new_keys],
              [h for _, _, h in new_keys]),
         )
     if entries:
-        await cur.execute(
+        await conn.execute(
             "INSERT INTO entries (account_id, asset, position, leg, debit, amount, debits_posted,"
             " credits_posted, debits_pending, credits_pending)"
             " SELECT * FROM unnest(%s::int8[], %s::text[], %s::int8[], %s::int2[], %s::bool[],"
@@ -373,7 +371,7 @@ async def _append(
     if touched:
         keys = list(touched)
         values = [touched[k] for k in keys]
-        await cur.execute(
+        await conn.execute(
             "INSERT INTO balances (account_id, asset, debits_posted, credits_posted,"
             " debits_pending, credits_pending, version, position)"
             " SELECT * FROM unnest(%s::int8[], %s::text[], %s::numeric[], %s::numeric[],"
@@ -394,12 +392,12 @@ async def _append(
             ),
         )
     last = appended[-1]
-    await cur.execute(
+    await conn.execute(
         "UPDATE ledgers SET head_position = %s, head_hash = %s, head_recorded_at = %s"
         " WHERE id = %s",
         (last.event.originator_version, last.hash, recorded, ledger.id),
     )
-    await cur.execute(
+    await conn.execute(
         "SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, f"{ledger.name}:{last.event.originator_version}")
     )
 
@@ -447,17 +445,14 @@ def _account_names(items: list[tuple[domain.Command, dict[str, Any]]]) -> set[st
     return names
 
 
-def _balance_keys(
-    items: list[tuple[domain.Command, dict[str, Any]]], accounts: dict[str, domain.Account]
-) -> list[tuple[int, str]]:
-    keys: set[tuple[int, str]] = set()
+def _balance_keys(items: list[tuple[domain.Command, dict[str, Any]]]) -> list[tuple[str, str]]:
+    """(account name, asset code) of every balance the transfers touch."""
+    keys: set[tuple[str, str]] = set()
     for command, _ in items:
         if isinstance(command, domain.PostTransfer):
             for p in command.postings:
-                for name in (p.debit, p.credit):
-                    account = accounts.get(name)
-                    if account is not None:
-                        keys.add((account.id, p.asset.code))
+                keys.add((p.debit, p.asset.code))
+                keys.add((p.credit, p.asset.code))
     return sorted(keys)
 
 

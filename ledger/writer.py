@@ -68,9 +68,8 @@ class LedgerWriter:
         self._wakeup.set()
         try:
             # shield: a caller that gives up must not cancel a group other callers share.
-            return await asyncio.wait_for(
-                asyncio.shield(unit.future), timeout=limits.request_timeout_ms / 1000
-            )
+            async with asyncio.timeout(limits.request_timeout_ms / 1000):
+                return await asyncio.shield(unit.future)
         except TimeoutError:
             raise errors.Timeout(
                 "the command was not committed in time; its outcome is unknown,"
@@ -91,30 +90,39 @@ class LedgerWriter:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self._queue:
-                group = self._take_group()
-                items = [item for unit in group for item in unit.items]
-                try:
-                    outcomes = await self._write(items)
-                except errors.LedgerError as error:
-                    for unit in group:
-                        if not unit.future.done():
-                            unit.future.set_exception(error)
-                    continue
-                except Exception as exc:  # a bug: answer 503 and keep the writer alive
-                    logger.exception("writer failed", ledger=self.ledger.name)
-                    for unit in group:
-                        if not unit.future.done():
-                            unit.future.set_exception(errors.Unavailable(f"internal error: {exc!r}"))
-                    continue
-                self.groups_written += 1
-                self.items_written += len(items)
-                start = 0
-                for unit in group:
-                    end = start + len(unit.items)
-                    if not unit.future.done():
-                        unit.future.set_result(outcomes[start:end])
-                    start = end
+            if not self._queue:
+                continue
+            try:
+                # One connection for as long as there is work: no pool checkout per group.
+                async with self.pool.connection() as conn:
+                    while self._queue:
+                        await self._write_group(conn, self._take_group())
+            except Exception:
+                logger.exception("writer connection failed", ledger=self.ledger.name)
+
+    async def _write_group(self, conn: psycopg.AsyncConnection[Any], group: list[_Unit]) -> None:
+        items = [item for unit in group for item in unit.items]
+        try:
+            outcomes = await self._write(conn, items)
+        except errors.LedgerError as error:
+            _fail(group, error)
+            if conn.closed or conn.broken:
+                raise
+            return
+        except Exception as exc:  # a bug: answer 503, keep the writer alive
+            logger.exception("writer failed", ledger=self.ledger.name)
+            _fail(group, errors.Unavailable(f"internal error: {exc!r}"))
+            if conn.closed or conn.broken:
+                raise
+            return
+        self.groups_written += 1
+        self.items_written += len(items)
+        start = 0
+        for unit in group:
+            end = start + len(unit.items)
+            if not unit.future.done():
+                unit.future.set_result(outcomes[start:end])
+            start = end
 
     def _take_group(self) -> list[_Unit]:
         group = [self._queue.popleft()]
@@ -126,11 +134,13 @@ class LedgerWriter:
         self._queued_items -= size
         return group
 
-    async def _write(self, items: list[Item]) -> list[log.Outcome]:
+    async def _write(self, conn: psycopg.AsyncConnection[Any], items: list[Item]) -> list[log.Outcome]:
         for attempt in range(1, limits.write_retries_max + 1):
             try:
-                async with self.pool.connection() as conn:
-                    return await log.write(conn, self.ledger, items)
+                if conn.broken or conn.closed:
+                    async with self.pool.connection() as fresh:
+                        return await log.write(fresh, self.ledger, items)
+                return await log.write(conn, self.ledger, items)
             except RETRYABLE as exc:
                 logger.warning("write retried", ledger=self.ledger.name, attempt=attempt,
                                error=type(exc).__name__)
@@ -140,6 +150,12 @@ class LedgerWriter:
             except psycopg.Error as exc:
                 raise translate(exc) from exc
         raise AssertionError("unreachable")
+
+
+def _fail(group: list[_Unit], error: Exception) -> None:
+    for unit in group:
+        if not unit.future.done():
+            unit.future.set_exception(error)
 
 
 class Writers:
