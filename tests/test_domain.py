@@ -1,0 +1,131 @@
+"""The ledger's rules, without a database."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ledger import domain, errors, limits
+from ledger.money import Asset
+
+USD = Asset("USD", 2)
+EUR = Asset("EUR", 2)
+
+
+def state(*names: str) -> domain.LedgerState:
+    accounts = {n: domain.Account(i + 1, n, "liability", {}, i + 2) for i, n in enumerate(names)}
+    return domain.LedgerState(assets={"USD": 2, "EUR": 2}, accounts=accounts, balances={})
+
+
+def transfer(*postings: tuple[str, str, int], asset: Asset = USD, key: str = "k") -> domain.PostTransfer:
+    return domain.PostTransfer(key, tuple(domain.Posting(d, c, asset, a) for d, c, a in postings))
+
+
+def test_a_transfer_debits_one_account_and_credits_the_other() -> None:
+    s = state("alice", "bob")
+    changes = domain.post_transfer(s, transfer(("alice", "bob", 150)), position=7)
+    assert s.balances[(1, "USD")].debits_posted == 150
+    assert s.balances[(2, "USD")].credits_posted == 150
+    assert [(e.account_id, e.debit, e.amount, e.position) for e in changes.entries] == [
+        (1, True, 150, 7), (2, False, 150, 7)
+    ]
+    assert s.balances[(1, "USD")].version == 1
+
+
+def test_entries_carry_the_running_totals_after_each_leg() -> None:
+    s = state("alice", "bob", "carol")
+    changes = domain.post_transfer(
+        s, transfer(("alice", "bob", 100), ("alice", "carol", 50)), position=3
+    )
+    alice = [e for e in changes.entries if e.account_id == 1]
+    assert [e.totals.debits_posted for e in alice] == [100, 150]
+    assert s.balances[(1, "USD")].version == 1  # one transfer is one version, whatever its legs
+
+
+def test_a_posting_to_the_same_account_on_both_sides_is_refused() -> None:
+    with pytest.raises(errors.AccountsMustBeDifferent):
+        transfer(("alice", "alice", 1))
+
+
+def test_a_transfer_needs_at_least_one_posting_and_at_most_the_limit() -> None:
+    with pytest.raises(errors.InvalidRequest):
+        domain.PostTransfer("k", ())
+    too_many = [("a", "b", 1)] * (limits.postings_per_transfer_max + 1)
+    with pytest.raises(errors.InvalidRequest):
+        transfer(*too_many)
+
+
+def test_an_unknown_account_is_refused_and_changes_nothing() -> None:
+    s = state("alice")
+    with pytest.raises(errors.AccountNotFound):
+        domain.post_transfer(s, transfer(("alice", "nobody", 5)), position=2)
+    assert s.balances == {}
+
+
+def test_an_undefined_asset_or_a_wrong_scale_is_refused() -> None:
+    s = state("alice", "bob")
+    with pytest.raises(errors.AssetNotFound):
+        domain.post_transfer(s, transfer(("alice", "bob", 5), asset=Asset("XAU", 4)), 2)
+    with pytest.raises(errors.AssetScaleMismatch):
+        domain.post_transfer(s, transfer(("alice", "bob", 5), asset=Asset("USD", 3)), 2)
+
+
+def test_a_total_past_38_digits_is_an_overflow_and_changes_nothing() -> None:
+    s = state("alice", "bob")
+    domain.post_transfer(s, transfer(("alice", "bob", limits.amount_max)), 2)
+    before = {k: v.copy() for k, v in s.balances.items()}
+    with pytest.raises(errors.Overflow):
+        domain.post_transfer(s, transfer(("alice", "bob", 1)), 3)
+    assert s.balances == before
+
+
+def test_a_later_leg_failing_leaves_earlier_legs_unapplied() -> None:
+    s = state("alice", "bob")
+    with pytest.raises(errors.AccountNotFound):
+        domain.post_transfer(s, transfer(("alice", "bob", 5), ("bob", "ghost", 5)), 2)
+    assert s.balances == {}
+
+
+def test_opening_an_existing_account_is_refused() -> None:
+    s = state("alice")
+    with pytest.raises(errors.AccountExists):
+        domain.open_account(s, domain.OpenAccount("alice", "asset"), account_id=9, position=3)
+
+
+def test_the_request_hash_depends_on_every_field_of_the_request() -> None:
+    a = transfer(("alice", "bob", 5))
+    assert a.request_hash() == transfer(("alice", "bob", 5)).request_hash()
+    assert a.request_hash() != transfer(("alice", "bob", 6)).request_hash()
+    assert a.request_hash() != transfer(("bob", "alice", 5)).request_hash()
+    with_metadata = domain.PostTransfer("k", a.postings, {"note": "x"})
+    assert a.request_hash() != with_metadata.request_hash()
+    assert domain.differing_fields(a.request_fields(), with_metadata.request_fields()) == ["metadata"]
+
+
+def test_entries_balance_detects_an_unbalanced_set() -> None:
+    ok = domain.Entry(1, "USD", 1, 0, True, 5, domain.Balance())
+    other = domain.Entry(2, "USD", 1, 0, False, 5, domain.Balance())
+    short = domain.Entry(2, "USD", 1, 0, False, 4, domain.Balance())
+    assert domain.entries_balance([ok, other])
+    assert not domain.entries_balance([ok, short])
+
+
+NAMES = ["a", "b", "c", "d"]
+postings = st.tuples(
+    st.sampled_from(NAMES), st.sampled_from(NAMES), st.integers(1, 10**20), st.sampled_from([USD, EUR])
+).filter(lambda p: p[0] != p[1])
+
+
+@settings(max_examples=200)
+@given(st.lists(st.lists(postings, min_size=1, max_size=5), max_size=30))
+def test_any_sequence_of_transfers_keeps_every_asset_summing_to_zero(transfers: list) -> None:
+    s = state(*NAMES)
+    for position, legs in enumerate(transfers, start=2):
+        command = domain.PostTransfer(
+            f"k{position}", tuple(domain.Posting(d, c, asset, amt) for d, c, amt, asset in legs)
+        )
+        domain.post_transfer(s, command, position)
+    for code in ("USD", "EUR"):
+        net = sum(b.credits_posted - b.debits_posted for (_, a), b in s.balances.items() if a == code)
+        assert net == 0

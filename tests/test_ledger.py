@@ -1,0 +1,253 @@
+"""The ledger against a real Postgres: idempotency, concurrency, the log and its chain."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import psycopg
+import pytest
+
+from ledger import domain, errors, log, postgres
+from ledger.money import Asset
+from ledger.service import LedgerService
+
+T = TypeVar("T")
+USD = Asset("USD", 2)
+META: dict[str, Any] = {"actor": "test"}
+
+
+def run(url: str, body: Callable[[LedgerService], Awaitable[T]], pool_size: int = 4) -> T:
+    """Runs ``body`` with a fresh service (own pool, own writers), as a separate server would."""
+
+    async def main() -> T:
+        pool = postgres.async_pool(url, pool_size)
+        await pool.open()
+        service = LedgerService(pool)
+        try:
+            return await body(service)
+        finally:
+            await service.close()
+            await pool.close()
+
+    return asyncio.run(main())
+
+
+def pay(key: str, debit: str, credit: str, amount: int, asset: Asset = USD) -> domain.PostTransfer:
+    return domain.PostTransfer(key, (domain.Posting(debit, credit, asset, amount),))
+
+
+async def setup(svc: LedgerService, ledger: str, *accounts: str) -> None:
+    await svc.create_ledger(ledger, None, META)
+    for name in accounts:
+        await svc.open_account(ledger, domain.OpenAccount(name, "liability"), META)
+
+
+def balance(account: dict[str, Any], asset: str = "USD/2") -> int:
+    for b in account["balances"]:
+        if b["asset"] == asset:
+            return int(b["net_posted"])
+    return 0
+
+
+def test_a_replayed_key_returns_the_original_transfer(database_url: str, ledger_name: str) -> None:
+    async def body(svc: LedgerService) -> None:
+        await setup(svc, ledger_name, "alice", "bob")
+        first = await svc.post_transfer(ledger_name, pay("k1", "alice", "bob", 100), META)
+        again = await svc.post_transfer(ledger_name, pay("k1", "alice", "bob", 100), META)
+        assert not first.replayed and again.replayed
+        assert again.body == first.body
+        assert balance(await svc.account(ledger_name, "bob")) == 100
+
+    run(database_url, body)
+
+
+def test_a_reused_key_with_another_request_is_a_conflict_naming_the_field(
+    database_url: str, ledger_name: str
+) -> None:
+    async def body(svc: LedgerService) -> None:
+        await setup(svc, ledger_name, "alice", "bob")
+        await svc.post_transfer(ledger_name, pay("k1", "alice", "bob", 100), META)
+        with pytest.raises(errors.IdempotencyKeyReused) as caught:
+            await svc.post_transfer(ledger_name, pay("k1", "alice", "bob", 101), META)
+        assert caught.value.extra["fields"] == ["postings"]
+        assert balance(await svc.account(ledger_name, "bob")) == 100
+
+    run(database_url, body)
+
+
+def test_concurrent_duplicates_from_separate_servers_apply_once(
+    database_url: str, ledger_name: str
+) -> None:
+    run(database_url, lambda svc: setup(svc, ledger_name, "alice", "bob"))
+
+    async def race(svc: LedgerService) -> list[bool]:
+        results = await asyncio.gather(
+            *[svc.post_transfer(ledger_name, pay("dup", "alice", "bob", 7), META) for _ in range(10)]
+        )
+        return [r.replayed for r in results]
+
+    async def servers(_: LedgerService) -> list[bool]:
+        # Three independent services (own pools, own writers) racing on one key.
+        loop_results = await asyncio.gather(*[_service_call(database_url, race) for _ in range(3)])
+        return [flag for flags in loop_results for flag in flags]
+
+    flags = run(database_url, servers)
+    assert flags.count(False) == 1 and len(flags) == 30
+    account = run(database_url, lambda svc: svc.account(ledger_name, "bob"))
+    assert balance(account) == 7
+
+
+async def _service_call(url: str, body: Callable[[LedgerService], Awaitable[T]]) -> T:
+    pool = postgres.async_pool(url, 2)
+    await pool.open()
+    svc = LedgerService(pool)
+    try:
+        return await body(svc)
+    finally:
+        await svc.close()
+        await pool.close()
+
+
+def test_sixteen_clients_on_two_hot_accounts_lose_no_update(database_url: str, ledger_name: str) -> None:
+    run(database_url, lambda svc: setup(svc, ledger_name, "hot:a", "hot:b"))
+    per_client = 25
+
+    async def client(svc: LedgerService, n: int) -> int:
+        moved = 0
+        for i in range(per_client):
+            forward = (n + i) % 2 == 0
+            amount = 1 + (n * per_client + i) % 13
+            src, dst = ("hot:a", "hot:b") if forward else ("hot:b", "hot:a")
+            await svc.post_transfer(ledger_name, pay(f"c{n}-{i}", src, dst, amount), META)
+            moved += amount if forward else -amount
+        return moved
+
+    async def clients(_: LedgerService) -> list[int]:
+        # 16 clients spread over 4 independent services: contention both in the writer queue
+        # and on the ledger's head row lock in Postgres.
+        async def group(g: int) -> list[int]:
+            return await _service_call(
+                database_url,
+                lambda svc: asyncio.gather(*[client(svc, g * 4 + k) for k in range(4)]),
+            )
+
+        groups = await asyncio.gather(*[group(g) for g in range(4)])
+        return [m for g in groups for m in g]
+
+    moved = sum(run(database_url, clients))
+    a = run(database_url, lambda svc: svc.account(ledger_name, "hot:a"))
+    b = run(database_url, lambda svc: svc.account(ledger_name, "hot:b"))
+    assert balance(b) == moved and balance(a) == -moved
+    assert a["balances"][0]["version"] == 16 * per_client
+    assert _events_are_gapless_and_chained(database_url, ledger_name) == 2 + 1 + 16 * per_client
+
+
+def _events_are_gapless_and_chained(url: str, ledger: str) -> int:
+    """Recomputes the hash chain from the stored bytes; returns the number of events."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT e.position, e.topic, e.state, e.hash, l.head_position, l.head_hash"
+            " FROM events e JOIN ledgers l ON l.id = e.ledger_id WHERE l.name = %s"
+            " ORDER BY e.position",
+            (ledger,),
+        ).fetchall()
+    previous = log.genesis_hash(ledger)
+    for expected, (position, topic, state, digest, _, _) in enumerate(rows, start=1):
+        assert position == expected
+        previous = log.chain_hash(previous, position, topic, bytes(state))
+        assert previous == bytes(digest)
+    assert rows[-1][4] == len(rows) and bytes(rows[-1][5]) == previous
+    return len(rows)
+
+
+def test_a_batch_gives_one_result_per_item_in_order(database_url: str, ledger_name: str) -> None:
+    async def body(svc: LedgerService) -> list[dict[str, Any]]:
+        await setup(svc, ledger_name, "alice", "bob")
+        return await svc.post_batch(
+            ledger_name,
+            [
+                pay("b1", "alice", "bob", 5),
+                pay("b2", "alice", "ghost", 5),
+                errors.InvalidAmount("bad"),
+                pay("b1", "alice", "bob", 5),
+                pay("b1", "alice", "bob", 6),
+            ],
+            META,
+        )
+
+    results = run(database_url, body)
+    assert [r["status"] for r in results] == ["created", "error", "error", "replayed", "error"]
+    assert [r.get("error", {}).get("code") for r in results] == [
+        None, "account_not_found", "invalid_amount", None, "idempotency_key_reused"
+    ]
+    assert results[3]["transfer"] == results[0]["transfer"]
+
+
+def test_balances_as_of_a_position_are_the_balances_then(database_url: str, ledger_name: str) -> None:
+    async def body(svc: LedgerService) -> None:
+        await setup(svc, ledger_name, "alice", "bob")
+        positions = []
+        for i in range(1, 6):
+            result = await svc.post_transfer(ledger_name, pay(f"k{i}", "alice", "bob", i), META)
+            positions.append(result.body["position"])
+        for i, position in enumerate(positions, start=1):
+            then = await svc.account(ledger_name, "bob", as_of=position)
+            assert balance(then) == sum(range(1, i + 1))
+        before_any = await svc.account(ledger_name, "bob", as_of=positions[0] - 1)
+        assert before_any["balances"] == []
+        with pytest.raises(errors.PositionOutOfRange):
+            await svc.account(ledger_name, "bob", as_of=positions[-1] + 1)
+        totals = await svc.balances(ledger_name, None, 10, as_of=positions[2])
+        assert [t["net_posted"] for t in totals["totals"]] == ["0"]
+
+    run(database_url, body)
+
+
+def test_postings_page_newest_first_with_a_cursor(database_url: str, ledger_name: str) -> None:
+    async def body(svc: LedgerService) -> None:
+        await setup(svc, ledger_name, "alice", "bob")
+        for i in range(1, 8):
+            await svc.post_transfer(ledger_name, pay(f"k{i}", "alice", "bob", i), META)
+        seen, cursor = [], None
+        while True:
+            page = await svc.postings(ledger_name, "bob", cursor, 3)
+            seen += [int(p["amount"]) for p in page["items"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == [7, 6, 5, 4, 3, 2, 1]
+        with pytest.raises(errors.InvalidCursor):
+            await svc.postings(ledger_name, "bob", "not-a-cursor!", 3)
+
+    run(database_url, body)
+
+
+def test_the_database_refuses_to_change_or_delete_history(database_url: str, ledger_name: str) -> None:
+    run(database_url, lambda svc: setup(svc, ledger_name, "alice"))
+    with psycopg.connect(database_url) as conn:
+        for statement in ("UPDATE events SET topic = 'x'", "DELETE FROM events",
+                          "TRUNCATE events", "UPDATE entries SET amount = 1", "DELETE FROM transfers"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+                conn.execute(statement)
+            conn.rollback()
+        conn.execute("SET ROLE ledger_app")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
+            conn.execute("DELETE FROM events")
+
+
+def test_refused_transfers_leave_balances_and_log_untouched(database_url: str, ledger_name: str) -> None:
+    async def body(svc: LedgerService) -> tuple[int, int]:
+        await setup(svc, ledger_name, "alice", "bob")
+        await svc.post_transfer(ledger_name, pay("ok", "alice", "bob", 10), META)
+        head = await svc.head(ledger_name)
+        for bad in (pay("x1", "alice", "ghost", 5), pay("x2", "alice", "bob", 5, Asset("USD", 3)),
+                    pay("x3", "alice", "bob", 5, Asset("ZZZ", 2)), pay("ok", "alice", "bob", 11)):
+            with pytest.raises(errors.LedgerError):
+                await svc.post_transfer(ledger_name, bad, META)
+        return head, await svc.head(ledger_name)
+
+    before, after = run(database_url, body)
+    assert before == after
+    assert balance(run(database_url, lambda svc: svc.account(ledger_name, "bob"))) == 10
