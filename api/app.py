@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from ledger.settings import Settings
 from starlette.responses import Response
 
 from api import errors as api_errors
@@ -14,7 +15,6 @@ from api.auth import parse_tokens
 from api.middleware import BodyGuard, RequestContext
 from ledger import postgres
 from ledger.service import LedgerService
-from ledger.settings import Settings
 
 
 def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
@@ -61,7 +61,9 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
             async with app.state.service.pool.connection(timeout=2.0) as conn:
                 await conn.execute("SELECT 1")
         except Exception as exc:
-            return api_errors.problem(503, "not_ready", "Not ready", f"database: {type(exc).__name__}")
+            return api_errors.problem(
+                503, "not_ready", "Not ready", f"database: {type(exc).__name__}"
+            )
         return Response(b'{"status":"ready"}', media_type="application/json")
 
     return app

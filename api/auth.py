@@ -25,7 +25,9 @@ def parse_tokens(text: str) -> dict[str, str]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, token = part.partition(":")
         if not sep or not name or len(token) < 8:
-            raise ValueError("LEDGER_API_TOKENS: expected name:token pairs, tokens of 8+ characters")
+            raise ValueError(
+                "LEDGER_API_TOKENS: expected name:token pairs, tokens of 8+ characters"
+            )
         tokens[token] = name
     return tokens
 

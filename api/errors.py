@@ -19,8 +19,14 @@ PROBLEM = "application/problem+json"
 
 
 def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> Response:
-    body = {"type": f"https://ledger.dev/problems/{code}", "title": title, "status": status,
-            "detail": detail, "code": code, **extra}
+    body = {
+        "type": f"https://ledger.dev/problems/{code}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        **extra,
+    }
     headers = {"Retry-After": "1"} if status in (429, 503) else None
     return Response(orjson.dumps(body), status_code=status, media_type=PROBLEM, headers=headers)
 
@@ -45,8 +51,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         detail, issues = _validation_detail(exc)
-        return problem(422, errors.InvalidRequest.code, errors.InvalidRequest.title, detail,
-                       errors=issues)
+        return problem(
+            422, errors.InvalidRequest.code, errors.InvalidRequest.title, detail, errors=issues
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
@@ -57,4 +64,6 @@ def install(app: FastAPI) -> None:
     async def _bug(request: Request, exc: Exception) -> Response:
         # Never a 4xx for something the client did not do: the outcome may be unknown.
         logger.exception("unhandled error")
-        return problem(500, "internal_error", "Internal error", "the server failed; retry with the same key")
+        return problem(
+            500, "internal_error", "Internal error", "the server failed; retry with the same key"
+        )

@@ -45,15 +45,22 @@ class RequestContext:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []),
-                                      (b"x-request-id", request_id.encode())]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            logger.info("request", method=scope["method"], path=scope["path"], status=status,
-                        duration_ms=round((time.perf_counter() - started) * 1000, 3))
+            logger.info(
+                "request",
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            )
 
 
 class BodyGuard:
@@ -102,8 +109,12 @@ class BodyGuard:
 
 
 async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
-    response = problem(413, "payload_too_large", "The request is larger than the limit",
-                       f"request bodies are limited to {limits.request_body_bytes_max} bytes")
+    response = problem(
+        413,
+        "payload_too_large",
+        "The request is larger than the limit",
+        f"request bodies are limited to {limits.request_body_bytes_max} bytes",
+    )
     await response(scope, receive, send)
 
 

@@ -25,7 +25,8 @@ Limit = Annotated[int, Query(ge=1, le=limits.page_size_max)]
 AsOf = Annotated[int | None, Query(ge=0, description="A log position")]
 
 _problems: dict[int | str, dict[str, Any]] = {
-    code: {"model": schemas.Problem, "content": {PROBLEM: {}}} for code in (400, 404, 409, 413, 422, 503)
+    code: {"model": schemas.Problem, "content": {PROBLEM: {}}}
+    for code in (400, 404, 409, 413, 422, 503)
 }
 
 
@@ -46,8 +47,9 @@ Meta = Annotated[dict[str, Any], Depends(meta)]
 
 def json_response(body: Any, status: int = 200, replayed: bool | None = None) -> Response:
     headers = {"Idempotent-Replayed": "true"} if replayed else None
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json",
-                    headers=headers)
+    return Response(
+        orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
+    )
 
 
 def created(result: Result) -> Response:
@@ -66,27 +68,40 @@ async def get_ledger(ledger: LedgerPath, svc: Service) -> Response:
 
 
 @router.post("/ledgers/{ledger}/assets", status_code=201, responses=_problems)
-async def define_asset(ledger: LedgerPath, body: schemas.DefineAsset, svc: Service, m: Meta) -> Response:
+async def define_asset(
+    ledger: LedgerPath, body: schemas.DefineAsset, svc: Service, m: Meta
+) -> Response:
     return created(await svc.define_asset(ledger, parse_asset(body.asset), m))
 
 
-@router.post("/ledgers/{ledger}/accounts", status_code=201, response_model=schemas.AccountOut,
-             responses=_problems)
-async def open_account(ledger: LedgerPath, body: schemas.OpenAccount, svc: Service, m: Meta) -> Response:
+@router.post(
+    "/ledgers/{ledger}/accounts",
+    status_code=201,
+    response_model=schemas.AccountOut,
+    responses=_problems,
+)
+async def open_account(
+    ledger: LedgerPath, body: schemas.OpenAccount, svc: Service, m: Meta
+) -> Response:
     """Opens an account; the same request again returns it (Idempotent-Replayed: true)."""
     return created(await svc.open_account(ledger, body.command(), m))
 
 
-@router.get("/ledgers/{ledger}/accounts/{name}", response_model=schemas.AccountOut,
-            responses=_problems)
-async def get_account(ledger: LedgerPath, name: AccountPath, svc: Service, as_of: AsOf = None) -> Response:
+@router.get(
+    "/ledgers/{ledger}/accounts/{name}", response_model=schemas.AccountOut, responses=_problems
+)
+async def get_account(
+    ledger: LedgerPath, name: AccountPath, svc: Service, as_of: AsOf = None
+) -> Response:
     """The account and its balances per asset, now or as of a log position."""
     return json_response(await svc.account(ledger, name, as_of))
 
 
 @router.get("/ledgers/{ledger}/accounts/{name}/postings", responses=_problems)
 async def list_postings(
-    ledger: LedgerPath, name: AccountPath, svc: Service,
+    ledger: LedgerPath,
+    name: AccountPath,
+    svc: Service,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
     limit: Limit = limits.page_size_default,
 ) -> Response:
@@ -94,11 +109,20 @@ async def list_postings(
     return json_response(await svc.postings(ledger, name, cursor, limit))
 
 
-@router.post("/ledgers/{ledger}/transfers", status_code=201, response_model=schemas.TransferOut,
-             responses=_problems)
+@router.post(
+    "/ledgers/{ledger}/transfers",
+    status_code=201,
+    response_model=schemas.TransferOut,
+    responses=_problems,
+)
 async def post_transfer(
-    ledger: LedgerPath, body: schemas.TransferIn, svc: Service, m: Meta,
-    idempotency_key: Annotated[str | None, Header(max_length=limits.idempotency_key_length_max)] = None,
+    ledger: LedgerPath,
+    body: schemas.TransferIn,
+    svc: Service,
+    m: Meta,
+    idempotency_key: Annotated[
+        str | None, Header(max_length=limits.idempotency_key_length_max)
+    ] = None,
 ) -> Response:
     """Posts a transfer: all postings apply atomically, or none does."""
     if not idempotency_key:
@@ -108,8 +132,9 @@ async def post_transfer(
     return created(await svc.post_transfer(ledger, body.command(idempotency_key), m))
 
 
-@router.post("/ledgers/{ledger}/transfers/batch", response_model=schemas.BatchOut,
-             responses=_problems)
+@router.post(
+    "/ledgers/{ledger}/transfers/batch", response_model=schemas.BatchOut, responses=_problems
+)
 async def post_batch(ledger: LedgerPath, body: schemas.BatchIn, svc: Service, m: Meta) -> Response:
     """Up to the batch limit of transfers, each with its own `id` (idempotency key) and its own
     result, in request order. One invalid item does not stop the others."""
@@ -127,15 +152,17 @@ async def post_batch(ledger: LedgerPath, body: schemas.BatchIn, svc: Service, m:
     return json_response({"results": await svc.post_batch(ledger, commands, m)})
 
 
-@router.get("/ledgers/{ledger}/transfers/{key}", response_model=schemas.TransferOut,
-            responses=_problems)
+@router.get(
+    "/ledgers/{ledger}/transfers/{key}", response_model=schemas.TransferOut, responses=_problems
+)
 async def get_transfer(ledger: LedgerPath, key: KeyPath, svc: Service) -> Response:
     return json_response(await svc.transfer(ledger, key))
 
 
 @router.get("/ledgers/{ledger}/events", responses=_problems)
 async def list_events(
-    ledger: LedgerPath, svc: Service,
+    ledger: LedgerPath,
+    svc: Service,
     after: Annotated[int, Query(ge=0)] = 0,
     limit: Limit = limits.page_size_default,
 ) -> Response:
@@ -145,7 +172,9 @@ async def list_events(
 
 @router.get("/ledgers/{ledger}/balances", responses=_problems)
 async def list_balances(
-    ledger: LedgerPath, svc: Service, as_of: AsOf = None,
+    ledger: LedgerPath,
+    svc: Service,
+    as_of: AsOf = None,
     cursor: Annotated[str | None, Query(max_length=limits.account_name_length_max)] = None,
     limit: Limit = limits.page_size_default,
 ) -> Response:

@@ -27,9 +27,15 @@ AccountName = Annotated[
 AssetText = Annotated[str, Field(examples=["USD/2"], description="CODE/SCALE")]
 AmountText = Annotated[
     Any,
-    WithJsonSchema({"type": "string", "pattern": "^[1-9][0-9]{0,37}$", "examples": ["1500"],
-                    "description": "Integer minor units: a string of 1 to 38 ASCII digits"
-                                   " (a JSON integer is accepted too)"}),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": "^[1-9][0-9]{0,37}$",
+            "examples": ["1500"],
+            "description": "Integer minor units: a string of 1 to 38 ASCII digits"
+            " (a JSON integer is accepted too)",
+        }
+    ),
 ]
 Key = Annotated[
     str,
@@ -44,7 +50,9 @@ class Strict(BaseModel):
 def check_metadata(value: dict[str, Any]) -> dict[str, Any]:
     size = len(orjson.dumps(value))
     if size > limits.metadata_bytes_max:
-        raise ValueError(f"metadata is {size} bytes as JSON; the limit is {limits.metadata_bytes_max}")
+        raise ValueError(
+            f"metadata is {size} bytes as JSON; the limit is {limits.metadata_bytes_max}"
+        )
     if _depth(value) > limits.metadata_depth_max:
         raise ValueError(f"metadata nests deeper than {limits.metadata_depth_max} levels")
     return value

@@ -103,7 +103,7 @@ async def stream(websocket: WebSocket, ledger: str, after: int = Query(0, ge=0))
                 try:
                     await asyncio.wait_for(wake.wait(), timeout=limits.stream_heartbeat_s)
                 except TimeoutError:
-                    await websocket.send_text('{"type":"heartbeat","position":%d}' % after)
+                    await websocket.send_text(f'{{"type":"heartbeat","position":{after}}}')
     except (WebSocketDisconnect, RuntimeError):
         pass
     except errors.LedgerError as error:

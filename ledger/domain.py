@@ -199,8 +199,15 @@ def post_transfer(state: LedgerState, command: PostTransfer, position: int) -> C
                 if totals.credits_posted > limits.amount_max:
                     raise errors.Overflow(f"credits of {account.name!r} would exceed 38 digits")
             changes.entries.append(
-                Entry(account.id, posting.asset.code, position, leg, is_debit, posting.amount,
-                      totals.copy())
+                Entry(
+                    account.id,
+                    posting.asset.code,
+                    position,
+                    leg,
+                    is_debit,
+                    posting.amount,
+                    totals.copy(),
+                )
             )
     for totals in touched.values():
         totals.version += 1
@@ -211,7 +218,9 @@ def post_transfer(state: LedgerState, command: PostTransfer, position: int) -> C
     return changes
 
 
-def open_account(state: LedgerState, command: OpenAccount, account_id: int, position: int) -> Changes:
+def open_account(
+    state: LedgerState, command: OpenAccount, account_id: int, position: int
+) -> Changes:
     existing = state.accounts.get(command.name)
     if existing is not None:
         raise errors.AccountExists(f"account {command.name!r} exists", account=command.name)

@@ -148,11 +148,13 @@ async def write(
         pairs = _balance_keys(items)
         opens = sum(isinstance(c, domain.OpenAccount) for c, _ in items)
         head_cur = await conn.execute(
-            "SELECT head_position, head_hash, head_recorded_at FROM ledgers WHERE id = %s FOR UPDATE",
+            "SELECT head_position, head_hash, head_recorded_at FROM ledgers"
+            " WHERE id = %s FOR UPDATE",
             (ledger.id,),
         )
         keys_cur = await conn.execute(
-            "SELECT key, position, request_hash FROM transfers WHERE ledger_id = %s AND key = ANY(%s)",
+            "SELECT key, position, request_hash FROM transfers"
+            " WHERE ledger_id = %s AND key = ANY(%s)",
             (ledger.id, keys),
         )
         accounts_cur = await conn.execute(
@@ -182,7 +184,9 @@ async def write(
             r[1]: domain.Account(int(r[0]), r[1], r[2], r[3], int(r[4]))
             for r in await accounts_cur.fetchall()
         }
-        asset_rows = {code: (int(scale), int(pos)) for code, scale, pos in await assets_cur.fetchall()}
+        asset_rows = {
+            code: (int(scale), int(pos)) for code, scale, pos in await assets_cur.fetchall()
+        }
         balances = {(r[0], r[1]): domain.Balance(*r[2:]) for r in await balances_cur.fetchall()}
         new_ids = [int(r[0]) for r in await ids_cur.fetchall()]
 
@@ -277,8 +281,17 @@ async def write(
 
         # 4. Append, set-based.
         if appended:
-            await _append(conn, ledger, appended, recorded, new_keys, entries, touched,
-                          new_accounts, new_assets)
+            await _append(
+                conn,
+                ledger,
+                appended,
+                recorded,
+                new_keys,
+                entries,
+                touched,
+                new_accounts,
+                new_assets,
+            )
 
         # Replays and conflicts name events already in the log (or appended just now).
         wanted = [o for o in outcomes if isinstance(o, int) and o not in in_group]
@@ -339,15 +352,23 @@ async def _append(
         await conn.execute(
             "INSERT INTO assets (ledger_id, code, scale, position)"
             " SELECT %s, c, s, p FROM unnest(%s::text[], %s::int2[], %s::int8[]) AS a(c, s, p)",
-            (ledger.id, [a.code for a, _ in new_assets], [a.scale for a, _ in new_assets],
-             [p for _, p in new_assets]),
+            (
+                ledger.id,
+                [a.code for a, _ in new_assets],
+                [a.scale for a, _ in new_assets],
+                [p for _, p in new_assets],
+            ),
         )
     if new_keys:
         await conn.execute(
             "INSERT INTO transfers (ledger_id, key, position, request_hash)"
             " SELECT %s, k, p, h FROM unnest(%s::text[], %s::int8[], %s::bytea[]) AS t(k, p, h)",
-            (ledger.id, [k for k, _, _ in new_keys], [p for _, p, _ in new_keys],
-             [h for _, _, h in new_keys]),
+            (
+                ledger.id,
+                [k for k, _, _ in new_keys],
+                [p for _, p, _ in new_keys],
+                [h for _, _, h in new_keys],
+            ),
         )
     if entries:
         await conn.execute(
@@ -398,7 +419,8 @@ async def _append(
         (last.event.originator_version, last.hash, recorded, ledger.id),
     )
     await conn.execute(
-        "SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, f"{ledger.name}:{last.event.originator_version}")
+        "SELECT pg_notify(%s, %s)",
+        (NOTIFY_CHANNEL, f"{ledger.name}:{last.event.originator_version}"),
     )
 
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from ledger import errors, limits
 
-_DIGITS = re.compile(r"[1-9][0-9]{0,%d}" % (limits.amount_digits_max - 1), re.ASCII)
-_ASSET = re.compile(r"([A-Z][A-Z0-9]{0,%d})/([0-9]{1,2})" % (limits.asset_code_length_max - 1))
+_DIGITS = re.compile(rf"[1-9][0-9]{{0,{limits.amount_digits_max - 1}}}", re.ASCII)
+_ASSET = re.compile(rf"([A-Z][A-Z0-9]{{0,{limits.asset_code_length_max - 1}}})/([0-9]{{1,2}})")
 
 
 def parse_amount(value: Any) -> int:
@@ -64,9 +64,28 @@ def parse_asset(value: Any) -> Asset:
 DEFAULT_ASSETS: tuple[Asset, ...] = tuple(
     parse_asset(a)
     for a in (
-        "USD/2", "EUR/2", "GBP/2", "CHF/2", "JPY/0", "CAD/2", "AUD/2", "CNY/2", "INR/2",
-        "BRL/2", "MXN/2", "SEK/2", "NOK/2", "DKK/2", "PLN/2", "SGD/2", "HKD/2", "KWD/3",
-        "BTC/8", "ETH/18", "USDC/6", "USDT/6",
+        "USD/2",
+        "EUR/2",
+        "GBP/2",
+        "CHF/2",
+        "JPY/0",
+        "CAD/2",
+        "AUD/2",
+        "CNY/2",
+        "INR/2",
+        "BRL/2",
+        "MXN/2",
+        "SEK/2",
+        "NOK/2",
+        "DKK/2",
+        "PLN/2",
+        "SGD/2",
+        "HKD/2",
+        "KWD/3",
+        "BTC/8",
+        "ETH/18",
+        "USDC/6",
+        "USDT/6",
     )
 )
 """Assets a new ledger defines when its creator names none."""

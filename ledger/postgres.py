@@ -7,10 +7,10 @@ statement timeouts.
 
 from __future__ import annotations
 
-from psycopg.abc import Buffer
 from typing import Any
 
 import psycopg
+from psycopg.abc import Buffer
 from psycopg.adapt import Loader
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 

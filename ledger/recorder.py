@@ -39,13 +39,17 @@ class LedgerRecorder(ApplicationRecorder):
     def ledger_id(self) -> int:
         if self._ledger_id is None:
             with self.pool.connection() as conn:
-                row = conn.execute("SELECT id FROM ledgers WHERE name = %s", (self.ledger,)).fetchone()
+                row = conn.execute(
+                    "SELECT id FROM ledgers WHERE name = %s", (self.ledger,)
+                ).fetchone()
             if row is None:
                 raise ProgrammingError(f"ledger {self.ledger!r} does not exist")
             self._ledger_id = int(row[0])
         return self._ledger_id
 
-    def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
         raise ProgrammingError("events are appended by the ledger's writer, never by a recorder")
 
     def select_events(
@@ -74,8 +78,13 @@ class LedgerRecorder(ApplicationRecorder):
         gt = None if start is None else (start - 1 if inclusive_of_start else start)
         rows = self._select(gt, stop, topics, False, limit)
         return [
-            Notification(id=int(r[0]), originator_id=self.ledger, originator_version=int(r[0]),
-                         topic=r[1], state=bytes(r[2]))
+            Notification(
+                id=int(r[0]),
+                originator_id=self.ledger,
+                originator_version=int(r[0]),
+                topic=r[1],
+                state=bytes(r[2]),
+            )
             for r in rows
         ]
 
@@ -106,13 +115,16 @@ class LedgerRecorder(ApplicationRecorder):
         sql += " ORDER BY position" + (" DESC" if desc else "") + " LIMIT %s"
         params.append(min(limit, limits.page_size_max * 10))
         with self.pool.connection() as conn:
-            return conn.execute(sql, params).fetchall()
+            rows: list[Any] = conn.execute(sql, params).fetchall()
+        return rows
 
 
 class LedgerSubscription(ListenNotifySubscription[LedgerRecorder]):
     """Wakes on the writer's NOTIFY, then pulls pages from the log (the library's loop)."""
 
-    def __init__(self, recorder: LedgerRecorder, gt: int | None = None, topics: Sequence[str] = ()) -> None:
+    def __init__(
+        self, recorder: LedgerRecorder, gt: int | None = None, topics: Sequence[str] = ()
+    ) -> None:
         super().__init__(recorder=recorder, gt=gt, topics=topics)
         self._listen_thread = Thread(target=self._listen, daemon=True)
         self._listen_thread.start()

@@ -16,8 +16,14 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from ledger import domain, errors, limits, log
-from ledger.events import canonical_json
-from ledger.events import AccountOpened, AssetDefined, LedgerCreated, LedgerEvent, TransferPosted
+from ledger.events import (
+    AccountOpened,
+    AssetDefined,
+    LedgerCreated,
+    LedgerEvent,
+    TransferPosted,
+    canonical_json,
+)
 from ledger.money import Asset
 from ledger.postgres import RETRYABLE, translate
 from ledger.writer import Writers
@@ -61,19 +67,27 @@ class LedgerService:
     async def define_asset(self, ledger: str, asset: Asset, meta: dict[str, Any]) -> Result:
         committed = await self._submit_one(ledger, domain.DefineAsset(asset), meta)
         assert isinstance(committed.event, AssetDefined | LedgerCreated)
-        return Result({"asset": str(asset), "position": committed.event.position},
-                      committed.replayed)
+        return Result(
+            {"asset": str(asset), "position": committed.event.position}, committed.replayed
+        )
 
-    async def open_account(self, ledger: str, command: domain.OpenAccount, meta: dict[str, Any]) -> Result:
+    async def open_account(
+        self, ledger: str, command: domain.OpenAccount, meta: dict[str, Any]
+    ) -> Result:
         committed = await self._submit_one(ledger, command, meta)
         return Result(await self.account(ledger, command.name), committed.replayed)
 
-    async def post_transfer(self, ledger: str, command: domain.PostTransfer, meta: dict[str, Any]) -> Result:
+    async def post_transfer(
+        self, ledger: str, command: domain.PostTransfer, meta: dict[str, Any]
+    ) -> Result:
         committed = await self._submit_one(ledger, command, meta)
         return Result(transfer_body(committed), committed.replayed)
 
     async def post_batch(
-        self, ledger: str, commands: list[domain.PostTransfer | errors.LedgerError], meta: dict[str, Any]
+        self,
+        ledger: str,
+        commands: list[domain.PostTransfer | errors.LedgerError],
+        meta: dict[str, Any],
     ) -> list[dict[str, Any]]:
         """One result per item, in request order. Items that failed validation are passed in
         as their error and take no part in the write."""
@@ -88,13 +102,17 @@ class LedgerService:
             if isinstance(outcome, errors.LedgerError):
                 results.append({"status": "error", "error": outcome.to_result()})
             else:
-                results.append({
-                    "status": "replayed" if outcome.replayed else "created",
-                    "transfer": transfer_body(outcome),
-                })
+                results.append(
+                    {
+                        "status": "replayed" if outcome.replayed else "created",
+                        "transfer": transfer_body(outcome),
+                    }
+                )
         return results
 
-    async def _submit_one(self, ledger: str, command: domain.Command, meta: dict[str, Any]) -> log.Committed:
+    async def _submit_one(
+        self, ledger: str, command: domain.Command, meta: dict[str, Any]
+    ) -> log.Committed:
         ref = await self.ledger_ref(ledger)
         (outcome,) = await self.writers.get(ref).submit([(command, meta)])
         if isinstance(outcome, errors.LedgerError):
@@ -212,17 +230,19 @@ class LedgerService:
         for r in rows[:limit]:
             state = orjson.loads(bytes(r[9]))
             posting = state["postings"][r[2]]
-            items.append({
-                "position": r[1],
-                "transfer": state["key"],
-                "leg": r[2],
-                "side": "debit" if r[3] else "credit",
-                "counterparty": posting["credit"] if r[3] else posting["debit"],
-                "asset": f"{r[0]}/{scales[r[0]]}",
-                "amount": str(r[4]),
-                "balance_after": _totals_json(r[5:9]),
-                "recorded_at": state["recorded_at"],
-            })
+            items.append(
+                {
+                    "position": r[1],
+                    "transfer": state["key"],
+                    "leg": r[2],
+                    "side": "debit" if r[3] else "credit",
+                    "counterparty": posting["credit"] if r[3] else posting["debit"],
+                    "asset": f"{r[0]}/{scales[r[0]]}",
+                    "amount": str(r[4]),
+                    "balance_after": _totals_json(r[5:9]),
+                    "recorded_at": state["recorded_at"],
+                }
+            )
         next_cursor = None
         if len(rows) > limit:
             last = rows[limit - 1]
@@ -253,11 +273,13 @@ class LedgerService:
         source = (
             "SELECT b.account_id, b.asset, b.debits_posted, b.credits_posted, b.debits_pending,"
             " b.credits_pending FROM balances b"
-            if as_of is None else
-            "SELECT b.account_id, b.asset, e.debits_posted, e.credits_posted, e.debits_pending,"
+            if as_of is None
+            else "SELECT b.account_id, b.asset, e.debits_posted, e.credits_posted,"
+            " e.debits_pending,"
             " e.credits_pending FROM balances b CROSS JOIN LATERAL (SELECT * FROM entries e"
-            " WHERE e.account_id = b.account_id AND e.asset = b.asset" + position_filter +
-            " ORDER BY e.position DESC, e.leg DESC LIMIT 1) e"
+            " WHERE e.account_id = b.account_id AND e.asset = b.asset"
+            + position_filter
+            + " ORDER BY e.position DESC, e.leg DESC LIMIT 1) e"
         )
         params = {"ledger": ref.id, "after": after, "limit": limit + 1, "as_of": as_of}
         accounts = await self._all(
@@ -283,9 +305,7 @@ class LedgerService:
         )
         return {
             "as_of": as_of,
-            "accounts": [
-                {"name": a[1], "type": a[2], "balances": by_account[a[0]]} for a in page
-            ],
+            "accounts": [{"name": a[1], "type": a[2], "balances": by_account[a[0]]} for a in page],
             "totals": [
                 {
                     "asset": f"{t[0]}/{scales[t[0]]}",
@@ -317,8 +337,9 @@ class LedgerService:
         for attempt in range(1, limits.write_retries_max + 1):
             try:
                 async with self.pool.connection() as conn:
-                    cur = await conn.execute(sql, params)  # type: ignore[arg-type]
-                    return await cur.fetchall()
+                    cur = await conn.execute(sql, params)
+                    rows: list[Any] = await cur.fetchall()
+                    return rows
             except RETRYABLE as exc:
                 if attempt == limits.write_retries_max:
                     raise translate(exc) from exc
@@ -348,10 +369,15 @@ def transfer_body(committed: log.Committed) -> dict[str, Any]:
     }
 
 
-def event_body(ledger: str, position: int, topic: str, state: bytes, digest: bytes) -> dict[str, Any]:
+def event_body(
+    ledger: str, position: int, topic: str, state: bytes, digest: bytes
+) -> dict[str, Any]:
     event = log.to_event(ledger, position, topic, state)
-    data = {k: v for k, v in vars(event).items()
-            if k not in ("originator_id", "originator_version", "recorded_at", "meta")}
+    data = {
+        k: v
+        for k, v in vars(event).items()
+        if k not in ("originator_id", "originator_version", "recorded_at", "meta")
+    }
     return {
         "position": position,
         "type": type(event).__name__,

@@ -134,7 +134,9 @@ class LedgerWriter:
         self._queued_items -= size
         return group
 
-    async def _write(self, conn: psycopg.AsyncConnection[Any], items: list[Item]) -> list[log.Outcome]:
+    async def _write(
+        self, conn: psycopg.AsyncConnection[Any], items: list[Item]
+    ) -> list[log.Outcome]:
         for attempt in range(1, limits.write_retries_max + 1):
             try:
                 if conn.broken or conn.closed:
@@ -142,8 +144,12 @@ class LedgerWriter:
                         return await log.write(fresh, self.ledger, items)
                 return await log.write(conn, self.ledger, items)
             except RETRYABLE as exc:
-                logger.warning("write retried", ledger=self.ledger.name, attempt=attempt,
-                               error=type(exc).__name__)
+                logger.warning(
+                    "write retried",
+                    ledger=self.ledger.name,
+                    attempt=attempt,
+                    error=type(exc).__name__,
+                )
                 if attempt == limits.write_retries_max:
                     raise translate(exc) from exc
                 await asyncio.sleep(0.01 * 2**attempt)

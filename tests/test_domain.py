@@ -18,7 +18,9 @@ def state(*names: str) -> domain.LedgerState:
     return domain.LedgerState(assets={"USD": 2, "EUR": 2}, accounts=accounts, balances={})
 
 
-def transfer(*postings: tuple[str, str, int], asset: Asset = USD, key: str = "k") -> domain.PostTransfer:
+def transfer(
+    *postings: tuple[str, str, int], asset: Asset = USD, key: str = "k"
+) -> domain.PostTransfer:
     return domain.PostTransfer(key, tuple(domain.Posting(d, c, asset, a) for d, c, a in postings))
 
 
@@ -28,7 +30,8 @@ def test_a_transfer_debits_one_account_and_credits_the_other() -> None:
     assert s.balances[(1, "USD")].debits_posted == 150
     assert s.balances[(2, "USD")].credits_posted == 150
     assert [(e.account_id, e.debit, e.amount, e.position) for e in changes.entries] == [
-        (1, True, 150, 7), (2, False, 150, 7)
+        (1, True, 150, 7),
+        (2, False, 150, 7),
     ]
     assert s.balances[(1, "USD")].version == 1
 
@@ -100,7 +103,9 @@ def test_the_request_hash_depends_on_every_field_of_the_request() -> None:
     assert a.request_hash() != transfer(("bob", "alice", 5)).request_hash()
     with_metadata = domain.PostTransfer("k", a.postings, {"note": "x"})
     assert a.request_hash() != with_metadata.request_hash()
-    assert domain.differing_fields(a.request_fields(), with_metadata.request_fields()) == ["metadata"]
+    assert domain.differing_fields(a.request_fields(), with_metadata.request_fields()) == [
+        "metadata"
+    ]
 
 
 def test_entries_balance_detects_an_unbalanced_set() -> None:
@@ -113,7 +118,10 @@ def test_entries_balance_detects_an_unbalanced_set() -> None:
 
 NAMES = ["a", "b", "c", "d"]
 postings = st.tuples(
-    st.sampled_from(NAMES), st.sampled_from(NAMES), st.integers(1, 10**20), st.sampled_from([USD, EUR])
+    st.sampled_from(NAMES),
+    st.sampled_from(NAMES),
+    st.integers(1, 10**20),
+    st.sampled_from([USD, EUR]),
 ).filter(lambda p: p[0] != p[1])
 
 
@@ -127,5 +135,7 @@ def test_any_sequence_of_transfers_keeps_every_asset_summing_to_zero(transfers: 
         )
         domain.post_transfer(s, command, position)
     for code in ("USD", "EUR"):
-        net = sum(b.credits_posted - b.debits_posted for (_, a), b in s.balances.items() if a == code)
+        net = sum(
+            b.credits_posted - b.debits_posted for (_, a), b in s.balances.items() if a == code
+        )
         assert net == 0

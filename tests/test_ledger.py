@@ -84,7 +84,10 @@ def test_concurrent_duplicates_from_separate_servers_apply_once(
 
     async def race(svc: LedgerService) -> list[bool]:
         results = await asyncio.gather(
-            *[svc.post_transfer(ledger_name, pay("dup", "alice", "bob", 7), META) for _ in range(10)]
+            *[
+                svc.post_transfer(ledger_name, pay("dup", "alice", "bob", 7), META)
+                for _ in range(10)
+            ]
         )
         return [r.replayed for r in results]
 
@@ -110,7 +113,9 @@ async def _service_call(url: str, body: Callable[[LedgerService], Awaitable[T]])
         await pool.close()
 
 
-def test_sixteen_clients_on_two_hot_accounts_lose_no_update(database_url: str, ledger_name: str) -> None:
+def test_sixteen_clients_on_two_hot_accounts_lose_no_update(
+    database_url: str, ledger_name: str
+) -> None:
     run(database_url, lambda svc: setup(svc, ledger_name, "hot:a", "hot:b"))
     per_client = 25
 
@@ -180,12 +185,18 @@ def test_a_batch_gives_one_result_per_item_in_order(database_url: str, ledger_na
     results = run(database_url, body)
     assert [r["status"] for r in results] == ["created", "error", "error", "replayed", "error"]
     assert [r.get("error", {}).get("code") for r in results] == [
-        None, "account_not_found", "invalid_amount", None, "idempotency_key_reused"
+        None,
+        "account_not_found",
+        "invalid_amount",
+        None,
+        "idempotency_key_reused",
     ]
     assert results[3]["transfer"] == results[0]["transfer"]
 
 
-def test_balances_as_of_a_position_are_the_balances_then(database_url: str, ledger_name: str) -> None:
+def test_balances_as_of_a_position_are_the_balances_then(
+    database_url: str, ledger_name: str
+) -> None:
     async def body(svc: LedgerService) -> None:
         await setup(svc, ledger_name, "alice", "bob")
         positions = []
@@ -224,11 +235,18 @@ def test_postings_page_newest_first_with_a_cursor(database_url: str, ledger_name
     run(database_url, body)
 
 
-def test_the_database_refuses_to_change_or_delete_history(database_url: str, ledger_name: str) -> None:
+def test_the_database_refuses_to_change_or_delete_history(
+    database_url: str, ledger_name: str
+) -> None:
     run(database_url, lambda svc: setup(svc, ledger_name, "alice"))
     with psycopg.connect(database_url) as conn:
-        for statement in ("UPDATE events SET topic = 'x'", "DELETE FROM events",
-                          "TRUNCATE events", "UPDATE entries SET amount = 1", "DELETE FROM transfers"):
+        for statement in (
+            "UPDATE events SET topic = 'x'",
+            "DELETE FROM events",
+            "TRUNCATE events",
+            "UPDATE entries SET amount = 1",
+            "DELETE FROM transfers",
+        ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
                 conn.execute(statement)
             conn.rollback()
@@ -237,13 +255,19 @@ def test_the_database_refuses_to_change_or_delete_history(database_url: str, led
             conn.execute("DELETE FROM events")
 
 
-def test_refused_transfers_leave_balances_and_log_untouched(database_url: str, ledger_name: str) -> None:
+def test_refused_transfers_leave_balances_and_log_untouched(
+    database_url: str, ledger_name: str
+) -> None:
     async def body(svc: LedgerService) -> tuple[int, int]:
         await setup(svc, ledger_name, "alice", "bob")
         await svc.post_transfer(ledger_name, pay("ok", "alice", "bob", 10), META)
         head = await svc.head(ledger_name)
-        for bad in (pay("x1", "alice", "ghost", 5), pay("x2", "alice", "bob", 5, Asset("USD", 3)),
-                    pay("x3", "alice", "bob", 5, Asset("ZZZ", 2)), pay("ok", "alice", "bob", 11)):
+        for bad in (
+            pay("x1", "alice", "ghost", 5),
+            pay("x2", "alice", "bob", 5, Asset("USD", 3)),
+            pay("x3", "alice", "bob", 5, Asset("ZZZ", 2)),
+            pay("ok", "alice", "bob", 11),
+        ):
             with pytest.raises(errors.LedgerError):
                 await svc.post_transfer(ledger_name, bad, META)
         return head, await svc.head(ledger_name)
