@@ -17,6 +17,7 @@ the group are unaffected.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -212,9 +213,10 @@ async def write(
             next_position = position + 1
             try:
                 if isinstance(command, domain.PostTransfer):
+                    request_hash = command.request_hash()
                     known = known_keys.get(command.key)
                     if known is not None:
-                        if known[1] != command.request_hash():
+                        if known[1] != request_hash:
                             conflicts[index] = (known[0], command)
                         outcomes.append(known[0])
                         continue
@@ -228,8 +230,8 @@ async def write(
                         postings=[p.as_json() for p in command.postings],
                         metadata=command.metadata,
                     )
-                    known_keys[command.key] = (next_position, command.request_hash())
-                    new_keys.append((command.key, next_position, command.request_hash()))
+                    known_keys[command.key] = (next_position, request_hash)
+                    new_keys.append((command.key, next_position, request_hash))
                     entries.extend(changes.entries)
                     touched.update(changes.balances)
                 elif isinstance(command, domain.OpenAccount):
@@ -323,12 +325,12 @@ async def _append(
 ) -> None:
     await conn.execute(
         "INSERT INTO events (ledger_id, position, topic, state, recorded_at, hash)"
-        " SELECT %s, p, t, s, %s, h FROM unnest(%s::int8[], %s::text[], %s::bytea[], %s::bytea[])"
+        " SELECT %s, p, t, s, %s, h FROM unnest(%s::int8[], %b::text[], %b::bytea[], %b::bytea[])"
         " AS e(p, t, s, h)",
         (
             ledger.id,
             recorded,
-            [a.event.originator_version for a in appended],
+            _ints(a.event.originator_version for a in appended),
             [a.stored.topic for a in appended],
             [a.stored.state for a in appended],
             [a.hash for a in appended],
@@ -341,11 +343,11 @@ async def _append(
             " %s::jsonb[], %s::int8[]) AS a(i, n, t, m, p)",
             (
                 ledger.id,
-                [a.id for a in new_accounts],
+                _ints(a.id for a in new_accounts),
                 [a.name for a in new_accounts],
                 [a.type for a in new_accounts],
                 [orjson.dumps(a.metadata).decode() for a in new_accounts],
-                [a.position for a in new_accounts],
+                _ints(a.position for a in new_accounts),
             ),
         )
     if new_assets:
@@ -362,11 +364,11 @@ async def _append(
     if new_keys:
         await conn.execute(
             "INSERT INTO transfers (ledger_id, key, position, request_hash)"
-            " SELECT %s, k, p, h FROM unnest(%s::text[], %s::int8[], %s::bytea[]) AS t(k, p, h)",
+            " SELECT %s, k, p, h FROM unnest(%b::text[], %s::int8[], %b::bytea[]) AS t(k, p, h)",
             (
                 ledger.id,
                 [k for k, _, _ in new_keys],
-                [p for _, p, _ in new_keys],
+                _ints(p for _, p, _ in new_keys),
                 [h for _, _, h in new_keys],
             ),
         )
@@ -377,16 +379,16 @@ async def _append(
             " SELECT * FROM unnest(%s::int8[], %s::text[], %s::int8[], %s::int2[], %s::bool[],"
             " %s::numeric[], %s::numeric[], %s::numeric[], %s::numeric[], %s::numeric[])",
             (
-                [e.account_id for e in entries],
-                [e.asset for e in entries],
-                [e.position for e in entries],
-                [e.leg for e in entries],
-                [e.debit for e in entries],
-                [str(e.amount) for e in entries],
-                [str(e.totals.debits_posted) for e in entries],
-                [str(e.totals.credits_posted) for e in entries],
-                [str(e.totals.debits_pending) for e in entries],
-                [str(e.totals.credits_pending) for e in entries],
+                _ints(e.account_id for e in entries),
+                _codes(e.asset for e in entries),
+                _ints(e.position for e in entries),
+                _ints(e.leg for e in entries),
+                "{" + ",".join("t" if e.debit else "f" for e in entries) + "}",
+                _ints(e.amount for e in entries),
+                _ints(e.totals.debits_posted for e in entries),
+                _ints(e.totals.credits_posted for e in entries),
+                _ints(e.totals.debits_pending for e in entries),
+                _ints(e.totals.credits_pending for e in entries),
             ),
         )
     if touched:
@@ -402,14 +404,14 @@ async def _append(
             " debits_pending = EXCLUDED.debits_pending, credits_pending = EXCLUDED.credits_pending,"
             " version = EXCLUDED.version, position = EXCLUDED.position",
             (
-                [k[0] for k in keys],
-                [k[1] for k in keys],
-                [str(b.debits_posted) for b in values],
-                [str(b.credits_posted) for b in values],
-                [str(b.debits_pending) for b in values],
-                [str(b.credits_pending) for b in values],
-                [b.version for b in values],
-                [b.position for b in values],
+                _ints(k[0] for k in keys),
+                _codes(k[1] for k in keys),
+                _ints(b.debits_posted for b in values),
+                _ints(b.credits_posted for b in values),
+                _ints(b.debits_pending for b in values),
+                _ints(b.credits_pending for b in values),
+                _ints(b.version for b in values),
+                _ints(b.position for b in values),
             ),
         )
     last = appended[-1]
@@ -422,6 +424,17 @@ async def _append(
         "SELECT pg_notify(%s, %s)",
         (NOTIFY_CHANNEL, f"{ledger.name}:{last.event.originator_version}"),
     )
+
+
+def _ints(values: Iterable[int]) -> str:
+    """A Postgres array literal of integers: digits need no quoting, so one join builds it
+    (psycopg's generic list dumper escapes element by element, a third of a batch's CPU)."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _codes(values: Iterable[str]) -> str:
+    """An array literal of asset codes, which are capitals and digits only (checked on input)."""
+    return "{" + ",".join(values) + "}"
 
 
 async def _events_at(

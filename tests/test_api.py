@@ -222,7 +222,7 @@ def test_health_and_readiness_and_openapi(client: TestClient) -> None:
 
 
 bad_amounts = st.one_of(
-    st.floats(),
+    st.floats(allow_nan=False, allow_infinity=False),
     st.text(max_size=42).filter(lambda t: not (t.isascii() and t.isdigit())),
     st.integers(max_value=0),
     st.integers(min_value=10**38),
