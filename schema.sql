@@ -50,6 +50,13 @@ CREATE TABLE accounts (
     type      text   NOT NULL CHECK (type IN ('asset', 'liability', 'equity', 'revenue', 'expense')),
     metadata  jsonb  NOT NULL DEFAULT '{}',
     position  bigint NOT NULL,
+    -- Guards, each set by an event (AccountGuardSet, AccountFrozen, AccountClosed ...):
+    -- the rule in force, and per asset code how far past it the account may go (digits).
+    guard        text    NOT NULL DEFAULT 'none' CHECK (guard IN
+                     ('none', 'debits_must_not_exceed_credits', 'credits_must_not_exceed_debits')),
+    guard_limits jsonb   NOT NULL DEFAULT '{}',
+    frozen       boolean NOT NULL DEFAULT false,
+    closed       boolean NOT NULL DEFAULT false,
     UNIQUE (ledger_id, name)
 );
 
@@ -76,6 +83,22 @@ CREATE TABLE transfers (
     PRIMARY KEY (ledger_id, key)
 );
 
+-- The mutable side of transfers that can still change: pending ones (until posted, voided or
+-- expired) and reversed ones (how much of each posting was reversed so far). Every change here
+-- is also an event in the log; this table only indexes the current state for the writer.
+CREATE TABLE transfer_status (
+    ledger_id  bigint NOT NULL,
+    key        text   NOT NULL,
+    status     text   NOT NULL CHECK (status IN ('pending', 'posted', 'voided', 'expired')),
+    expires_at timestamptz,
+    amounts    numeric(38, 0)[] NOT NULL,  -- per posting: held while pending, then posted
+    reversed   numeric(38, 0)[] NOT NULL,  -- per posting: reversed so far
+    position   bigint NOT NULL,
+    PRIMARY KEY (ledger_id, key)
+);
+CREATE INDEX transfer_status_due ON transfer_status (ledger_id, expires_at)
+    WHERE status = 'pending' AND expires_at IS NOT NULL;
+
 -- One row per side of each posting, with the account's running totals after it, so that a
 -- balance as of any log position is one index lookup (the newest entry at or before it).
 CREATE TABLE entries (
@@ -84,13 +107,19 @@ CREATE TABLE entries (
     position        bigint NOT NULL,
     leg             smallint NOT NULL,
     debit           boolean NOT NULL,
+    -- posted: the entry moves posted amounts (a transfer, the posting of a pending one, a
+    -- reversal); otherwise it only reserves or releases pending amounts.
+    posted          boolean NOT NULL,
     amount          numeric(38, 0) NOT NULL CHECK (amount > 0),
+    effective_at    timestamptz NOT NULL,
     debits_posted   numeric(38, 0) NOT NULL,
     credits_posted  numeric(38, 0) NOT NULL,
     debits_pending  numeric(38, 0) NOT NULL,
     credits_pending numeric(38, 0) NOT NULL,
     PRIMARY KEY (account_id, asset, position, leg)
 );
+-- Balances effective at a time (which may differ from when they were recorded).
+CREATE INDEX entries_effective ON entries (account_id, asset, effective_at) WHERE posted;
 
 CREATE FUNCTION refuse_change_to_history() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -123,6 +152,6 @@ END
 $$;
 GRANT ledger_app TO CURRENT_USER;
 GRANT USAGE ON SCHEMA public TO ledger_app;
-GRANT SELECT, INSERT, UPDATE ON ledgers, accounts, assets, balances TO ledger_app;
+GRANT SELECT, INSERT, UPDATE ON ledgers, accounts, assets, balances, transfer_status TO ledger_app;
 GRANT SELECT, INSERT ON events, entries, transfers TO ledger_app;
 GRANT USAGE, SELECT ON SEQUENCE accounts_id_seq TO ledger_app;

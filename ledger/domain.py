@@ -1,23 +1,27 @@
 """Accounts, postings and transfers: the ledger's rules, with no I/O.
 
-The writer loads the state a group of commands needs (accounts, assets, balances), then calls
-:func:`decide` once per command, in order. A command either yields its changes (an event and
-the balance deltas it causes) or raises a :class:`~ledger.errors.LedgerError`, in which case the
-state is left exactly as it was.
+The writer loads the state a group of commands needs (accounts, assets, balances, the transfers
+they refer to), then calls :func:`decide` once per command, in order. A command either yields a
+:class:`Decision` (its event's fields and the changes it causes, already applied to the state)
+or raises a :class:`~ledger.errors.LedgerError`, in which case the state is exactly as before.
+
+Checks run in the order of ``ledger/errors.py`` (documented in ``docs/errors.md``).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from ledger import errors, limits
 from ledger.events import canonical_json
-from ledger.money import Asset
+from ledger.money import Asset, parse_asset
 
 AccountType = Literal["asset", "liability", "equity", "revenue", "expense"]
 ACCOUNT_TYPES: tuple[AccountType, ...] = ("asset", "liability", "equity", "revenue", "expense")
+GuardRule = Literal["none", "debits_must_not_exceed_credits", "credits_must_not_exceed_debits"]
 
 
 # --- Commands ----------------------------------------------------------------------------------
@@ -40,12 +44,36 @@ class Posting:
             "amount": str(self.amount),
         }
 
+    @staticmethod
+    def from_json(data: dict[str, str]) -> Posting:
+        return Posting(
+            data["debit"], data["credit"], parse_asset(data["asset"]), int(data["amount"])
+        )
+
+
+class Keyed:
+    """A command with a client's idempotency key, whose request is hashed and kept forever."""
+
+    key: str
+    linked: bool
+
+    def request_fields(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def request_hash(self) -> bytes:
+        return hashlib.sha256(canonical_json(self.request_fields())).digest()
+
 
 @dataclass(frozen=True, slots=True)
-class PostTransfer:
+class PostTransfer(Keyed):
     key: str
     postings: tuple[Posting, ...]
     metadata: dict[str, Any] = field(default_factory=dict)
+    pending: bool = False
+    timeout_s: int | None = None
+    effective_at: datetime | None = None
+    linked: bool = False
+    """In a batch: this item and the next succeed or fail together."""
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.postings) <= limits.postings_per_transfer_max:
@@ -58,13 +86,66 @@ class PostTransfer:
                     f"posting {index} debits and credits the same account {posting.debit!r}",
                     posting=index,
                 )
+        if self.timeout_s is not None and not self.pending:
+            raise errors.TimeoutRequiresPending("timeout_seconds is only for pending transfers")
 
     def request_fields(self) -> dict[str, Any]:
-        """The fields that make two requests with the same key the same request."""
-        return {"postings": [p.as_json() for p in self.postings], "metadata": self.metadata}
+        """The fields that make two requests with the same key the same request (fields left
+        at their defaults are omitted, so a plain transfer hashes as it always did)."""
+        fields: dict[str, Any] = {
+            "postings": [p.as_json() for p in self.postings],
+            "metadata": self.metadata,
+        }
+        if self.pending:
+            fields["pending"] = True
+        if self.timeout_s is not None:
+            fields["timeout_seconds"] = self.timeout_s
+        if self.effective_at is not None:
+            fields["effective_at"] = iso(self.effective_at)
+        return fields
 
-    def request_hash(self) -> bytes:
-        return hashlib.sha256(canonical_json(self.request_fields())).digest()
+
+@dataclass(frozen=True, slots=True)
+class PostPending(Keyed):
+    key: str
+    pending_key: str
+    amount: int | None = None
+    """Post less than the pending amount (single-posting transfers); the rest is released."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    linked: bool = False
+
+    def request_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"post_pending": self.pending_key, "metadata": self.metadata}
+        if self.amount is not None:
+            fields["amount"] = str(self.amount)
+        return fields
+
+
+@dataclass(frozen=True, slots=True)
+class VoidPending(Keyed):
+    key: str
+    pending_key: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    linked: bool = False
+
+    def request_fields(self) -> dict[str, Any]:
+        return {"void_pending": self.pending_key, "metadata": self.metadata}
+
+
+@dataclass(frozen=True, slots=True)
+class ReverseTransfer(Keyed):
+    key: str
+    original_key: str
+    amount: int | None = None
+    """Reverse part of a single-posting transfer; by default all that remains."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    linked: bool = False
+
+    def request_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"reverse": self.original_key, "metadata": self.metadata}
+        if self.amount is not None:
+            fields["amount"] = str(self.amount)
+        return fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,11 +156,45 @@ class OpenAccount:
 
 
 @dataclass(frozen=True, slots=True)
+class SetGuard:
+    account: str
+    rule: GuardRule
+    limits: dict[str, int] = field(default_factory=dict)
+    """Asset code → how far past the rule the account may go."""
+
+
+@dataclass(frozen=True, slots=True)
+class SetFrozen:
+    account: str
+    frozen: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CloseAccount:
+    account: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateAccountMetadata:
+    account: str
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class DefineAsset:
     asset: Asset
 
 
-Command = PostTransfer | OpenAccount | DefineAsset
+@dataclass(frozen=True, slots=True)
+class ExpirePending:
+    """Not sent by clients: the writer expires due pending transfers before a group."""
+
+    pending_key: str
+
+
+KeyedCommand = PostTransfer | PostPending | VoidPending | ReverseTransfer
+AccountCommand = SetGuard | SetFrozen | CloseAccount | UpdateAccountMetadata
+Command = KeyedCommand | OpenAccount | AccountCommand | DefineAsset | ExpirePending
 
 
 # --- State loaded for a group of commands ------------------------------------------------------
@@ -92,6 +207,10 @@ class Account:
     type: str
     metadata: dict[str, Any]
     position: int
+    guard: str = "none"
+    guard_limits: dict[str, int] = field(default_factory=dict)
+    frozen: bool = False
+    closed: bool = False
 
 
 @dataclass(slots=True)
@@ -116,6 +235,23 @@ class Balance:
         )
 
 
+@dataclass(slots=True)
+class TransferRecord:
+    """A transfer that a later command refers to (to post, void, expire or reverse it)."""
+
+    key: str
+    position: int
+    kind: Literal["transfer", "pending", "other"]
+    postings: tuple[Posting, ...]
+    status: str
+    """``posted`` (a plain transfer, or a pending one once posted), ``pending``, ``voided``,
+    ``expired``."""
+    amounts: list[int]
+    """Per posting: what is held (pending) or what was posted."""
+    reversed: list[int]
+    expires_at: datetime | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One side of one posting, with the account's totals right after it."""
@@ -125,7 +261,9 @@ class Entry:
     position: int
     leg: int
     debit: bool
+    posted: bool
     amount: int
+    effective_at: datetime
     totals: Balance
 
 
@@ -138,19 +276,58 @@ class LedgerState:
     accounts: dict[str, Account]
     balances: dict[tuple[int, str], Balance]
     """(account id, asset code) → totals; missing means all zero."""
+    transfers: dict[str, TransferRecord] = field(default_factory=dict)
+    """Transfers referred to by the group's commands, and those it created."""
+
+    def snapshot(self) -> LedgerState:
+        """A copy to restore if a linked chain fails. Values are replaced, never mutated in
+        place by :func:`decide`, so shallow copies of the maps suffice."""
+        return LedgerState(
+            dict(self.assets), dict(self.accounts), dict(self.balances), dict(self.transfers)
+        )
+
+    def restore(self, saved: LedgerState) -> None:
+        self.assets, self.accounts = saved.assets, saved.accounts
+        self.balances, self.transfers = saved.balances, saved.transfers
 
 
 @dataclass(slots=True)
-class Changes:
-    """What one accepted command changes, on top of its event."""
+class Decision:
+    """An accepted command: its event (class name and fields) and what it changes."""
 
+    event: str
+    fields: dict[str, Any]
     entries: list[Entry] = field(default_factory=list)
     balances: dict[tuple[int, str], Balance] = field(default_factory=dict)
     account: Account | None = None
+    """An account opened or changed."""
     asset: Asset | None = None
+    transfer: TransferRecord | None = None
+    """A transfer created or changed, whose status the writer stores."""
 
 
 # --- Rules -------------------------------------------------------------------------------------
+
+
+def decide(state: LedgerState, command: Command, position: int, now: datetime) -> Decision:
+    """Checks one command against the state and applies it; on error the state is unchanged."""
+    if isinstance(command, PostTransfer):
+        return post_transfer(state, command, position, now)
+    if isinstance(command, PostPending):
+        return post_pending(state, command, position, now)
+    if isinstance(command, VoidPending | ExpirePending):
+        return release_pending(state, command, position, now)
+    if isinstance(command, ReverseTransfer):
+        return reverse_transfer(state, command, position, now)
+    if isinstance(command, OpenAccount):
+        return open_account(state, command, position)
+    if isinstance(command, DefineAsset):
+        return define_asset(state, command)
+    return change_account(state, command)
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="microseconds")
 
 
 def check_asset(state: LedgerState, asset: Asset) -> None:
@@ -171,65 +348,349 @@ def account_of(state: LedgerState, name: str) -> Account:
     return account
 
 
-def post_transfer(state: LedgerState, command: PostTransfer, position: int) -> Changes:
-    """Checks a transfer against the state and applies it; on error the state is unchanged.
+def check_open(account: Account, releasing: bool = False) -> None:
+    """Closed accounts take nothing; frozen ones take nothing new but may release holds."""
+    if account.closed:
+        raise errors.AccountClosed(f"account {account.name!r} is closed", account=account.name)
+    if account.frozen and not releasing:
+        raise errors.AccountFrozen(f"account {account.name!r} is frozen", account=account.name)
 
-    Checks, in order, posting by posting: the asset is defined with this scale, the debit
-    account exists, the credit account exists; then no total exceeds 38 digits.
-    """
+
+def _effective(command_at: datetime | None, now: datetime) -> datetime:
+    if command_at is None:
+        return now
+    earliest = now - timedelta(seconds=limits.backdate_s_max)
+    latest = now + timedelta(seconds=limits.future_effective_s_max)
+    if not earliest <= command_at <= latest:
+        raise errors.EffectiveAtOutOfRange(
+            f"effective_at must be between {iso(earliest)} and {iso(latest)}"
+        )
+    return command_at
+
+
+class _Moves:
+    """Accumulates the balance changes and entries of one command, on copies of the state's
+    balances; :meth:`commit` publishes them into the state."""
+
+    def __init__(self, state: LedgerState, position: int, effective_at: datetime) -> None:
+        self.state = state
+        self.position = position
+        self.effective_at = effective_at
+        self.touched: dict[tuple[int, str], Balance] = {}
+        self.before: dict[tuple[int, str], Balance] = {}
+        self.entries: list[Entry] = []
+        self.accounts: dict[int, Account] = {}
+
+    def move(
+        self, account: Account, asset: str, leg: int, *, debit: bool, posted: int, pending: int
+    ) -> None:
+        """Adds ``posted`` to the posted side and ``pending`` (may be negative) to the pending
+        side of ``account`` (its debits if ``debit``, else its credits)."""
+        key = (account.id, asset)
+        totals = self.touched.get(key)
+        if totals is None:
+            original = self.state.balances.get(key) or Balance()
+            self.before[key] = original
+            totals = self.touched[key] = original.copy()
+        self.accounts[account.id] = account
+        if debit:
+            totals.debits_posted += posted
+            totals.debits_pending += pending
+            over = max(totals.debits_posted, totals.debits_pending) > limits.amount_max
+        else:
+            totals.credits_posted += posted
+            totals.credits_pending += pending
+            over = max(totals.credits_posted, totals.credits_pending) > limits.amount_max
+        if over:
+            raise errors.Overflow(f"a total of {account.name!r} in {asset} would exceed 38 digits")
+        assert min(totals.debits_pending, totals.credits_pending) >= 0, "pending went negative"
+        amount = posted if posted else abs(pending)
+        assert amount > 0, "an entry moves nothing"
+        self.entries.append(
+            Entry(
+                account.id,
+                asset,
+                self.position,
+                leg,
+                debit,
+                posted > 0,
+                amount,
+                self.effective_at,
+                totals.copy(),
+            )
+        )
+
+    def check_guards(self) -> None:
+        """Refuses a command that takes a guarded account past its rule and limit. An account
+        already past it (say, the guard came later) may still move back towards it."""
+        for key, totals in self.touched.items():
+            account = self.accounts[key[0]]
+            if account.guard == "none":
+                continue
+            limit = account.guard_limits.get(key[1], 0)
+            after, before = (
+                _exposure(account.guard, totals),
+                _exposure(account.guard, self.before[key]),
+            )
+            if after > limit and after > before:
+                if account.guard == "debits_must_not_exceed_credits":
+                    raise errors.InsufficientFunds(
+                        f"account {account.name!r} has too little {key[1]} for this transfer",
+                        account=account.name,
+                    )
+                raise errors.ExceedsDebits(
+                    f"credits of account {account.name!r} in {key[1]} would exceed its limit",
+                    account=account.name,
+                )
+
+    def commit(self) -> tuple[list[Entry], dict[tuple[int, str], Balance]]:
+        # Double entry: the entries debit exactly as much as they credit, per asset and kind.
+        assert entries_balance(self.entries), "entries do not balance"
+        for totals in self.touched.values():
+            totals.version += 1
+            totals.position = self.position
+        self.state.balances.update(self.touched)
+        return self.entries, self.touched
+
+
+def _exposure(rule: str, b: Balance) -> int:
+    if rule == "debits_must_not_exceed_credits":
+        return b.debits_posted + b.debits_pending - b.credits_posted
+    return b.credits_posted + b.credits_pending - b.debits_posted
+
+
+def _resolve(state: LedgerState, postings: tuple[Posting, ...]) -> list[tuple[Account, Account]]:
     resolved = []
-    for posting in command.postings:
+    for posting in postings:
         check_asset(state, posting.asset)
         resolved.append((account_of(state, posting.debit), account_of(state, posting.credit)))
+    return resolved
 
-    changes = Changes()
-    touched = changes.balances
+
+def post_transfer(
+    state: LedgerState, command: PostTransfer, position: int, now: datetime
+) -> Decision:
+    """Checks, in order: effective_at in range; posting by posting, the asset is defined with
+    this scale and both accounts exist; no account is closed or frozen; no total exceeds 38
+    digits; no guard is crossed."""
+    effective_at = _effective(command.effective_at, now)
+    resolved = _resolve(state, command.postings)
+    for debit, credit in resolved:
+        check_open(debit)
+        check_open(credit)
+    moves = _Moves(state, position, effective_at)
     for leg, (posting, (debit, credit)) in enumerate(zip(command.postings, resolved, strict=True)):
-        for account, is_debit in ((debit, True), (credit, False)):
-            key = (account.id, posting.asset.code)
-            totals = touched.get(key)
-            if totals is None:
-                totals = touched[key] = (state.balances.get(key) or Balance()).copy()
-            if is_debit:
-                totals.debits_posted += posting.amount
-                if totals.debits_posted > limits.amount_max:
-                    raise errors.Overflow(f"debits of {account.name!r} would exceed 38 digits")
-            else:
-                totals.credits_posted += posting.amount
-                if totals.credits_posted > limits.amount_max:
-                    raise errors.Overflow(f"credits of {account.name!r} would exceed 38 digits")
-            changes.entries.append(
-                Entry(
-                    account.id,
-                    posting.asset.code,
-                    position,
-                    leg,
-                    is_debit,
-                    posting.amount,
-                    totals.copy(),
-                )
+        posted, pending = (0, posting.amount) if command.pending else (posting.amount, 0)
+        moves.move(debit, posting.asset.code, leg, debit=True, posted=posted, pending=pending)
+        moves.move(credit, posting.asset.code, leg, debit=False, posted=posted, pending=pending)
+    moves.check_guards()
+    entries, touched = moves.commit()
+    amounts = [p.amount for p in command.postings]
+    expires_at = None
+    if command.pending and command.timeout_s is not None:
+        expires_at = now + timedelta(seconds=command.timeout_s)
+    record = TransferRecord(
+        command.key,
+        position,
+        "pending" if command.pending else "transfer",
+        command.postings,
+        "pending" if command.pending else "posted",
+        amounts,
+        [0] * len(amounts),
+        expires_at,
+    )
+    state.transfers[command.key] = record
+    fields: dict[str, Any] = {
+        "key": command.key,
+        "postings": [p.as_json() for p in command.postings],
+        "metadata": command.metadata,
+        "effective_at": iso(effective_at),
+    }
+    if command.pending:
+        fields["expires_at"] = iso(expires_at) if expires_at else None
+    return Decision(
+        "TransferPending" if command.pending else "TransferPosted",
+        fields,
+        entries,
+        touched,
+        transfer=record if command.pending else None,
+    )
+
+
+def _pending_of(state: LedgerState, key: str, now: datetime) -> TransferRecord:
+    record = state.transfers.get(key)
+    if record is None or record.kind != "pending":
+        raise errors.PendingTransferNotFound(f"no pending transfer with key {key!r}")
+    if record.status == "posted":
+        raise errors.PendingTransferAlreadyPosted(f"pending transfer {key!r} was already posted")
+    if record.status == "voided":
+        raise errors.PendingTransferAlreadyVoided(f"pending transfer {key!r} was already voided")
+    if record.status == "expired" or (record.expires_at is not None and record.expires_at <= now):
+        raise errors.PendingTransferExpired(f"pending transfer {key!r} expired")
+    return record
+
+
+def post_pending(
+    state: LedgerState, command: PostPending, position: int, now: datetime
+) -> Decision:
+    """Checks: the pending transfer exists and is still pending; a partial amount applies to a
+    single posting and is at most the pending amount; the accounts are open."""
+    record = _pending_of(state, command.pending_key, now)
+    if command.amount is not None:
+        if len(record.postings) != 1:
+            raise errors.PartialNeedsSinglePosting("post the whole of a multi-posting transfer")
+        if command.amount > record.amounts[0]:
+            raise errors.PostAmountExceedsPending(
+                f"{command.amount} is more than the pending {record.amounts[0]}"
             )
-    for totals in touched.values():
-        totals.version += 1
-        totals.position = position
-    # Double entry: the entries written debit exactly as much as they credit, per asset.
-    assert entries_balance(changes.entries), "entries do not balance"
-    state.balances.update(touched)
-    return changes
+    posted = [command.amount or record.amounts[0]] if command.amount else list(record.amounts)
+    moves = _Moves(state, position, now)
+    postings = []
+    for leg, posting in enumerate(record.postings):
+        debit, credit = account_of(state, posting.debit), account_of(state, posting.credit)
+        check_open(debit)
+        check_open(credit)
+        held, amount = record.amounts[leg], posted[leg]
+        moves.move(debit, posting.asset.code, leg, debit=True, posted=amount, pending=-held)
+        moves.move(credit, posting.asset.code, leg, debit=False, posted=amount, pending=-held)
+        postings.append(replace(posting, amount=amount).as_json())
+    entries, touched = moves.commit()
+    changed = replace(record, status="posted", amounts=posted)
+    state.transfers[record.key] = changed
+    fields = {
+        "key": command.key,
+        "pending_key": record.key,
+        "postings": postings,
+        "metadata": command.metadata,
+        "effective_at": iso(now),
+    }
+    return Decision("PendingTransferPosted", fields, entries, touched, transfer=changed)
 
 
-def open_account(
-    state: LedgerState, command: OpenAccount, account_id: int, position: int
-) -> Changes:
-    existing = state.accounts.get(command.name)
-    if existing is not None:
+def release_pending(
+    state: LedgerState, command: VoidPending | ExpirePending, position: int, now: datetime
+) -> Decision:
+    """Voids (or expires) a pending transfer: its holds are released, nothing is posted."""
+    expiring = isinstance(command, ExpirePending)
+    if expiring:
+        record = state.transfers[command.pending_key]
+        assert record.status == "pending" and record.expires_at is not None
+    else:
+        record = _pending_of(state, command.pending_key, now)
+    moves = _Moves(state, position, now)
+    for leg, posting in enumerate(record.postings):
+        debit, credit = account_of(state, posting.debit), account_of(state, posting.credit)
+        check_open(debit, releasing=True)
+        check_open(credit, releasing=True)
+        held = record.amounts[leg]
+        moves.move(debit, posting.asset.code, leg, debit=True, posted=0, pending=-held)
+        moves.move(credit, posting.asset.code, leg, debit=False, posted=0, pending=-held)
+    entries, touched = moves.commit()
+    changed = replace(record, status="expired" if expiring else "voided")
+    state.transfers[record.key] = changed
+    if isinstance(command, ExpirePending):
+        assert record.expires_at is not None
+        fields: dict[str, Any] = {"pending_key": record.key, "expires_at": iso(record.expires_at)}
+        return Decision("PendingTransferExpired", fields, entries, touched, transfer=changed)
+    fields = {"key": command.key, "pending_key": record.key, "metadata": command.metadata}
+    return Decision("PendingTransferVoided", fields, entries, touched, transfer=changed)
+
+
+def reverse_transfer(
+    state: LedgerState, command: ReverseTransfer, position: int, now: datetime
+) -> Decision:
+    """Books the opposite of a posted transfer, in full or (single posting) in part, never
+    more than remains unreversed. Checks: the transfer exists and is posted; the amount fits;
+    the accounts are open; no guard is crossed (a refund needs the money to still be there)."""
+    record = state.transfers.get(command.original_key)
+    if record is None:
+        raise errors.TransferNotFound(f"no transfer with key {command.original_key!r}")
+    if record.kind == "other" or record.status != "posted":
+        raise errors.TransferNotReversible(
+            f"transfer {record.key!r} is {record.status if record.kind != 'other' else 'not a transfer'}"
+        )
+    remaining = [a - r for a, r in zip(record.amounts, record.reversed, strict=True)]
+    if command.amount is not None:
+        if len(record.postings) != 1:
+            raise errors.PartialNeedsSinglePosting("reverse the whole of a multi-posting transfer")
+        amounts = [command.amount]
+    else:
+        amounts = remaining
+    if not any(amounts) or any(a > r for a, r in zip(amounts, remaining, strict=True)):
+        raise errors.ReversalExceedsRemaining(
+            f"what remains of {record.key!r} to reverse is {', '.join(map(str, remaining))}"
+        )
+    moves = _Moves(state, position, now)
+    postings = []
+    for leg, (posting, amount) in enumerate(zip(record.postings, amounts, strict=True)):
+        if amount == 0:
+            continue
+        back = Posting(posting.credit, posting.debit, posting.asset, amount)
+        debit, credit = account_of(state, back.debit), account_of(state, back.credit)
+        check_open(debit)
+        check_open(credit)
+        moves.move(debit, back.asset.code, leg, debit=True, posted=amount, pending=0)
+        moves.move(credit, back.asset.code, leg, debit=False, posted=amount, pending=0)
+        postings.append(back.as_json())
+    moves.check_guards()
+    entries, touched = moves.commit()
+    changed = replace(
+        record, reversed=[r + a for r, a in zip(record.reversed, amounts, strict=True)]
+    )
+    state.transfers[record.key] = changed
+    fields = {
+        "key": command.key,
+        "original_key": record.key,
+        "postings": postings,
+        "metadata": command.metadata,
+        "effective_at": iso(now),
+    }
+    return Decision("TransferReversed", fields, entries, touched, transfer=changed)
+
+
+def open_account(state: LedgerState, command: OpenAccount, position: int) -> Decision:
+    if command.name in state.accounts:
         raise errors.AccountExists(f"account {command.name!r} exists", account=command.name)
-    account = Account(account_id, command.name, command.type, command.metadata, position)
+    account = Account(0, command.name, command.type, command.metadata, position)
     state.accounts[command.name] = account
-    return Changes(account=account)
+    fields = {"account": command.name, "type": command.type, "metadata": command.metadata}
+    return Decision("AccountOpened", fields, account=account)
 
 
-def define_asset(state: LedgerState, command: DefineAsset) -> Changes:
+def change_account(state: LedgerState, command: AccountCommand) -> Decision:
+    account = account_of(state, command.account)
+    if account.closed:
+        raise errors.AccountClosed(f"account {account.name!r} is closed", account=account.name)
+    if isinstance(command, SetGuard):
+        for code in command.limits:
+            if code not in state.assets:
+                raise errors.AssetNotFound(f"asset {code} is not defined in this ledger")
+        changed = replace(account, guard=command.rule, guard_limits=dict(command.limits))
+        limits_json = {f"{c}/{state.assets[c]}": str(v) for c, v in sorted(command.limits.items())}
+        decision = Decision("AccountGuardSet", {"rule": command.rule, "limits": limits_json})
+    elif isinstance(command, SetFrozen):
+        changed = replace(account, frozen=command.frozen)
+        decision = Decision("AccountFrozen" if command.frozen else "AccountUnfrozen", {})
+    elif isinstance(command, CloseAccount):
+        for (account_id, asset), b in state.balances.items():
+            if account_id == account.id and (
+                b.debits_posted != b.credits_posted or b.debits_pending or b.credits_pending
+            ):
+                raise errors.AccountBalanceNotZero(
+                    f"account {account.name!r} holds {asset}", account=account.name
+                )
+        changed = replace(account, closed=True)
+        decision = Decision("AccountClosed", {})
+    else:
+        changed = replace(account, metadata=command.metadata)
+        decision = Decision("AccountMetadataUpdated", {"metadata": command.metadata})
+    state.accounts[account.name] = changed
+    decision.fields["account"] = account.name
+    decision.account = changed
+    return decision
+
+
+def define_asset(state: LedgerState, command: DefineAsset) -> Decision:
     scale = state.assets.get(command.asset.code)
     if scale is not None:
         raise errors.AssetExists(
@@ -237,7 +698,7 @@ def define_asset(state: LedgerState, command: DefineAsset) -> Changes:
             asset=f"{command.asset.code}/{scale}",
         )
     state.assets[command.asset.code] = command.asset.scale
-    return Changes(asset=command.asset)
+    return Decision("AssetDefined", {"asset": str(command.asset)}, asset=command.asset)
 
 
 def differing_fields(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
@@ -246,8 +707,10 @@ def differing_fields(stored: dict[str, Any], requested: dict[str, Any]) -> list[
 
 
 def entries_balance(entries: list[Entry]) -> bool:
-    """True when the entries debit as much as they credit in every asset."""
-    net: dict[str, int] = {}
+    """True when the entries debit as much as they credit, per asset and per kind (posted
+    amounts, and pending holds or releases)."""
+    net: dict[tuple[str, bool], int] = {}
     for e in entries:
-        net[e.asset] = net.get(e.asset, 0) + (e.amount if e.debit else -e.amount)
+        key = (e.asset, e.posted)
+        net[key] = net.get(key, 0) + (e.amount if e.debit else -e.amount)
     return not any(net.values())

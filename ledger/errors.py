@@ -54,6 +54,18 @@ class AccountsMustBeDifferent(LedgerError):
     status = 422
 
 
+class TimeoutRequiresPending(LedgerError):
+    code = "timeout_requires_pending"
+    title = "Only a pending transfer can have a timeout"
+    status = 422
+
+
+class LinkedChainOpen(LedgerError):
+    code = "linked_chain_open"
+    title = "The last item of a batch cannot be linked to a next one"
+    status = 422
+
+
 class PayloadTooLarge(LedgerError):
     code = "payload_too_large"
     title = "The request is larger than the limit"
@@ -93,6 +105,60 @@ class IdempotencyKeyReused(LedgerError):
     status = 422
 
 
+class EffectiveAtOutOfRange(LedgerError):
+    code = "effective_at_out_of_range"
+    title = "effective_at is further from the recording time than allowed"
+    status = 422
+
+
+class PendingTransferNotFound(LedgerError):
+    code = "pending_transfer_not_found"
+    title = "No pending transfer with this key"
+    status = 422
+
+
+class PendingTransferAlreadyPosted(LedgerError):
+    code = "pending_transfer_already_posted"
+    title = "The pending transfer was already posted"
+    status = 409
+
+
+class PendingTransferAlreadyVoided(LedgerError):
+    code = "pending_transfer_already_voided"
+    title = "The pending transfer was already voided"
+    status = 409
+
+
+class PendingTransferExpired(LedgerError):
+    code = "pending_transfer_expired"
+    title = "The pending transfer expired"
+    status = 409
+
+
+class TransferNotReversible(LedgerError):
+    code = "transfer_not_reversible"
+    title = "Only a posted transfer can be reversed"
+    status = 409
+
+
+class PartialNeedsSinglePosting(LedgerError):
+    code = "partial_amount_needs_single_posting"
+    title = "A partial amount applies only to a transfer with one posting"
+    status = 422
+
+
+class PostAmountExceedsPending(LedgerError):
+    code = "post_amount_exceeds_pending"
+    title = "The amount to post is more than the pending amount"
+    status = 422
+
+
+class ReversalExceedsRemaining(LedgerError):
+    code = "reversal_exceeds_remaining"
+    title = "The reversal is more than what remains of the original"
+    status = 422
+
+
 class AssetNotFound(LedgerError):
     code = "asset_not_found"
     title = "The asset is not defined in this ledger"
@@ -123,9 +189,45 @@ class AccountExists(LedgerError):
     status = 409
 
 
+class AccountClosed(LedgerError):
+    code = "account_closed"
+    title = "The account is closed"
+    status = 422
+
+
+class AccountFrozen(LedgerError):
+    code = "account_frozen"
+    title = "The account is frozen and refuses new postings"
+    status = 422
+
+
 class Overflow(LedgerError):
     code = "overflow"
     title = "A balance would exceed 38 digits"
+    status = 422
+
+
+class InsufficientFunds(LedgerError):
+    code = "insufficient_funds"
+    title = "The account's debits would exceed its credits plus its limit"
+    status = 422
+
+
+class ExceedsDebits(LedgerError):
+    code = "exceeds_debits"
+    title = "The account's credits would exceed its debits plus its limit"
+    status = 422
+
+
+class AccountBalanceNotZero(LedgerError):
+    code = "account_balance_not_zero"
+    title = "Only an account whose balances are all zero can be closed"
+    status = 409
+
+
+class LinkedTransferFailed(LedgerError):
+    code = "linked_transfer_failed"
+    title = "Another item of this linked chain failed"
     status = 422
 
 

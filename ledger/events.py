@@ -57,12 +57,88 @@ class AccountOpened(LedgerEvent):
 
 
 @dataclass(frozen=True)
+class AccountGuardSet(LedgerEvent):
+    account: str
+    rule: str
+    """``none``, ``debits_must_not_exceed_credits`` or ``credits_must_not_exceed_debits``."""
+    limits: dict[str, str]
+    """``CODE/SCALE`` → how far past the rule the account may go, in minor units."""
+
+
+@dataclass(frozen=True)
+class AccountFrozen(LedgerEvent):
+    account: str
+
+
+@dataclass(frozen=True)
+class AccountUnfrozen(LedgerEvent):
+    account: str
+
+
+@dataclass(frozen=True)
+class AccountClosed(LedgerEvent):
+    account: str
+
+
+@dataclass(frozen=True)
+class AccountMetadataUpdated(LedgerEvent):
+    account: str
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class TransferPosted(LedgerEvent):
     key: str
     """The client's idempotency key."""
     postings: list[dict[str, str]]
     """Each ``{"debit", "credit", "asset": "CODE/SCALE", "amount": "<digits>"}``."""
     metadata: dict[str, Any]
+    effective_at: str
+    """When the transfer counts in the books; ``recorded_at`` unless the client said."""
+
+
+@dataclass(frozen=True)
+class TransferPending(LedgerEvent):
+    """Amounts reserved (pending debits and credits) until posted, voided or expired."""
+
+    key: str
+    postings: list[dict[str, str]]
+    metadata: dict[str, Any]
+    effective_at: str
+    expires_at: str | None
+
+
+@dataclass(frozen=True)
+class PendingTransferPosted(LedgerEvent):
+    key: str
+    pending_key: str
+    postings: list[dict[str, str]]
+    """The amounts posted, at most the pending ones; the rest is released."""
+    metadata: dict[str, Any]
+    effective_at: str
+
+
+@dataclass(frozen=True)
+class PendingTransferVoided(LedgerEvent):
+    key: str
+    pending_key: str
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PendingTransferExpired(LedgerEvent):
+    pending_key: str
+    expires_at: str
+
+
+@dataclass(frozen=True)
+class TransferReversed(LedgerEvent):
+    key: str
+    original_key: str
+    postings: list[dict[str, str]]
+    """The postings booked, each the opposite of the original's (debit and credit swapped)."""
+    metadata: dict[str, Any]
+    effective_at: str
 
 
 class CanonicalJSONTranscoder(Transcoder):
@@ -85,6 +161,20 @@ def canonical_json(obj: Any) -> bytes:
 
 MAPPER: Mapper[str] = Mapper(transcoder=CanonicalJSONTranscoder())
 
-TOPICS: dict[type[LedgerEvent], str] = {
-    cls: get_topic(cls) for cls in (LedgerCreated, AssetDefined, AccountOpened, TransferPosted)
-}
+EVENT_CLASSES: tuple[type[LedgerEvent], ...] = (
+    LedgerCreated,
+    AssetDefined,
+    AccountOpened,
+    AccountGuardSet,
+    AccountFrozen,
+    AccountUnfrozen,
+    AccountClosed,
+    AccountMetadataUpdated,
+    TransferPosted,
+    TransferPending,
+    PendingTransferPosted,
+    PendingTransferVoided,
+    PendingTransferExpired,
+    TransferReversed,
+)
+TOPICS: dict[type[LedgerEvent], str] = {cls: get_topic(cls) for cls in EVENT_CLASSES}

@@ -52,3 +52,15 @@ stream_clients_max: Final = 1_000
 """WebSocket subscribers per server process."""
 stream_page_events: Final = 500
 stream_heartbeat_s: Final = 15.0
+
+# Real-money semantics
+pending_timeout_s_max: Final = 90 * 24 * 3600
+"""Longest a pending transfer may hold funds before it expires."""
+backdate_s_max: Final = 31 * 24 * 3600
+"""How far before its recording a transfer may take effect (effective_at)."""
+future_effective_s_max: Final = 300
+"""How far after its recording a transfer may take effect (clock skew allowance)."""
+expiries_per_group_max: Final = 1_000
+"""Pending transfers expired by one write transaction; the rest wait for the next."""
+sweep_interval_s: Final = 1.0
+"""How often the server looks for pending transfers past their timeout."""

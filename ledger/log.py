@@ -26,7 +26,7 @@ import orjson
 import psycopg
 from eventsourcing.persistence import StoredEvent
 
-from ledger import domain, errors
+from ledger import domain, errors, limits
 from ledger.events import (
     MAPPER,
     TOPICS,
@@ -34,6 +34,7 @@ from ledger.events import (
     AssetDefined,
     LedgerCreated,
     LedgerEvent,
+    TransferPending,
     TransferPosted,
 )
 from ledger.money import Asset
@@ -73,13 +74,6 @@ class Committed:
 
 
 Outcome = Committed | errors.LedgerError
-
-
-@dataclass(slots=True)
-class _Appended:
-    event: LedgerEvent
-    stored: StoredEvent
-    hash: bytes
 
 
 def now() -> datetime:
@@ -143,258 +137,396 @@ async def write(
 ) -> list[Outcome]:
     """Decides and appends a group of commands in one transaction (see the module docstring)."""
     async with conn.pipeline(), conn.transaction():
-        # 1 and 2: the head lock and every read, sent together in one round trip.
-        keys = [c.key for c, _ in items if isinstance(c, domain.PostTransfer)]
-        names = _account_names(items)
-        pairs = _balance_keys(items)
-        opens = sum(isinstance(c, domain.OpenAccount) for c, _ in items)
-        head_cur = await conn.execute(
-            "SELECT head_position, head_hash, head_recorded_at FROM ledgers"
-            " WHERE id = %s FOR UPDATE",
-            (ledger.id,),
+        loaded = await _load(conn, ledger, items)
+        group = _Group(ledger, loaded)
+        # Pending transfers past their timeout expire first, deterministically, in order.
+        for record in loaded.due:
+            group.decide(domain.ExpirePending(record.key), {"actor": "ledger"})
+        index = 0
+        while index < len(items):
+            end = index
+            while end < len(items) - 1 and getattr(items[end][0], "linked", False):
+                end += 1
+            if end == index:
+                group.outcomes.append(group.decide(*items[index]))
+            else:
+                group.decide_chain(items[index : end + 1])
+            index = end + 1
+        if group.accepted:
+            await _append(conn, ledger, group)
+        return await group.results(conn)
+
+
+@dataclass(slots=True)
+class _Loaded:
+    head_position: int
+    head_hash: bytes
+    head_recorded_at: datetime
+    known_keys: dict[str, tuple[int, bytes]]
+    state: domain.LedgerState
+    asset_positions: dict[str, int]
+    due: list[domain.TransferRecord]
+    new_ids: list[int]
+    """Account ids drawn for the accounts the group may open."""
+
+
+_RECORD_SQL = (
+    "SELECT t.key, t.position, e.topic, e.state, s.status, s.expires_at, s.amounts, s.reversed"
+    " FROM transfers t JOIN events e ON e.ledger_id = t.ledger_id AND e.position = t.position"
+    " LEFT JOIN transfer_status s ON s.ledger_id = t.ledger_id AND s.key = t.key"
+)
+_ACCOUNT_SQL = (
+    "SELECT id, name, type, metadata, position, guard, guard_limits, frozen, closed FROM accounts"
+)
+_BALANCE_SQL = (
+    "SELECT a.id, b.asset, b.debits_posted, b.credits_posted, b.debits_pending,"
+    " b.credits_pending, b.version, b.position FROM"
+)
+
+
+async def _load(
+    conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, items: list[tuple[domain.Command, Any]]
+) -> _Loaded:
+    """The head lock and every read the group needs: one round trip, and a second one only
+    when transfers the commands refer to name accounts not loaded yet."""
+    commands = [c for c, _ in items]
+    keys = [c.key for c in commands if isinstance(c, domain.Keyed)]
+    refs = [
+        c.pending_key if isinstance(c, domain.PostPending | domain.VoidPending) else c.original_key
+        for c in commands
+        if isinstance(c, domain.PostPending | domain.VoidPending | domain.ReverseTransfer)
+    ]
+    names = _account_names(commands)
+    pairs = _balance_keys(commands)
+    closing = [c.account for c in commands if isinstance(c, domain.CloseAccount)]
+    opens = sum(isinstance(c, domain.OpenAccount) for c in commands)
+    recorded_now = now()
+    q = conn.execute
+    head_cur = await q(
+        "SELECT head_position, head_hash, head_recorded_at FROM ledgers WHERE id = %s FOR UPDATE",
+        (ledger.id,),
+    )
+    keys_cur = await q(
+        "SELECT key, position, request_hash FROM transfers WHERE ledger_id = %s AND key = ANY(%b)",
+        (ledger.id, keys),
+    )
+    accounts_cur = await q(
+        _ACCOUNT_SQL + " WHERE ledger_id = %s AND name = ANY(%b)", (ledger.id, list(names))
+    )
+    assets_cur = await q(
+        "SELECT code, scale, position FROM assets WHERE ledger_id = %s", (ledger.id,)
+    )
+    balances_cur = await q(
+        _BALANCE_SQL + " unnest(%b::text[], %b::text[]) AS k(name, asset)"
+        " JOIN accounts a ON a.ledger_id = %s AND a.name = k.name"
+        " JOIN balances b ON b.account_id = a.id AND b.asset = k.asset",
+        ([n for n, _ in pairs], [a for _, a in pairs], ledger.id),
+    )
+    closing_cur = await q(
+        _BALANCE_SQL + " accounts a JOIN balances b ON b.account_id = a.id"
+        " WHERE a.ledger_id = %s AND a.name = ANY(%b)",
+        (ledger.id, closing),
+    )
+    refs_cur = await q(
+        _RECORD_SQL + " WHERE t.ledger_id = %s AND t.key = ANY(%b)", (ledger.id, refs)
+    )
+    due_cur = await q(
+        _RECORD_SQL + " WHERE s.ledger_id = %s AND s.status = 'pending' AND s.expires_at <= %s"
+        " ORDER BY s.expires_at, s.key LIMIT %s",
+        (ledger.id, recorded_now, limits.expiries_per_group_max),
+    )
+    ids_cur = await q("SELECT nextval('accounts_id_seq') FROM generate_series(1, %s)", (opens,))
+    head = await head_cur.fetchone()
+    assert head is not None, "writer for a ledger that does not exist"
+    new_ids = [int(r[0]) for r in await ids_cur.fetchall()]
+    known_keys = {k: (int(p), bytes(h)) for k, p, h in await keys_cur.fetchall()}
+    accounts = {r[1]: _account(r) for r in await accounts_cur.fetchall()}
+    asset_rows = {code: (int(scale), int(pos)) for code, scale, pos in await assets_cur.fetchall()}
+    balances = {(r[0], r[1]): domain.Balance(*r[2:]) for r in await balances_cur.fetchall()}
+    balances.update({(r[0], r[1]): domain.Balance(*r[2:]) for r in await closing_cur.fetchall()})
+    records = [_record(r) for r in await refs_cur.fetchall()]
+    due = [_record(r) for r in await due_cur.fetchall()]
+
+    # Accounts and balances of the referred transfers that the commands did not name.
+    more_names = {n for r in records + due for p in r.postings for n in (p.debit, p.credit)}
+    more_pairs = sorted(
+        {(n, p.asset.code) for r in records + due for p in r.postings for n in (p.debit, p.credit)}
+        - set(pairs)
+    )
+    if more_pairs:
+        accounts_cur = await q(
+            _ACCOUNT_SQL + " WHERE ledger_id = %s AND name = ANY(%b)",
+            (ledger.id, list(more_names - accounts.keys())),
         )
-        keys_cur = await conn.execute(
-            "SELECT key, position, request_hash FROM transfers"
-            " WHERE ledger_id = %s AND key = ANY(%s)",
-            (ledger.id, keys),
-        )
-        accounts_cur = await conn.execute(
-            "SELECT id, name, type, metadata, position FROM accounts"
-            " WHERE ledger_id = %s AND name = ANY(%s)",
-            (ledger.id, list(names)),
-        )
-        assets_cur = await conn.execute(
-            "SELECT code, scale, position FROM assets WHERE ledger_id = %s", (ledger.id,)
-        )
-        balances_cur = await conn.execute(
-            "SELECT a.id, b.asset, b.debits_posted, b.credits_posted, b.debits_pending,"
-            " b.credits_pending, b.version, b.position"
-            " FROM unnest(%s::text[], %s::text[]) AS k(name, asset)"
+        balances_cur = await q(
+            _BALANCE_SQL + " unnest(%b::text[], %b::text[]) AS k(name, asset)"
             " JOIN accounts a ON a.ledger_id = %s AND a.name = k.name"
             " JOIN balances b ON b.account_id = a.id AND b.asset = k.asset",
-            ([n for n, _ in pairs], [a for _, a in pairs], ledger.id),
+            ([n for n, _ in more_pairs], [a for _, a in more_pairs], ledger.id),
         )
-        ids_cur = await conn.execute(
-            "SELECT nextval('accounts_id_seq') FROM generate_series(1, %s)", (opens,)
+        accounts.update({r[1]: _account(r) for r in await accounts_cur.fetchall()})
+        balances.update(
+            {(r[0], r[1]): domain.Balance(*r[2:]) for r in await balances_cur.fetchall()}
         )
-        head = await head_cur.fetchone()
-        assert head is not None, "writer for a ledger that does not exist"
-        position, previous_hash, head_recorded_at = int(head[0]), bytes(head[1]), head[2]
-        known_keys = {k: (int(p), bytes(h)) for k, p, h in await keys_cur.fetchall()}
-        accounts = {
-            r[1]: domain.Account(int(r[0]), r[1], r[2], r[3], int(r[4]))
-            for r in await accounts_cur.fetchall()
-        }
-        asset_rows = {
-            code: (int(scale), int(pos)) for code, scale, pos in await assets_cur.fetchall()
-        }
-        balances = {(r[0], r[1]): domain.Balance(*r[2:]) for r in await balances_cur.fetchall()}
-        new_ids = [int(r[0]) for r in await ids_cur.fetchall()]
 
-        # 3. Decide, in order.
-        state = domain.LedgerState(
-            assets={code: scale for code, (scale, _) in asset_rows.items()},
-            accounts=accounts,
-            balances=balances,
+    state = domain.LedgerState(
+        assets={code: scale for code, (scale, _) in asset_rows.items()},
+        accounts=accounts,
+        balances=balances,
+        transfers={r.key: r for r in records + due},
+    )
+    return _Loaded(
+        int(head[0]),
+        bytes(head[1]),
+        max(recorded_now, head[2]),
+        known_keys,
+        state,
+        {code: pos for code, (_, pos) in asset_rows.items()},
+        due,
+        new_ids,
+    )
+
+
+def _account(r: Any) -> domain.Account:
+    return domain.Account(
+        int(r[0]),
+        r[1],
+        r[2],
+        r[3],
+        int(r[4]),
+        r[5],
+        {k: int(v) for k, v in r[6].items()},
+        r[7],
+        r[8],
+    )
+
+
+def _record(r: Any) -> domain.TransferRecord:
+    key, position, topic, state, status, expires_at, amounts, reversed_ = r
+    data = orjson.loads(bytes(state))
+    postings = tuple(domain.Posting.from_json(p) for p in data.get("postings", ()))
+    kind = {_TRANSFER_TOPIC: "transfer", _PENDING_TOPIC: "pending"}.get(topic, "other")
+    return domain.TransferRecord(
+        key,
+        int(position),
+        kind,
+        postings,  # type: ignore[arg-type]
+        status or "posted",
+        [int(a) for a in amounts] if amounts is not None else [p.amount for p in postings],
+        [int(a) for a in reversed_] if reversed_ is not None else [0] * len(postings),
+        expires_at,
+    )
+
+
+_TRANSFER_TOPIC = TOPICS[TransferPosted]
+_PENDING_TOPIC = TOPICS[TransferPending]
+_EVENT_CLASSES = {cls.__name__: cls for cls in TOPICS}
+
+
+@dataclass(slots=True)
+class _Accepted:
+    decision: domain.Decision
+    event: LedgerEvent
+    stored: StoredEvent
+    hash: bytes
+    request_hash: bytes | None
+
+
+class _Group:
+    """The decisions of one transaction, in order, with the hash chain computed inline."""
+
+    def __init__(self, ledger: LedgerRef, loaded: _Loaded) -> None:
+        self.ledger = ledger
+        self.state = loaded.state
+        self.position = loaded.head_position
+        self.hash = loaded.head_hash
+        self.recorded = loaded.head_recorded_at
+        self.recorded_at = self.recorded.isoformat(timespec="microseconds")
+        self.known_keys = loaded.known_keys
+        self.asset_positions = loaded.asset_positions
+        self.new_ids = loaded.new_ids
+        self.accepted: list[_Accepted] = []
+        self.outcomes: list[Outcome | int] = []  # an int: the position of an event to replay
+        self.conflicts: dict[int, domain.Keyed] = {}
+
+    def decide(self, command: domain.Command, meta: dict[str, Any]) -> Outcome | int:
+        """One command: a replay (the position of its event), a new event, or an error."""
+        request_hash = None
+        try:
+            if isinstance(command, domain.Keyed):
+                request_hash = command.request_hash()
+                known = self.known_keys.get(command.key)
+                if known is not None:
+                    if known[1] != request_hash:
+                        self.conflicts[len(self.outcomes)] = command
+                    return known[0]
+            elif isinstance(command, domain.OpenAccount):
+                existing = self.state.accounts.get(command.name)
+                if existing is not None:
+                    if (existing.type, existing.metadata) != (command.type, command.metadata):
+                        raise errors.AccountExists(
+                            f"account {command.name!r} exists with another type or metadata",
+                            account=command.name,
+                        )
+                    return existing.position
+            elif isinstance(command, domain.DefineAsset):
+                scale = self.state.assets.get(command.asset.code)
+                if scale == command.asset.scale:
+                    return self.asset_positions[command.asset.code]
+            decision = domain.decide(self.state, command, self.position + 1, self.recorded)
+        except errors.LedgerError as error:
+            return error
+        self.position += 1
+        if decision.event == "AccountOpened":
+            assert decision.account is not None
+            decision.account.id = self.new_ids.pop()
+        event = _EVENT_CLASSES[decision.event](
+            originator_id=self.ledger.name,
+            originator_version=self.position,
+            recorded_at=self.recorded_at,
+            meta=meta,
+            **decision.fields,
         )
-        recorded = max(now(), head_recorded_at)
-        recorded_at = recorded.isoformat(timespec="microseconds")
-        appended: list[_Appended] = []
-        new_keys: list[tuple[str, int, bytes]] = []
-        entries: list[domain.Entry] = []
-        touched: dict[tuple[int, str], domain.Balance] = {}
-        new_accounts: list[domain.Account] = []
-        new_assets: list[tuple[Asset, int]] = []
-        outcomes: list[Outcome | int] = []  # an int is the position of an event to replay
-        conflicts: dict[int, tuple[int, domain.PostTransfer]] = {}
-        in_group: dict[int, Committed] = {}
+        stored = MAPPER.to_stored_event(event)
+        self.hash = chain_hash(self.hash, self.position, stored.topic, stored.state)
+        if isinstance(command, domain.Keyed):
+            assert request_hash is not None
+            self.known_keys[command.key] = (self.position, request_hash)
+        if decision.asset is not None:
+            self.asset_positions[decision.asset.code] = self.position
+        self.accepted.append(_Accepted(decision, event, stored, self.hash, request_hash))
+        return Committed(event, self.hash, replayed=False)
 
-        for index, (command, meta) in enumerate(items):
-            next_position = position + 1
-            try:
-                if isinstance(command, domain.PostTransfer):
-                    request_hash = command.request_hash()
-                    known = known_keys.get(command.key)
-                    if known is not None:
-                        if known[1] != request_hash:
-                            conflicts[index] = (known[0], command)
-                        outcomes.append(known[0])
-                        continue
-                    changes = domain.post_transfer(state, command, next_position)
-                    event: LedgerEvent = TransferPosted(
-                        originator_id=ledger.name,
-                        originator_version=next_position,
-                        recorded_at=recorded_at,
-                        meta=meta,
-                        key=command.key,
-                        postings=[p.as_json() for p in command.postings],
-                        metadata=command.metadata,
-                    )
-                    known_keys[command.key] = (next_position, request_hash)
-                    new_keys.append((command.key, next_position, request_hash))
-                    entries.extend(changes.entries)
-                    touched.update(changes.balances)
-                elif isinstance(command, domain.OpenAccount):
-                    existing = accounts.get(command.name)
-                    if existing is not None:
-                        if (existing.type, existing.metadata) != (command.type, command.metadata):
-                            raise errors.AccountExists(
-                                f"account {command.name!r} exists with another type or metadata",
-                                account=command.name,
-                            )
-                        outcomes.append(existing.position)
-                        continue
-                    changes = domain.open_account(state, command, new_ids.pop(), next_position)
-                    assert changes.account is not None
-                    new_accounts.append(changes.account)
-                    event = AccountOpened(
-                        originator_id=ledger.name,
-                        originator_version=next_position,
-                        recorded_at=recorded_at,
-                        meta=meta,
-                        account=command.name,
-                        type=command.type,
-                        metadata=command.metadata,
-                    )
-                else:
-                    found = asset_rows.get(command.asset.code)
-                    if found is not None and found[0] == command.asset.scale:
-                        outcomes.append(found[1])
-                        continue
-                    domain.define_asset(state, command)
-                    asset_rows[command.asset.code] = (command.asset.scale, next_position)
-                    new_assets.append((command.asset, next_position))
-                    event = AssetDefined(
-                        originator_id=ledger.name,
-                        originator_version=next_position,
-                        recorded_at=recorded_at,
-                        meta=meta,
-                        asset=str(command.asset),
-                    )
-            except errors.LedgerError as error:
-                outcomes.append(error)
-                continue
-            stored = MAPPER.to_stored_event(event)
-            previous_hash = chain_hash(previous_hash, next_position, stored.topic, stored.state)
-            appended.append(_Appended(event, stored, previous_hash))
-            in_group[next_position] = Committed(event, previous_hash, replayed=False)
-            outcomes.append(in_group[next_position])
-            position = next_position
-
-        # 4. Append, set-based.
-        if appended:
-            await _append(
-                conn,
-                ledger,
-                appended,
-                recorded,
-                new_keys,
-                entries,
-                touched,
-                new_accounts,
-                new_assets,
+    def decide_chain(self, chain: list[tuple[domain.Command, dict[str, Any]]]) -> None:
+        """Linked items: all are applied, or none is (the failing one gets its own error, the
+        others ``linked_transfer_failed``)."""
+        saved_state = self.state.snapshot()
+        saved = (
+            self.position,
+            self.hash,
+            dict(self.known_keys),
+            dict(self.asset_positions),
+            len(self.accepted),
+            dict(self.conflicts),
+        )
+        first = len(self.outcomes)
+        for command, meta in chain:
+            outcome = self.decide(command, meta)
+            self.outcomes.append(outcome)
+            if isinstance(outcome, errors.LedgerError) or len(self.conflicts) > len(saved[5]):
+                break
+        else:
+            return
+        failed_at = len(self.outcomes) - 1
+        self.state.restore(saved_state)
+        self.position, self.hash, self.known_keys, self.asset_positions = saved[:4]
+        del self.accepted[saved[4] :]
+        self.conflicts = saved[5]
+        failure = self.outcomes[failed_at]
+        if isinstance(failure, int):  # a key reused with another request
+            failure = errors.IdempotencyKeyReused(
+                f"key {getattr(chain[failed_at - first][0], 'key', '')!r} was used with a"
+                " different request"
+            )
+        assert isinstance(failure, errors.LedgerError)
+        del self.outcomes[first:]
+        for offset in range(len(chain)):
+            self.outcomes.append(
+                failure
+                if first + offset == failed_at
+                else errors.LinkedTransferFailed(
+                    f"item {failed_at - first} of this linked chain failed with {failure.code}"
+                )
             )
 
-        # Replays and conflicts name events already in the log (or appended just now).
-        wanted = [o for o in outcomes if isinstance(o, int) and o not in in_group]
-        found_events = await _events_at(conn, ledger.id, wanted) if wanted else {}
-        found_events.update(in_group)
+    async def results(self, conn: psycopg.AsyncConnection[Any]) -> list[Outcome]:
+        in_group = {a.event.position: Committed(a.event, a.hash, False) for a in self.accepted}
+        wanted = [o for o in self.outcomes if isinstance(o, int) and o not in in_group]
+        found = await _events_at(conn, self.ledger.id, wanted) if wanted else {}
+        found.update(in_group)
         result: list[Outcome] = []
-        for index, outcome in enumerate(outcomes):
+        for index, outcome in enumerate(self.outcomes):
             if not isinstance(outcome, int):
                 result.append(outcome)
-                continue
-            original = found_events[outcome]
-            if index in conflicts:
-                result.append(_key_reused(original.event, conflicts[index][1]))
+            elif index in self.conflicts:
+                result.append(_key_reused(found[outcome].event, self.conflicts[index]))
             else:
+                original = found[outcome]
                 result.append(Committed(original.event, original.hash, replayed=True))
         return result
 
 
-async def _append(
-    conn: psycopg.AsyncConnection[Any],
-    ledger: LedgerRef,
-    appended: list[_Appended],
-    recorded: datetime,
-    new_keys: list[tuple[str, int, bytes]],
-    entries: list[domain.Entry],
-    touched: dict[tuple[int, str], domain.Balance],
-    new_accounts: list[domain.Account],
-    new_assets: list[tuple[Asset, int]],
-) -> None:
-    await conn.execute(
+async def _append(conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, group: _Group) -> None:
+    accepted = group.accepted
+    q = conn.execute
+    await q(
         "INSERT INTO events (ledger_id, position, topic, state, recorded_at, hash)"
         " SELECT %s, p, t, s, %s, h FROM unnest(%s::int8[], %b::text[], %b::bytea[], %b::bytea[])"
         " AS e(p, t, s, h)",
         (
             ledger.id,
-            recorded,
-            _ints(a.event.originator_version for a in appended),
-            [a.stored.topic for a in appended],
-            [a.stored.state for a in appended],
-            [a.hash for a in appended],
+            group.recorded,
+            _ints(a.event.originator_version for a in accepted),
+            [a.stored.topic for a in accepted],
+            [a.stored.state for a in accepted],
+            [a.hash for a in accepted],
         ),
     )
-    if new_accounts:
-        await conn.execute(
-            "INSERT INTO accounts (id, ledger_id, name, type, metadata, position)"
-            " SELECT i, %s, n, t, m, p FROM unnest(%s::int8[], %s::text[], %s::text[],"
-            " %s::jsonb[], %s::int8[]) AS a(i, n, t, m, p)",
-            (
-                ledger.id,
-                _ints(a.id for a in new_accounts),
-                [a.name for a in new_accounts],
-                [a.type for a in new_accounts],
-                [orjson.dumps(a.metadata).decode() for a in new_accounts],
-                _ints(a.position for a in new_accounts),
-            ),
-        )
-    if new_assets:
-        await conn.execute(
-            "INSERT INTO assets (ledger_id, code, scale, position)"
-            " SELECT %s, c, s, p FROM unnest(%s::text[], %s::int2[], %s::int8[]) AS a(c, s, p)",
-            (
-                ledger.id,
-                [a.code for a, _ in new_assets],
-                [a.scale for a, _ in new_assets],
-                [p for _, p in new_assets],
-            ),
-        )
-    if new_keys:
-        await conn.execute(
+    keyed = [a for a in accepted if a.request_hash is not None]
+    if keyed:
+        await q(
             "INSERT INTO transfers (ledger_id, key, position, request_hash)"
             " SELECT %s, k, p, h FROM unnest(%b::text[], %s::int8[], %b::bytea[]) AS t(k, p, h)",
             (
                 ledger.id,
-                [k for k, _, _ in new_keys],
-                _ints(p for _, p, _ in new_keys),
-                [h for _, _, h in new_keys],
+                [getattr(a.event, "key") for a in keyed],
+                _ints(a.event.position for a in keyed),
+                [a.request_hash for a in keyed],
             ),
         )
+    entries = [e for a in accepted for e in a.decision.entries]
     if entries:
-        await conn.execute(
-            "INSERT INTO entries (account_id, asset, position, leg, debit, amount, debits_posted,"
-            " credits_posted, debits_pending, credits_pending)"
+        await q(
+            "INSERT INTO entries (account_id, asset, position, leg, debit, posted, amount,"
+            " effective_at, debits_posted, credits_posted, debits_pending, credits_pending)"
             " SELECT * FROM unnest(%s::int8[], %s::text[], %s::int8[], %s::int2[], %s::bool[],"
-            " %s::numeric[], %s::numeric[], %s::numeric[], %s::numeric[], %s::numeric[])",
+            " %s::bool[], %s::numeric[], %b::timestamptz[], %s::numeric[], %s::numeric[],"
+            " %s::numeric[], %s::numeric[])",
             (
                 _ints(e.account_id for e in entries),
                 _codes(e.asset for e in entries),
                 _ints(e.position for e in entries),
                 _ints(e.leg for e in entries),
-                "{" + ",".join("t" if e.debit else "f" for e in entries) + "}",
+                _bools(e.debit for e in entries),
+                _bools(e.posted for e in entries),
                 _ints(e.amount for e in entries),
+                [e.effective_at for e in entries],
                 _ints(e.totals.debits_posted for e in entries),
                 _ints(e.totals.credits_posted for e in entries),
                 _ints(e.totals.debits_pending for e in entries),
                 _ints(e.totals.credits_pending for e in entries),
             ),
         )
+    touched: dict[tuple[int, str], domain.Balance] = {}
+    statuses: dict[str, domain.TransferRecord] = {}
+    opened: dict[str, domain.Account] = {}
+    changed: dict[str, domain.Account] = {}
+    new_assets: list[tuple[Asset, int]] = []
+    for a in accepted:
+        d = a.decision
+        touched.update(d.balances)
+        if d.transfer is not None:
+            statuses[d.transfer.key] = d.transfer
+        if d.account is not None:
+            (opened if d.event == "AccountOpened" or d.account.name in opened else changed)[
+                d.account.name
+            ] = d.account
+        if d.asset is not None:
+            new_assets.append((d.asset, a.event.position))
     if touched:
         keys = list(touched)
         values = [touched[k] for k in keys]
-        await conn.execute(
+        await q(
             "INSERT INTO balances (account_id, asset, debits_posted, credits_posted,"
             " debits_pending, credits_pending, version, position)"
             " SELECT * FROM unnest(%s::int8[], %s::text[], %s::numeric[], %s::numeric[],"
@@ -414,16 +546,80 @@ async def _append(
                 _ints(b.position for b in values),
             ),
         )
-    last = appended[-1]
-    await conn.execute(
+    if statuses:
+        records = list(statuses.values())
+        await q(
+            "INSERT INTO transfer_status (ledger_id, key, status, expires_at, amounts, reversed,"
+            " position) SELECT %s, k, s, x, string_to_array(a, ',')::numeric[],"
+            " string_to_array(r, ',')::numeric[], %s"
+            " FROM unnest(%b::text[], %b::text[], %b::timestamptz[], %b::text[], %b::text[])"
+            " AS t(k, s, x, a, r)"
+            " ON CONFLICT (ledger_id, key) DO UPDATE SET status = EXCLUDED.status,"
+            " amounts = EXCLUDED.amounts, reversed = EXCLUDED.reversed,"
+            " position = EXCLUDED.position",
+            (
+                ledger.id,
+                group.position,
+                [r.key for r in records],
+                [r.status for r in records],
+                [r.expires_at for r in records],
+                [",".join(map(str, r.amounts)) for r in records],
+                [",".join(map(str, r.reversed)) for r in records],
+            ),
+        )
+    if opened:
+        new_accounts = list(opened.values())
+        await q(
+            "INSERT INTO accounts (id, ledger_id, name, type, metadata, position, guard,"
+            " guard_limits, frozen, closed)"
+            " SELECT i, %s, n, t, m, p, g, l, f, c FROM unnest(%s::int8[], %b::text[], %b::text[],"
+            " %b::jsonb[], %s::int8[], %b::text[], %b::jsonb[], %b::bool[], %b::bool[])"
+            " AS a(i, n, t, m, p, g, l, f, c)",
+            (ledger.id, *_account_columns(new_accounts)),
+        )
+    if changed:
+        await q(
+            "UPDATE accounts SET metadata = a.m, guard = a.g, guard_limits = a.l, frozen = a.f,"
+            " closed = a.c FROM unnest(%s::int8[], %b::text[], %b::text[], %b::jsonb[],"
+            " %s::int8[], %b::text[], %b::jsonb[], %b::bool[], %b::bool[])"
+            " AS a(i, n, t, m, p, g, l, f, c) WHERE accounts.id = a.i",
+            _account_columns(list(changed.values())),
+        )
+    if new_assets:
+        await q(
+            "INSERT INTO assets (ledger_id, code, scale, position)"
+            " SELECT %s, c, s, p FROM unnest(%b::text[], %s::int2[], %s::int8[]) AS a(c, s, p)",
+            (
+                ledger.id,
+                [a.code for a, _ in new_assets],
+                _ints(a.scale for a, _ in new_assets),
+                _ints(p for _, p in new_assets),
+            ),
+        )
+    await q(
         "UPDATE ledgers SET head_position = %s, head_hash = %s, head_recorded_at = %s"
         " WHERE id = %s",
-        (last.event.originator_version, last.hash, recorded, ledger.id),
+        (group.position, group.hash, group.recorded, ledger.id),
     )
-    await conn.execute(
-        "SELECT pg_notify(%s, %s)",
-        (NOTIFY_CHANNEL, f"{ledger.name}:{last.event.originator_version}"),
+    await q("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, f"{ledger.name}:{group.position}"))
+
+
+def _account_columns(accounts: list[domain.Account]) -> tuple[Any, ...]:
+    return (
+        _ints(a.id for a in accounts),
+        [a.name for a in accounts],
+        [a.type for a in accounts],
+        [orjson.dumps(a.metadata).decode() for a in accounts],
+        _ints(a.position for a in accounts),
+        [a.guard for a in accounts],
+        [orjson.dumps({k: str(v) for k, v in a.guard_limits.items()}).decode() for a in accounts],
+        [a.frozen for a in accounts],
+        [a.closed for a in accounts],
     )
+
+
+def _bools(values: Iterable[bool]) -> str:
+    return "{" + ",".join("t" if v else "f" for v in values) + "}"
 
 
 def _ints(values: Iterable[int]) -> str:
@@ -457,33 +653,58 @@ def to_event(ledger_name: str, position: int, topic: str, state: bytes) -> Ledge
     return event
 
 
-def _key_reused(original: LedgerEvent, command: domain.PostTransfer) -> errors.LedgerError:
-    assert isinstance(original, TransferPosted)
-    stored = {"postings": original.postings, "metadata": original.metadata}
-    fields = domain.differing_fields(stored, command.request_fields())
+def _key_reused(original: LedgerEvent, command: domain.Keyed) -> errors.LedgerError:
+    requested = command.request_fields()
+    stored = _request_of(original)
+    fields = [
+        f for f in domain.differing_fields(stored, requested) if f in stored or f in requested
+    ]
     return errors.IdempotencyKeyReused(
         f"key {command.key!r} was used at position {original.position} with a different "
-        f"request; differing fields: {', '.join(fields)}",
+        f"request; differing fields: {', '.join(fields) or 'request'}",
         fields=fields,
     )
 
 
-def _account_names(items: list[tuple[domain.Command, dict[str, Any]]]) -> set[str]:
+def _request_of(event: LedgerEvent) -> dict[str, Any]:
+    """The request fields an event was created from, as far as the event records them."""
+    data = vars(event)
+    fields: dict[str, Any] = {"metadata": data.get("metadata", {})}
+    if isinstance(event, TransferPosted | TransferPending):
+        fields["postings"] = event.postings
+    if isinstance(event, TransferPending):
+        fields["pending"] = True
+    for name, ref in (
+        ("post_pending", "PendingTransferPosted"),
+        ("void_pending", "PendingTransferVoided"),
+        ("reverse", "TransferReversed"),
+    ):
+        if type(event).__name__ == ref:
+            fields[name] = data.get("pending_key", data.get("original_key"))
+    return fields
+
+
+def _account_names(commands: list[domain.Command]) -> set[str]:
     names: set[str] = set()
-    for command, _ in items:
+    for command in commands:
         if isinstance(command, domain.PostTransfer):
             for p in command.postings:
                 names.add(p.debit)
                 names.add(p.credit)
         elif isinstance(command, domain.OpenAccount):
             names.add(command.name)
+        elif isinstance(
+            command,
+            domain.SetGuard | domain.SetFrozen | domain.CloseAccount | domain.UpdateAccountMetadata,
+        ):
+            names.add(command.account)
     return names
 
 
-def _balance_keys(items: list[tuple[domain.Command, dict[str, Any]]]) -> list[tuple[str, str]]:
+def _balance_keys(commands: list[domain.Command]) -> list[tuple[str, str]]:
     """(account name, asset code) of every balance the transfers touch."""
     keys: set[tuple[str, str]] = set()
-    for command, _ in items:
+    for command in commands:
         if isinstance(command, domain.PostTransfer):
             for p in command.postings:
                 keys.add((p.debit, p.asset.code))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ledger import domain, errors, limits
 from ledger.money import Asset
+
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
 USD = Asset("USD", 2)
 EUR = Asset("EUR", 2)
@@ -26,7 +30,7 @@ def transfer(
 
 def test_a_transfer_debits_one_account_and_credits_the_other() -> None:
     s = state("alice", "bob")
-    changes = domain.post_transfer(s, transfer(("alice", "bob", 150)), position=7)
+    changes = domain.post_transfer(s, transfer(("alice", "bob", 150)), 7, NOW)
     assert s.balances[(1, "USD")].debits_posted == 150
     assert s.balances[(2, "USD")].credits_posted == 150
     assert [(e.account_id, e.debit, e.amount, e.position) for e in changes.entries] == [
@@ -39,7 +43,7 @@ def test_a_transfer_debits_one_account_and_credits_the_other() -> None:
 def test_entries_carry_the_running_totals_after_each_leg() -> None:
     s = state("alice", "bob", "carol")
     changes = domain.post_transfer(
-        s, transfer(("alice", "bob", 100), ("alice", "carol", 50)), position=3
+        s, transfer(("alice", "bob", 100), ("alice", "carol", 50)), 3, NOW
     )
     alice = [e for e in changes.entries if e.account_id == 1]
     assert [e.totals.debits_posted for e in alice] == [100, 150]
@@ -62,38 +66,38 @@ def test_a_transfer_needs_at_least_one_posting_and_at_most_the_limit() -> None:
 def test_an_unknown_account_is_refused_and_changes_nothing() -> None:
     s = state("alice")
     with pytest.raises(errors.AccountNotFound):
-        domain.post_transfer(s, transfer(("alice", "nobody", 5)), position=2)
+        domain.post_transfer(s, transfer(("alice", "nobody", 5)), 2, NOW)
     assert s.balances == {}
 
 
 def test_an_undefined_asset_or_a_wrong_scale_is_refused() -> None:
     s = state("alice", "bob")
     with pytest.raises(errors.AssetNotFound):
-        domain.post_transfer(s, transfer(("alice", "bob", 5), asset=Asset("XAU", 4)), 2)
+        domain.post_transfer(s, transfer(("alice", "bob", 5), asset=Asset("XAU", 4)), 2, NOW)
     with pytest.raises(errors.AssetScaleMismatch):
-        domain.post_transfer(s, transfer(("alice", "bob", 5), asset=Asset("USD", 3)), 2)
+        domain.post_transfer(s, transfer(("alice", "bob", 5), asset=Asset("USD", 3)), 2, NOW)
 
 
 def test_a_total_past_38_digits_is_an_overflow_and_changes_nothing() -> None:
     s = state("alice", "bob")
-    domain.post_transfer(s, transfer(("alice", "bob", limits.amount_max)), 2)
+    domain.post_transfer(s, transfer(("alice", "bob", limits.amount_max)), 2, NOW)
     before = {k: v.copy() for k, v in s.balances.items()}
     with pytest.raises(errors.Overflow):
-        domain.post_transfer(s, transfer(("alice", "bob", 1)), 3)
+        domain.post_transfer(s, transfer(("alice", "bob", 1)), 3, NOW)
     assert s.balances == before
 
 
 def test_a_later_leg_failing_leaves_earlier_legs_unapplied() -> None:
     s = state("alice", "bob")
     with pytest.raises(errors.AccountNotFound):
-        domain.post_transfer(s, transfer(("alice", "bob", 5), ("bob", "ghost", 5)), 2)
+        domain.post_transfer(s, transfer(("alice", "bob", 5), ("bob", "ghost", 5)), 2, NOW)
     assert s.balances == {}
 
 
 def test_opening_an_existing_account_is_refused() -> None:
     s = state("alice")
     with pytest.raises(errors.AccountExists):
-        domain.open_account(s, domain.OpenAccount("alice", "asset"), account_id=9, position=3)
+        domain.open_account(s, domain.OpenAccount("alice", "asset"), position=3)
 
 
 def test_the_request_hash_depends_on_every_field_of_the_request() -> None:
@@ -109,11 +113,13 @@ def test_the_request_hash_depends_on_every_field_of_the_request() -> None:
 
 
 def test_entries_balance_detects_an_unbalanced_set() -> None:
-    ok = domain.Entry(1, "USD", 1, 0, True, 5, domain.Balance())
-    other = domain.Entry(2, "USD", 1, 0, False, 5, domain.Balance())
-    short = domain.Entry(2, "USD", 1, 0, False, 4, domain.Balance())
+    ok = domain.Entry(1, "USD", 1, 0, True, True, 5, NOW, domain.Balance())
+    other = domain.Entry(2, "USD", 1, 0, False, True, 5, NOW, domain.Balance())
+    short = domain.Entry(2, "USD", 1, 0, False, True, 4, NOW, domain.Balance())
+    pending = domain.Entry(2, "USD", 1, 0, False, False, 5, NOW, domain.Balance())
     assert domain.entries_balance([ok, other])
     assert not domain.entries_balance([ok, short])
+    assert not domain.entries_balance([ok, pending])  # a posted debit needs a posted credit
 
 
 NAMES = ["a", "b", "c", "d"]
@@ -133,7 +139,7 @@ def test_any_sequence_of_transfers_keeps_every_asset_summing_to_zero(transfers: 
         command = domain.PostTransfer(
             f"k{position}", tuple(domain.Posting(d, c, asset, amt) for d, c, amt, asset in legs)
         )
-        domain.post_transfer(s, command, position)
+        domain.post_transfer(s, command, position, NOW)
     for code in ("USD", "EUR"):
         net = sum(
             b.credits_posted - b.debits_posted for (_, a), b in s.balances.items() if a == code
