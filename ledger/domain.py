@@ -606,9 +606,8 @@ def reverse_transfer(
     if record is None:
         raise errors.TransferNotFound(f"no transfer with key {command.original_key!r}")
     if record.kind == "other" or record.status != "posted":
-        raise errors.TransferNotReversible(
-            f"transfer {record.key!r} is {record.status if record.kind != 'other' else 'not a transfer'}"
-        )
+        what = record.status if record.kind != "other" else "not a transfer"
+        raise errors.TransferNotReversible(f"transfer {record.key!r} is {what}")
     remaining = [a - r for a, r in zip(record.amounts, record.reversed, strict=True)]
     if command.amount is not None:
         if len(record.postings) != 1:

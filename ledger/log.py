@@ -30,8 +30,6 @@ from ledger import domain, errors, limits
 from ledger.events import (
     MAPPER,
     TOPICS,
-    AccountOpened,
-    AssetDefined,
     LedgerCreated,
     LedgerEvent,
     TransferPending,
@@ -479,7 +477,7 @@ async def _append(conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, group: 
             " SELECT %s, k, p, h FROM unnest(%b::text[], %s::int8[], %b::bytea[]) AS t(k, p, h)",
             (
                 ledger.id,
-                [getattr(a.event, "key") for a in keyed],
+                [a.decision.fields["key"] for a in keyed],
                 _ints(a.event.position for a in keyed),
                 [a.request_hash for a in keyed],
             ),
