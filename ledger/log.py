@@ -20,7 +20,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import psycopg
@@ -303,12 +303,14 @@ def _record(r: Any) -> domain.TransferRecord:
     key, position, topic, state, status, expires_at, amounts, reversed_ = r
     data = orjson.loads(bytes(state))
     postings = tuple(domain.Posting.from_json(p) for p in data.get("postings", ()))
-    kind = {_TRANSFER_TOPIC: "transfer", _PENDING_TOPIC: "pending"}.get(topic, "other")
+    kind: Literal["transfer", "pending", "other"] = (
+        "transfer" if topic == _TRANSFER_TOPIC else "pending" if topic == _PENDING_TOPIC else "other"
+    )
     return domain.TransferRecord(
         key,
         int(position),
         kind,
-        postings,  # type: ignore[arg-type]
+        postings,
         status or "posted",
         [int(a) for a in amounts] if amounts is not None else [p.amount for p in postings],
         [int(a) for a in reversed_] if reversed_ is not None else [0] * len(postings),
