@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import structlog
 from fastapi import FastAPI
-from ledger.settings import Settings
 from starlette.responses import Response
 
 from api import errors as api_errors
 from api import routes, ws
 from api.auth import parse_tokens
 from api.middleware import BodyGuard, RequestContext
-from ledger import postgres
+from ledger import limits, postgres
 from ledger.service import LedgerService
+from ledger.settings import Settings
+
+logger = structlog.get_logger(__name__)
+
+
+async def _sweep(service: LedgerService) -> None:
+    """Expires pending transfers past their timeout, even on ledgers nobody writes to."""
+    while True:
+        await asyncio.sleep(limits.sweep_interval_s)
+        try:
+            await service.expire_due()
+        except Exception:
+            logger.exception("expiry sweep failed")
 
 
 def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
@@ -28,9 +43,13 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
         app.state.service = LedgerService(pool)
         app.state.notifier = ws.Notifier(database_url)
         app.state.notifier.start()
+        sweeper = asyncio.create_task(_sweep(app.state.service), name="expiry-sweeper")
         try:
             yield
         finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
             await app.state.notifier.stop()
             await app.state.service.close()
             await pool.close()

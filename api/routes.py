@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
-from pydantic import ValidationError
+from pydantic import AwareDatetime, ValidationError
 from starlette.responses import Response
 
 from api import schemas
 from api.auth import actor
 from api.errors import PROBLEM
-from ledger import errors, limits
+from ledger import domain, errors, limits
 from ledger.money import parse_asset
 from ledger.service import LedgerService, Result
 
@@ -23,6 +23,9 @@ AccountPath = Annotated[str, Path(min_length=1, max_length=limits.account_name_l
 KeyPath = Annotated[str, Path(min_length=1, max_length=limits.idempotency_key_length_max)]
 Limit = Annotated[int, Query(ge=1, le=limits.page_size_max)]
 AsOf = Annotated[int | None, Query(ge=0, description="A log position")]
+IdempotencyKey = Annotated[
+    str | None, Header(max_length=limits.idempotency_key_length_max, description="Required")
+]
 
 _problems: dict[int | str, dict[str, Any]] = {
     code: {"model": schemas.Problem, "content": {PROBLEM: {}}}
@@ -91,10 +94,63 @@ async def open_account(
     "/ledgers/{ledger}/accounts/{name}", response_model=schemas.AccountOut, responses=_problems
 )
 async def get_account(
-    ledger: LedgerPath, name: AccountPath, svc: Service, as_of: AsOf = None
+    ledger: LedgerPath,
+    name: AccountPath,
+    svc: Service,
+    as_of: AsOf = None,
+    effective_at: Annotated[AwareDatetime | None, Query(description="ISO 8601 with offset")] = None,
 ) -> Response:
-    """The account and its balances per asset, now or as of a log position."""
-    return json_response(await svc.account(ledger, name, as_of))
+    """The account and its balances per asset: now, as of a log position, or (posted amounts)
+    effective at a time."""
+    if as_of is not None and effective_at is not None:
+        raise errors.InvalidRequest("ask for as_of or effective_at, not both")
+    return json_response(await svc.account(ledger, name, as_of, effective_at))
+
+
+@router.put(
+    "/ledgers/{ledger}/accounts/{name}/guard",
+    response_model=schemas.AccountOut,
+    responses=_problems,
+)
+async def set_guard(
+    ledger: LedgerPath, name: AccountPath, body: schemas.GuardIn, svc: Service, m: Meta
+) -> Response:
+    """Sets the account's balance guard; an event records when each rule came into force."""
+    return json_response((await svc.change_account(ledger, body.command(name), m)).body)
+
+
+@router.put(
+    "/ledgers/{ledger}/accounts/{name}/metadata",
+    response_model=schemas.AccountOut,
+    responses=_problems,
+)
+async def set_metadata(
+    ledger: LedgerPath, name: AccountPath, body: schemas.MetadataIn, svc: Service, m: Meta
+) -> Response:
+    command = domain.UpdateAccountMetadata(name, dict(body.metadata))
+    return json_response((await svc.change_account(ledger, command, m)).body)
+
+
+@router.post(
+    "/ledgers/{ledger}/accounts/{name}/{action}",
+    response_model=schemas.AccountOut,
+    responses=_problems,
+)
+async def account_lifecycle(
+    ledger: LedgerPath,
+    name: AccountPath,
+    action: Annotated[Literal["freeze", "unfreeze", "close"], Path()],
+    svc: Service,
+    m: Meta,
+) -> Response:
+    """Freezes (refuses new postings; holds may still be released), unfreezes, or closes the
+    account (only when every balance is zero; a closed account takes nothing)."""
+    command: domain.AccountCommand = (
+        domain.CloseAccount(name)
+        if action == "close"
+        else domain.SetFrozen(name, frozen=action == "freeze")
+    )
+    return json_response((await svc.change_account(ledger, command, m)).body)
 
 
 @router.get("/ledgers/{ledger}/accounts/{name}/postings", responses=_problems)
@@ -120,42 +176,112 @@ async def post_transfer(
     body: schemas.TransferIn,
     svc: Service,
     m: Meta,
-    idempotency_key: Annotated[
-        str | None, Header(max_length=limits.idempotency_key_length_max)
-    ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    """Posts a transfer: all postings apply atomically, or none does."""
-    if not idempotency_key:
-        raise errors.IdempotencyKeyMissing("send an Idempotency-Key header with every transfer")
-    _check_key(idempotency_key)
-    m = {**m, "idempotency_key": idempotency_key}
-    return created(await svc.post_transfer(ledger, body.command(idempotency_key), m))
+    """Posts a transfer: all postings apply atomically, or none does. With `pending: true` the
+    amounts are only reserved, until posted, voided or expired."""
+    key = _key(idempotency_key)
+    return created(
+        await svc.post_transfer(ledger, body.command(key), {**m, "idempotency_key": key})
+    )
+
+
+@router.post(
+    "/ledgers/{ledger}/transfers/{key}/post",
+    status_code=201,
+    response_model=schemas.TransferOut,
+    responses=_problems,
+)
+async def post_pending(
+    ledger: LedgerPath,
+    key: KeyPath,
+    body: schemas.AmendIn,
+    svc: Service,
+    m: Meta,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """Posts a pending transfer, in full or (one posting) in part; the rest is released."""
+    own = _key(idempotency_key)
+    command = domain.PostPending(own, key, body.amount, dict(body.metadata))
+    return created(await svc.post_transfer(ledger, command, {**m, "idempotency_key": own}))
+
+
+@router.post(
+    "/ledgers/{ledger}/transfers/{key}/void",
+    status_code=201,
+    response_model=schemas.TransferOut,
+    responses=_problems,
+)
+async def void_pending(
+    ledger: LedgerPath,
+    key: KeyPath,
+    body: schemas.VoidIn,
+    svc: Service,
+    m: Meta,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """Voids a pending transfer: its reserved amounts are released."""
+    own = _key(idempotency_key)
+    command = domain.VoidPending(own, key, dict(body.metadata))
+    return created(await svc.post_transfer(ledger, command, {**m, "idempotency_key": own}))
+
+
+@router.post(
+    "/ledgers/{ledger}/transfers/{key}/reverse",
+    status_code=201,
+    response_model=schemas.TransferOut,
+    responses=_problems,
+)
+async def reverse(
+    ledger: LedgerPath,
+    key: KeyPath,
+    body: schemas.AmendIn,
+    svc: Service,
+    m: Meta,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """Books the opposite of a posted transfer, referencing it: in full, or (one posting) in
+    part, never more than remains unreversed."""
+    own = _key(idempotency_key)
+    command = domain.ReverseTransfer(own, key, body.amount, dict(body.metadata))
+    return created(await svc.post_transfer(ledger, command, {**m, "idempotency_key": own}))
 
 
 @router.post(
     "/ledgers/{ledger}/transfers/batch", response_model=schemas.BatchOut, responses=_problems
 )
 async def post_batch(ledger: LedgerPath, body: schemas.BatchIn, svc: Service, m: Meta) -> Response:
-    """Up to the batch limit of transfers, each with its own `id` (idempotency key) and its own
-    result, in request order. One invalid item does not stop the others."""
-    commands: list[Any] = []
+    """Up to the batch limit of items, each with its own `id` (idempotency key) and its own
+    result, in request order. Unlinked items are independent; `linked: true` chains an item
+    with the next, and a chain succeeds or fails as a whole."""
+    items: list[tuple[Any, bool]] = []
     for index, raw in enumerate(body.items):
+        linked = raw.get("linked") is True
         try:
-            item = schemas.BatchItemIn.model_validate(raw)
-            commands.append(item.command(item.id))
+            action = raw.get("action", "transfer")
+            if action == "transfer":
+                item = schemas.BatchItemIn.model_validate(
+                    {k: v for k, v in raw.items() if k != "action"}
+                )
+                items.append((item.command(item.id, item.linked), linked))
+            elif action == "void_pending":
+                items.append((schemas.BatchVoidIn.model_validate(raw).command(), linked))
+            else:
+                items.append((schemas.BatchAmendIn.model_validate(raw).command(), linked))
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            commands.append(errors.InvalidRequest(f"items.{index}.{where}: {first['msg']}"))
+            items.append((errors.InvalidRequest(f"items.{index}.{where}: {first['msg']}"), linked))
         except errors.LedgerError as exc:
-            commands.append(exc)
-    return json_response({"results": await svc.post_batch(ledger, commands, m)})
+            items.append((exc, linked))
+    return json_response({"results": await svc.post_batch(ledger, items, m)})
 
 
 @router.get(
     "/ledgers/{ledger}/transfers/{key}", response_model=schemas.TransferOut, responses=_problems
 )
 async def get_transfer(ledger: LedgerPath, key: KeyPath, svc: Service) -> Response:
+    """The transfer as first answered, with its current status and what was reversed."""
     return json_response(await svc.transfer(ledger, key))
 
 
@@ -182,6 +308,9 @@ async def list_balances(
     return json_response(await svc.balances(ledger, cursor, limit, as_of))
 
 
-def _check_key(key: str) -> None:
+def _key(key: str | None) -> str:
+    if not key:
+        raise errors.IdempotencyKeyMissing("send an Idempotency-Key header with every transfer")
     if not all(0x21 <= ord(c) <= 0x7E for c in key):
         raise errors.InvalidRequest("Idempotency-Key must be printable ASCII without spaces")
+    return key

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from ledger import domain, errors, limits
 from ledger.money import Asset, parse_amount, parse_asset
@@ -104,13 +104,42 @@ class PostingIn(Strict):
     _asset = field_validator("asset")(lambda v: str(parse_asset(v)))
 
 
+Timestamp = Annotated[
+    AwareDatetime,
+    Field(
+        strict=False, description="ISO 8601 with a UTC offset", examples=["2026-11-24T12:00:00Z"]
+    ),
+]
+OptionalAmount = Annotated[
+    Any,
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": "^[1-9][0-9]{0,37}$",
+            "description": "A part of the amount (single-posting transfers only)",
+        }
+    ),
+]
+
+
 class TransferIn(Strict):
     postings: list[PostingIn] = Field(min_length=1, max_length=limits.postings_per_transfer_max)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    pending: bool = Field(False, description="Reserve the amounts until posted or voided")
+    timeout_seconds: int | None = Field(
+        None,
+        ge=1,
+        le=limits.pending_timeout_s_max,
+        description="A pending transfer expires after this long",
+    )
+    effective_at: Timestamp | None = Field(
+        None,
+        description="When the transfer counts in the books, if not when it is recorded",
+    )
 
     _metadata = field_validator("metadata")(check_metadata)
 
-    def command(self, key: str) -> domain.PostTransfer:
+    def command(self, key: str, linked: bool = False) -> domain.PostTransfer:
         """The domain command; raises the ledger's own errors for amounts and assets."""
         return domain.PostTransfer(
             key=key,
@@ -119,18 +148,100 @@ class TransferIn(Strict):
                 for p in self.postings
             ),
             metadata=dict(self.metadata),
+            pending=self.pending,
+            timeout_s=self.timeout_seconds,
+            effective_at=self.effective_at,
+            linked=linked,
         )
+
+
+class AmendIn(Strict):
+    """Posting a pending transfer, or reversing a posted one."""
+
+    amount: OptionalAmount = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    _metadata = field_validator("metadata")(check_metadata)
+
+    @field_validator("amount")
+    @classmethod
+    def _amount(cls, value: Any) -> int | None:
+        return None if value is None else parse_amount(value)
+
+
+class VoidIn(Strict):
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    _metadata = field_validator("metadata")(check_metadata)
 
 
 class BatchItemIn(TransferIn):
     id: Key = Field(description="The item's idempotency key")
+    linked: bool = Field(False, description="Succeeds or fails together with the next item")
+
+
+class BatchAmendIn(AmendIn):
+    id: Key
+    action: Literal["post_pending", "reverse"]
+    target: Key = Field(
+        description="The key of the pending transfer to post, or of the transfer to reverse"
+    )
+    linked: bool = False
+
+    def command(self) -> domain.PostPending | domain.ReverseTransfer:
+        if self.action == "post_pending":
+            return domain.PostPending(
+                self.id, self.target, self.amount, dict(self.metadata), self.linked
+            )
+        return domain.ReverseTransfer(
+            self.id, self.target, self.amount, dict(self.metadata), self.linked
+        )
+
+
+class BatchVoidIn(VoidIn):
+    id: Key
+    action: Literal["void_pending"]
+    target: Key
+    linked: bool = False
+
+    def command(self) -> domain.VoidPending:
+        return domain.VoidPending(self.id, self.target, dict(self.metadata), self.linked)
+
+
+class GuardIn(Strict):
+    rule: Literal["none", "debits_must_not_exceed_credits", "credits_must_not_exceed_debits"]
+    limits: dict[AssetText, AmountText] = Field(
+        default_factory=dict,
+        max_length=limits.assets_per_ledger_create_max,
+        description="Per asset, how far past the rule the account may go"
+        " (an overdraft or a credit line)",
+    )
+
+    def command(self, account: str) -> domain.SetGuard:
+        return domain.SetGuard(
+            account,
+            self.rule,
+            {parse_asset(a).code: _limit(v) for a, v in self.limits.items()},
+        )
+
+
+def _limit(value: Any) -> int:
+    return 0 if value in ("0", 0) else parse_amount(value)
+
+
+class MetadataIn(Strict):
+    metadata: dict[str, Any]
+
+    _metadata = field_validator("metadata")(check_metadata)
 
 
 class BatchIn(Strict):
     items: list[dict[str, Any]] = Field(
         min_length=1,
-        description=f"Up to {limits.batch_items_max} transfers, each a TransferIn with an `id`;"
-        " each is validated on its own and gets its own result",
+        description=f"Up to {limits.batch_items_max} items, each validated on its own with its own"
+        " result: a transfer (a TransferIn with an `id`), or `{id, action: post_pending | reverse"
+        " | void_pending, target, amount?, metadata?}`; `linked: true` chains an item with the"
+        " next",
     )
 
     @field_validator("items")
@@ -169,23 +280,39 @@ class BalanceOut(BaseModel):
     position: int | None = None
 
 
+class GuardOut(BaseModel):
+    rule: str
+    limits: dict[str, str]
+
+
 class AccountOut(BaseModel):
     name: str
     type: str
     metadata: dict[str, Any]
     opened_at_position: int
+    guard: GuardOut
+    frozen: bool
+    closed: bool
     as_of: int | None
+    effective_at: str | None
     balances: list[BalanceOut]
 
 
 class TransferOut(BaseModel):
     key: str
+    type: Literal["transfer", "pending", "post_pending", "void_pending", "reversal"]
     ledger: str
     position: int
     hash: str
     recorded_at: str
-    postings: list[dict[str, str]]
+    pending_key: str | None = None
+    original_key: str | None = None
+    postings: list[dict[str, str]] | None = None
+    effective_at: str | None = None
+    expires_at: str | None = None
     metadata: dict[str, Any]
+    status: str | None = Field(None, description="Current status (GET only)")
+    reversed: list[str] | None = Field(None, description="Reversed so far, per posting (GET only)")
 
 
 class ItemError(BaseModel):

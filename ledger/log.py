@@ -303,9 +303,11 @@ def _record(r: Any) -> domain.TransferRecord:
     key, position, topic, state, status, expires_at, amounts, reversed_ = r
     data = orjson.loads(bytes(state))
     postings = tuple(domain.Posting.from_json(p) for p in data.get("postings", ()))
-    kind: Literal["transfer", "pending", "other"] = (
-        "transfer" if topic == _TRANSFER_TOPIC else "pending" if topic == _PENDING_TOPIC else "other"
-    )
+    kind: Literal["transfer", "pending", "other"] = "other"
+    if topic == _TRANSFER_TOPIC:
+        kind = "transfer"
+    elif topic == _PENDING_TOPIC:
+        kind = "pending"
     return domain.TransferRecord(
         key,
         int(position),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -21,7 +22,11 @@ from ledger.events import (
     AssetDefined,
     LedgerCreated,
     LedgerEvent,
+    PendingTransferPosted,
+    PendingTransferVoided,
+    TransferPending,
     TransferPosted,
+    TransferReversed,
     canonical_json,
 )
 from ledger.money import Asset
@@ -78,37 +83,87 @@ class LedgerService:
         return Result(await self.account(ledger, command.name), committed.replayed)
 
     async def post_transfer(
-        self, ledger: str, command: domain.PostTransfer, meta: dict[str, Any]
+        self, ledger: str, command: domain.KeyedCommand, meta: dict[str, Any]
     ) -> Result:
+        """Any command with an idempotency key: a transfer (plain or pending), the posting or
+        voiding of a pending one, or a reversal."""
         committed = await self._submit_one(ledger, command, meta)
         return Result(transfer_body(committed), committed.replayed)
+
+    async def change_account(
+        self, ledger: str, command: domain.AccountCommand, meta: dict[str, Any]
+    ) -> Result:
+        await self._submit_one(ledger, command, meta)
+        return Result(await self.account(ledger, command.account), False)
 
     async def post_batch(
         self,
         ledger: str,
-        commands: list[domain.PostTransfer | errors.LedgerError],
+        items: list[tuple[domain.KeyedCommand | errors.LedgerError, bool]],
         meta: dict[str, Any],
     ) -> list[dict[str, Any]]:
-        """One result per item, in request order. Items that failed validation are passed in
-        as their error and take no part in the write."""
-        if len(commands) > limits.batch_items_max:
+        """One result per item, in request order. An item is a command, or the error its
+        validation raised; ``linked`` items form chains with the next item that succeed or fail
+        together. Chains that cannot succeed (an invalid item, or left open at the end) fail
+        here; the others are decided by the writer."""
+        if len(items) > limits.batch_items_max:
             raise errors.BatchTooLarge(f"a batch has at most {limits.batch_items_max} items")
         ref = await self.ledger_ref(ledger)
-        valid = [(c, meta) for c in commands if not isinstance(c, errors.LedgerError)]
-        outcomes = iter(await self.writers.get(ref).submit(list(valid)) if valid else [])
+        outcomes: list[log.Outcome | None] = [None] * len(items)
+        start = 0
+        while start < len(items):
+            end = start
+            while end < len(items) - 1 and items[end][1]:
+                end += 1
+            chain = range(start, end + 1)
+            failure: errors.LedgerError | None = next(
+                (c for c in (items[i][0] for i in chain) if isinstance(c, errors.LedgerError)), None
+            )
+            if failure is None and items[end][1]:
+                failure = errors.LinkedChainOpen("the last item of the batch is linked")
+            if failure is not None:
+                for i in chain:
+                    own = items[i][0]
+                    if isinstance(own, errors.LedgerError):
+                        outcomes[i] = own
+                    elif isinstance(failure, errors.LinkedChainOpen):
+                        outcomes[i] = failure
+                    else:
+                        outcomes[i] = errors.LinkedTransferFailed(
+                            f"another item of this linked chain failed with {failure.code}"
+                        )
+            start = end + 1
+        todo = [(i, c) for i, (c, _) in enumerate(items) if outcomes[i] is None]
+        submitted: list[tuple[domain.Command, dict[str, Any]]] = [
+            (c, meta) for _, c in todo if not isinstance(c, errors.LedgerError)
+        ]
+        if submitted:
+            decided = await self.writers.get(ref).submit(submitted)
+            for (i, _), outcome in zip(todo, decided, strict=True):
+                outcomes[i] = outcome
         results = []
-        for command in commands:
-            outcome = command if isinstance(command, errors.LedgerError) else next(outcomes)
-            if isinstance(outcome, errors.LedgerError):
-                results.append({"status": "error", "error": outcome.to_result()})
+        for done in outcomes:
+            if isinstance(done, log.Committed):
+                results.append({
+                    "status": "replayed" if done.replayed else "created",
+                    "transfer": transfer_body(done),
+                })
             else:
-                results.append(
-                    {
-                        "status": "replayed" if outcome.replayed else "created",
-                        "transfer": transfer_body(outcome),
-                    }
-                )
+                assert isinstance(done, errors.LedgerError)
+                results.append({"status": "error", "error": done.to_result()})
         return results
+
+    async def expire_due(self) -> int:
+        """Wakes the writer of every ledger with pending transfers past their timeout; the
+        writer expires them (at most ``expiries_per_group_max`` per transaction)."""
+        rows = await self._all(
+            "SELECT DISTINCT l.name FROM transfer_status s JOIN ledgers l ON l.id = s.ledger_id"
+            " WHERE s.status = 'pending' AND s.expires_at <= now() LIMIT 100",
+            (),
+        )
+        for (name,) in rows:
+            await self.writers.get(await self.ledger_ref(name)).submit([])
+        return len(rows)
 
     async def _submit_one(
         self, ledger: str, command: domain.Command, meta: dict[str, Any]
@@ -155,16 +210,33 @@ class LedgerService:
         assert row is not None
         return int(row[0])
 
-    async def account(self, ledger: str, name: str, as_of: int | None = None) -> dict[str, Any]:
+    async def account(
+        self,
+        ledger: str,
+        name: str,
+        as_of: int | None = None,
+        effective_at: datetime | None = None,
+    ) -> dict[str, Any]:
+        """An account and its balances: now, as of a log position, or (posted amounts only)
+        effective at a time."""
         ref = await self.ledger_ref(ledger)
         row = await self._one(
-            "SELECT id, type, metadata, position FROM accounts WHERE ledger_id = %s AND name = %s",
+            "SELECT id, type, metadata, position, guard, guard_limits, frozen, closed"
+            " FROM accounts WHERE ledger_id = %s AND name = %s",
             (ref.id, name),
         )
         if row is None or (as_of is not None and row[3] > as_of):
             raise errors.AccountNotFoundForRead(f"account {name!r} does not exist", account=name)
         account_id, scales = int(row[0]), await self._scales(ref.id)
-        if as_of is None:
+        if effective_at is not None:
+            balances = await self._all(
+                "SELECT asset, coalesce(sum(amount) FILTER (WHERE debit), 0),"
+                " coalesce(sum(amount) FILTER (WHERE NOT debit), 0), 0, 0, NULL, NULL"
+                " FROM entries WHERE account_id = %s AND posted AND effective_at <= %s"
+                " GROUP BY asset ORDER BY asset",
+                (account_id, effective_at),
+            )
+        elif as_of is None:
             balances = await self._all(
                 "SELECT asset, debits_posted, credits_posted, debits_pending, credits_pending,"
                 " version, position FROM balances WHERE account_id = %s ORDER BY asset",
@@ -187,7 +259,11 @@ class LedgerService:
             "type": row[1],
             "metadata": row[2],
             "opened_at_position": row[3],
+            "guard": {"rule": row[4], "limits": {f"{c}/{scales[c]}": v for c, v in row[5].items()}},
+            "frozen": row[6],
+            "closed": row[7],
             "as_of": as_of,
+            "effective_at": None if effective_at is None else effective_at.isoformat(),
             "balances": [_balance_json(r, scales) for r in balances],
         }
 
@@ -202,7 +278,14 @@ class LedgerService:
         if row is None:
             raise errors.TransferNotFound(f"no transfer with key {key!r}")
         event = log.to_event(ledger, row[0], row[1], row[2])
-        return transfer_body(log.Committed(event, bytes(row[3]), replayed=True))
+        body = transfer_body(log.Committed(event, bytes(row[3]), replayed=True))
+        status = await self._one(
+            "SELECT status, reversed FROM transfer_status WHERE ledger_id = %s AND key = %s",
+            (ref.id, key),
+        )
+        body["status"] = status[0] if status else "posted"
+        body["reversed"] = [str(r) for r in status[1]] if status else None
+        return body
 
     async def postings(
         self, ledger: str, account: str, cursor: str | None, limit: int
@@ -352,21 +435,42 @@ class LedgerService:
 
 
 def transfer_body(committed: log.Committed) -> dict[str, Any]:
+    """What a keyed command answers, rendered from its event alone, so that a replay is
+    byte-for-byte the original answer."""
     event = committed.event
-    assert isinstance(event, TransferPosted)
-    return {
-        "key": event.key,
+    data = vars(event)
+    body: dict[str, Any] = {
+        "key": data["key"],
+        "type": _TYPES[type(event)],
         "ledger": event.originator_id,
         "position": event.position,
         "hash": committed.hash.hex(),
         "recorded_at": event.recorded_at,
-        "postings": [
-            {"debit": p["debit"], "credit": p["credit"], "asset": p["asset"], "amount": p["amount"]}
-            for p in event.postings
-        ],
-        # Canonical key order, so that a replay is byte-for-byte the original answer.
-        "metadata": orjson.loads(canonical_json(event.metadata)),
     }
+    for ref in ("pending_key", "original_key"):
+        if ref in data:
+            body[ref] = data[ref]
+    if "postings" in data:
+        body["postings"] = [
+            {"debit": p["debit"], "credit": p["credit"], "asset": p["asset"], "amount": p["amount"]}
+            for p in data["postings"]
+        ]
+    if "effective_at" in data:
+        body["effective_at"] = data["effective_at"]
+    if isinstance(event, TransferPending):
+        body["expires_at"] = event.expires_at
+    # Canonical key order, so that a replay is byte-for-byte the original answer.
+    body["metadata"] = orjson.loads(canonical_json(data.get("metadata", {})))
+    return body
+
+
+_TYPES: dict[type[LedgerEvent], str] = {
+    TransferPosted: "transfer",
+    TransferPending: "pending",
+    PendingTransferPosted: "post_pending",
+    PendingTransferVoided: "void_pending",
+    TransferReversed: "reversal",
+}
 
 
 def event_body(

@@ -173,11 +173,11 @@ def test_a_batch_gives_one_result_per_item_in_order(database_url: str, ledger_na
         return await svc.post_batch(
             ledger_name,
             [
-                pay("b1", "alice", "bob", 5),
-                pay("b2", "alice", "ghost", 5),
-                errors.InvalidAmount("bad"),
-                pay("b1", "alice", "bob", 5),
-                pay("b1", "alice", "bob", 6),
+                (pay("b1", "alice", "bob", 5), False),
+                (pay("b2", "alice", "ghost", 5), False),
+                (errors.InvalidAmount("bad"), False),
+                (pay("b1", "alice", "bob", 5), False),
+                (pay("b1", "alice", "bob", 6), False),
             ],
             META,
         )
