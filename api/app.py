@@ -39,7 +39,7 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = postgres.async_pool(database_url, settings.pool_size)
-        await pool.open(wait=True, timeout=postgres.limits.pool_timeout_s)
+        await pool.open(wait=True, timeout=limits.pool_timeout_s)
         app.state.service = LedgerService(pool)
         app.state.notifier = ws.Notifier(database_url)
         app.state.notifier.start()

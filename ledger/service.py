@@ -144,10 +144,12 @@ class LedgerService:
         results = []
         for done in outcomes:
             if isinstance(done, log.Committed):
-                results.append({
-                    "status": "replayed" if done.replayed else "created",
-                    "transfer": transfer_body(done),
-                })
+                results.append(
+                    {
+                        "status": "replayed" if done.replayed else "created",
+                        "transfer": transfer_body(done),
+                    }
+                )
             else:
                 assert isinstance(done, errors.LedgerError)
                 results.append({"status": "error", "error": done.to_result()})

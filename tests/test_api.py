@@ -10,10 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ledger.settings import Settings
 
 from api.app import create_app
 from ledger import limits
+from ledger.settings import Settings
 
 PROBLEM = "application/problem+json"
 

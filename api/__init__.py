@@ -1,0 +1,1 @@
+"""The HTTP API (FastAPI): /v1 routes, schemas, errors as problem+json, the event stream."""

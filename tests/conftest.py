@@ -1,0 +1,59 @@
+"""Every test run gets its own database and leaves nothing behind.
+
+With ``LEDGER_DATABASE_URL`` set, the run creates ``ledger_test_<random>`` on that server and
+drops it at the end; without it, an embedded Postgres starts in a temporary directory that is
+removed at the end. Under pytest-xdist each worker has its own database (and server).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from ledger.embedded import EmbeddedPostgres
+from ledger.migrate import migrate
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """A Postgres server on which the run may create databases."""
+    given = os.environ.get("LEDGER_DATABASE_URL")
+    if given:
+        yield given
+        return
+    directory = Path(tempfile.mkdtemp(prefix="ledger-test-", dir="/tmp"))
+    embedded = EmbeddedPostgres(directory / "pgdata")
+    try:
+        yield embedded.start()
+    finally:
+        embedded.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def database_url(server_url: str) -> Iterator[str]:
+    """A fresh, migrated database for this run (this worker), dropped afterwards."""
+    name = f"ledger_test_{secrets.token_hex(4)}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = make_conninfo(**{**conninfo_to_dict(server_url), "dbname": name})
+    try:
+        migrate(url)
+        yield url
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def ledger_name() -> str:
+    """A ledger name no other test uses."""
+    return f"t{secrets.token_hex(6)}"
