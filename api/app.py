@@ -14,7 +14,7 @@ from starlette.responses import Response
 from api import errors as api_errors
 from api import routes, ws
 from api.auth import parse_tokens
-from api.middleware import BodyGuard, RequestContext
+from api.middleware import Guard
 from ledger import limits, postgres
 from ledger.service import LedgerService
 from ledger.settings import Settings
@@ -64,8 +64,7 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.tokens = tokens
-    app.add_middleware(BodyGuard)
-    app.add_middleware(RequestContext)
+    app.add_middleware(Guard)
     api_errors.install(app)
     app.include_router(routes.router)
     app.include_router(ws.router)
@@ -86,3 +85,14 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
         return Response(b'{"status":"ready"}', media_type="application/json")
 
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """For ``uvicorn --factory api.app:app_from_environment`` (several worker processes):
+    settings come from the environment; ``LEDGER_DATABASE_URL`` is required."""
+    from ledger.settings import load_settings
+
+    settings = load_settings()
+    if not settings.database_url:
+        raise RuntimeError("LEDGER_DATABASE_URL is required with several workers")
+    return create_app(settings.database_url, settings)

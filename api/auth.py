@@ -43,8 +43,11 @@ def actor_for(tokens: dict[str, str], authorization: str | None) -> str:
     raise Unauthorized("send Authorization: Bearer <token>")
 
 
-def actor(request: Request) -> str:
-    return actor_for(request.app.state.tokens, request.headers.get("authorization"))
+async def actor(request: Request) -> str:
+    """The caller's name, checked once per request and kept on the request."""
+    name = actor_for(request.app.state.tokens, request.headers.get("authorization"))
+    request.scope["state"]["actor"] = name
+    return name
 
 
 def ws_actor(websocket: WebSocket) -> str:

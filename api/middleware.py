@@ -9,6 +9,7 @@ handler.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import Any
@@ -20,10 +21,13 @@ from api.errors import problem
 from ledger import limits
 
 logger = structlog.get_logger("api.access")
+_stdlib = logging.getLogger("api.access")
 
 
-class RequestContext:
-    """Binds a request id (the client's ``X-Request-Id`` or a new one) to every log line."""
+class Guard:
+    """One layer for every request: a request id bound to every log line, an access log line,
+    and, for bodies, the size limit and the strict JSON check. (One layer, not two: every await
+    inside the app resumes through each middleware frame.)"""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -40,52 +44,48 @@ class RequestContext:
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
         status = 500
+        header = (b"x-request-id", request_id.encode())
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-request-id", request_id.encode()),
-                ]
+                message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
         try:
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                receive = await self._read_body(scope, receive, send_with_id)
+                if receive is None:
+                    return
             await self.app(scope, receive, send_with_id)
         finally:
-            logger.info(
-                "request",
-                method=scope["method"],
-                path=scope["path"],
-                status=status,
-                duration_ms=round((time.perf_counter() - started) * 1000, 3),
-            )
+            if _stdlib.isEnabledFor(logging.INFO):
+                logger.info(
+                    "request",
+                    method=scope["method"],
+                    path=scope["path"],
+                    status=status,
+                    duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                )
 
-
-class BodyGuard:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
+        """The whole body, bounded and checked; None when the request was answered here."""
         declared = _header(scope, b"content-length")
         if declared and declared.isdigit() and int(declared) > limits.request_body_bytes_max:
             await _too_large(scope, receive, send)
-            return
+            return None
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limits.request_body_bytes_max:
                 await _too_large(scope, receive, send)
-                return
+                return None
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -95,7 +95,7 @@ class BodyGuard:
             if reason is not None:
                 response = problem(422, "invalid_json", "The body is not acceptable JSON", reason)
                 await response(scope, receive, send)
-                return
+                return None
         sent = False
 
         async def replay() -> Message:
@@ -105,7 +105,7 @@ class BodyGuard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        return replay
 
 
 async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:

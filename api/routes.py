@@ -33,7 +33,7 @@ _problems: dict[int | str, dict[str, Any]] = {
 }
 
 
-def service(request: Request) -> LedgerService:
+async def service(request: Request) -> LedgerService:
     svc: LedgerService = request.app.state.service
     return svc
 
@@ -41,8 +41,11 @@ def service(request: Request) -> LedgerService:
 Service = Annotated[LedgerService, Depends(service)]
 
 
-def meta(request: Request) -> dict[str, Any]:
-    return {"actor": actor(request), "request_id": request.scope["state"].get("request_id", "")}
+async def meta(request: Request) -> dict[str, Any]:
+    return {
+        "actor": request.scope["state"]["actor"],
+        "request_id": request.scope["state"].get("request_id", ""),
+    }
 
 
 Meta = Annotated[dict[str, Any], Depends(meta)]

