@@ -31,6 +31,10 @@ SESSION_SQL = (
     f"SET lock_timeout = {limits.lock_timeout_ms}",
     f"SET statement_timeout = {limits.statement_timeout_ms}",
     "SET idle_in_transaction_session_timeout = 60000",
+    # Every statement is prepared (prepare_threshold=0) to skip parsing, but planned for its
+    # actual arguments: a generic plan chosen while a table has no statistics yet (a new
+    # ledger) would otherwise stay with the connection, measured 3.6x slower.
+    "SET plan_cache_mode = force_custom_plan",
 )
 
 
