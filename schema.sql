@@ -121,6 +121,19 @@ CREATE TABLE entries (
 -- Balances effective at a time (which may differ from when they were recorded).
 CREATE INDEX entries_effective ON entries (account_id, asset, effective_at) WHERE posted;
 
+-- Signed tree heads: the Merkle root over a ledger's first tree_size events, signed with an
+-- Ed25519 key that never enters the database. An auditor who keeps one can prove later that the
+-- log still extends it (a consistency proof) and that an event is in it (an inclusion proof).
+CREATE TABLE checkpoints (
+    ledger_id bigint NOT NULL REFERENCES ledgers (id),
+    tree_size bigint NOT NULL CHECK (tree_size > 0),
+    root      bytea  NOT NULL CHECK (length(root) = 32),
+    signed_at timestamptz NOT NULL,
+    key_id    text   NOT NULL,
+    signature bytea  NOT NULL,
+    PRIMARY KEY (ledger_id, tree_size)
+);
+
 CREATE FUNCTION refuse_change_to_history() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION '% on % refused: the ledger''s history is append-only', TG_OP, TG_TABLE_NAME
@@ -136,6 +149,8 @@ CREATE TRIGGER entries_append_only BEFORE UPDATE OR DELETE ON entries
     FOR EACH ROW EXECUTE FUNCTION refuse_change_to_history();
 CREATE TRIGGER entries_no_truncate BEFORE TRUNCATE ON entries
     FOR EACH STATEMENT EXECUTE FUNCTION refuse_change_to_history();
+CREATE TRIGGER checkpoints_append_only BEFORE UPDATE OR DELETE ON checkpoints
+    FOR EACH ROW EXECUTE FUNCTION refuse_change_to_history();
 CREATE TRIGGER transfers_append_only BEFORE UPDATE OR DELETE ON transfers
     FOR EACH ROW EXECUTE FUNCTION refuse_change_to_history();
 CREATE TRIGGER transfers_no_truncate BEFORE TRUNCATE ON transfers
@@ -153,5 +168,5 @@ $$;
 GRANT ledger_app TO CURRENT_USER;
 GRANT USAGE ON SCHEMA public TO ledger_app;
 GRANT SELECT, INSERT, UPDATE ON ledgers, accounts, assets, balances, transfer_status TO ledger_app;
-GRANT SELECT, INSERT ON events, entries, transfers TO ledger_app;
+GRANT SELECT, INSERT ON events, entries, transfers, checkpoints TO ledger_app;
 GRANT USAGE, SELECT ON SEQUENCE accounts_id_seq TO ledger_app;

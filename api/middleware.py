@@ -55,9 +55,10 @@ class Guard:
 
         try:
             if scope["method"] in ("POST", "PUT", "PATCH"):
-                receive = await self._read_body(scope, receive, send_with_id)
-                if receive is None:
+                replay = await self._read_body(scope, receive, send_with_id)
+                if replay is None:
                     return
+                receive = replay
             await self.app(scope, receive, send_with_id)
         finally:
             if _stdlib.isEnabledFor(logging.INFO):

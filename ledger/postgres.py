@@ -101,3 +101,10 @@ def translate(exc: BaseException) -> errors.LedgerError:
     if isinstance(exc, psycopg.errors.NumericValueOutOfRange):
         return errors.Overflow("a total would exceed 38 digits")
     return errors.Unavailable(f"the database failed: {type(exc).__name__}")
+
+
+def connect(url: str) -> psycopg.Connection[Any]:
+    """One configured synchronous connection, for the command line and audits."""
+    conn = psycopg.connect(url)
+    _configure_sync(conn)
+    return conn

@@ -1,0 +1,477 @@
+"""What auditors run: verification of a live ledger, signed checkpoints, proofs, and exports
+that can be verified offline with nothing but the export and a public key.
+
+Every check reads the log itself; nothing here trusts a derived table. A report is a list of
+named checks, each with its result and, when it fails, the first position where it failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import psycopg
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+    load_pem_private_key,
+)
+
+from ledger import merkle
+from ledger.log import chain_hash, genesis_hash
+from ledger.replay import Replay
+
+EXPORT_FORMAT = "ledger-export/1"
+
+
+# --- Keys and signed tree heads ---------------------------------------------------------------
+
+
+def generate_key(path: Path) -> str:
+    """Writes a new Ed25519 private key (PEM, mode 0600); returns its public key, hex."""
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    path.touch(mode=0o600, exist_ok=False)
+    path.write_bytes(pem)
+    return public_hex(key.public_key())
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    key = load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path}: not an Ed25519 private key")
+    return key
+
+
+def public_hex(key: Ed25519PublicKey) -> str:
+    return key.public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+
+
+def load_public_key(text: str) -> Ed25519PublicKey:
+    """A public key as 64 hex characters, or a file holding them."""
+    value = text.strip()
+    if len(value) != 64 and Path(value).exists():
+        value = Path(value).read_text().strip()
+    return Ed25519PublicKey.from_public_bytes(bytes.fromhex(value))
+
+
+def key_id(key: Ed25519PublicKey) -> str:
+    return hashlib.sha256(key.public_bytes(Encoding.Raw, PublicFormat.Raw)).hexdigest()[:16]
+
+
+def tree_head(ledger: str, size: int, root: bytes, signed_at: str) -> bytes:
+    """The exact bytes signed: canonical JSON of the ledger, the size, the root and the time."""
+    body = {"ledger": ledger, "root": root.hex(), "signed_at": signed_at, "tree_size": size}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    ledger: str
+    tree_size: int
+    root: bytes
+    signed_at: str
+    key_id: str
+    signature: bytes
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "ledger": self.ledger,
+            "tree_size": self.tree_size,
+            "root": self.root.hex(),
+            "signed_at": self.signed_at,
+            "key_id": self.key_id,
+            "signature": self.signature.hex(),
+        }
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> Checkpoint:
+        return Checkpoint(
+            data["ledger"],
+            int(data["tree_size"]),
+            bytes.fromhex(data["root"]),
+            data["signed_at"],
+            data["key_id"],
+            bytes.fromhex(data["signature"]),
+        )
+
+    def signed_by(self, key: Ed25519PublicKey) -> bool:
+        try:
+            key.verify(
+                self.signature, tree_head(self.ledger, self.tree_size, self.root, self.signed_at)
+            )
+        except InvalidSignature:
+            return False
+        return True
+
+
+# --- Reading the log ---------------------------------------------------------------------------
+
+
+def _ledger(conn: psycopg.Connection[Any], name: str) -> tuple[int, int, bytes]:
+    row = conn.execute(
+        "SELECT id, head_position, head_hash FROM ledgers WHERE name = %s", (name,)
+    ).fetchone()
+    if row is None:
+        raise LookupError(f"ledger {name!r} does not exist")
+    return int(row[0]), int(row[1]), bytes(row[2])
+
+
+def _events(conn: psycopg.Connection[Any], ledger_id: int, until: int) -> Iterator[Any]:
+    with conn.cursor(name="audit_events") as cur:
+        cur.itersize = 10_000
+        cur.execute(
+            "SELECT position, topic, state, hash FROM events WHERE ledger_id = %s"
+            " AND position <= %s ORDER BY position",
+            (ledger_id, until),
+        )
+        yield from cur
+
+
+def leaf_hashes(conn: psycopg.Connection[Any], ledger: str, size: int | None = None) -> list[bytes]:
+    ledger_id, head, _ = _ledger(conn, ledger)
+    with conn.transaction():
+        return [
+            merkle.leaf_hash(merkle.leaf_data(p, t, bytes(s)))
+            for p, t, s, _ in _events(conn, ledger_id, size or head)
+        ]
+
+
+def checkpoints(conn: psycopg.Connection[Any], ledger: str) -> list[Checkpoint]:
+    ledger_id, _, _ = _ledger(conn, ledger)
+    rows = conn.execute(
+        "SELECT tree_size, root, signed_at, key_id, signature FROM checkpoints"
+        " WHERE ledger_id = %s ORDER BY tree_size",
+        (ledger_id,),
+    ).fetchall()
+    return [
+        Checkpoint(
+            ledger, int(r[0]), bytes(r[1]), r[2].astimezone(UTC).isoformat(), r[3], bytes(r[4])
+        )
+        for r in rows
+    ]
+
+
+def seal(conn: psycopg.Connection[Any], ledger: str, key: Ed25519PrivateKey) -> Checkpoint:
+    """Signs the tree head of the whole log as it is now and keeps it."""
+    ledger_id, head, _ = _ledger(conn, ledger)
+    if head == 0:
+        raise ValueError("nothing to seal")
+    existing = [c for c in checkpoints(conn, ledger) if c.tree_size == head]
+    if existing:
+        return existing[0]
+    root = merkle.root(leaf_hashes(conn, ledger, head))
+    signed_at = datetime.now(UTC).replace(microsecond=0).isoformat()
+    signature = key.sign(tree_head(ledger, head, root, signed_at))
+    checkpoint = Checkpoint(ledger, head, root, signed_at, key_id(key.public_key()), signature)
+    with conn.transaction():
+        conn.execute(
+            "INSERT INTO checkpoints (ledger_id, tree_size, root, signed_at, key_id, signature)"
+            " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (ledger_id, head, root, signed_at, checkpoint.key_id, signature),
+        )
+    return checkpoint
+
+
+def inclusion(conn: psycopg.Connection[Any], ledger: str, position: int, size: int) -> list[bytes]:
+    if not 1 <= position <= size:
+        raise ValueError("the event is not in a tree of that size")
+    return merkle.inclusion_proof(position - 1, leaf_hashes(conn, ledger, size))
+
+
+def consistency(conn: psycopg.Connection[Any], ledger: str, first: int, second: int) -> list[bytes]:
+    return merkle.consistency_proof(first, leaf_hashes(conn, ledger, second))
+
+
+# --- Verification --------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    ledger: str
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    head: int = 0
+
+    def add(self, name: str, ok: bool, detail: str = "", position: int | None = None) -> None:
+        entry: dict[str, Any] = {"check": name, "ok": ok}
+        if detail:
+            entry["detail"] = detail
+        if position is not None:
+            entry["first_bad_position"] = position
+        self.checks.append(entry)
+
+    @property
+    def ok(self) -> bool:
+        return all(c["ok"] for c in self.checks)
+
+    def failed(self) -> list[str]:
+        return [c["check"] for c in self.checks if not c["ok"]]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"ledger": self.ledger, "head": self.head, "ok": self.ok, "checks": self.checks}
+
+
+class _LogCheck:
+    """One pass over a log's events: positions, the hash chain, the Merkle leaves, a replay."""
+
+    def __init__(self, ledger: str) -> None:
+        self.ledger = ledger
+        self.previous = genesis_hash(ledger)
+        self.position = 0
+        self.leaves: list[bytes] = []
+        self.replay = Replay()
+        self.gap: int | None = None
+        self.broken_chain: int | None = None
+        self.unbalanced: int | None = None
+        self.unreadable: int | None = None
+
+    def feed(self, position: int, topic: str, state: bytes, recorded_hash: bytes) -> None:
+        if position != self.position + 1 and self.gap is None:
+            self.gap = self.position + 1
+        self.position = position
+        digest = chain_hash(self.previous, position, topic, state)
+        if digest != recorded_hash and self.broken_chain is None:
+            self.broken_chain = position
+        self.previous = recorded_hash
+        self.leaves.append(merkle.leaf_hash(merkle.leaf_data(position, topic, state)))
+        if self.unreadable is None and self.gap is None:
+            try:
+                self.replay.position = position - 1
+                self.replay.apply(position, topic, state)
+            except (ValueError, KeyError, TypeError, AssertionError):
+                self.unreadable = position
+                return
+            if self.unbalanced is None and not _postings_balance(state):
+                self.unbalanced = position
+
+    def report_into(
+        self, report: Report, checkpoints: Iterable[Checkpoint], key: Ed25519PublicKey | None
+    ) -> None:
+        report.add(
+            "positions_gapless",
+            self.gap is None,
+            "" if self.gap is None else f"position {self.gap} is missing or out of order",
+            self.gap,
+        )
+        report.add(
+            "hash_chain",
+            self.broken_chain is None,
+            "" if self.broken_chain is None else "an event's hash does not match its bytes",
+            self.broken_chain,
+        )
+        report.add(
+            "events_readable",
+            self.unreadable is None,
+            "" if self.unreadable is None else "an event cannot be applied",
+            self.unreadable,
+        )
+        report.add(
+            "transfers_balance",
+            self.unbalanced is None,
+            "" if self.unbalanced is None else "a transfer does not balance per asset",
+            self.unbalanced,
+        )
+        net = {a: v for a, v in self.replay.totals().items() if v}
+        report.add(
+            "trial_balance_zero",
+            not net,
+            "" if not net else f"net posted per asset is not zero: {net}",
+        )
+        for c in checkpoints:
+            where = f"checkpoint at tree size {c.tree_size}"
+            if c.ledger != self.ledger:
+                report.add("checkpoints", False, f"{where} is for ledger {c.ledger!r}")
+            elif c.tree_size > len(self.leaves):
+                report.add(
+                    "checkpoints",
+                    False,
+                    f"{where}, but the log has {len(self.leaves)} events: truncated",
+                )
+            elif merkle.root(self.leaves[: c.tree_size]) != c.root:
+                report.add(
+                    "checkpoints",
+                    False,
+                    f"{where}: the events up to it are not those that were signed",
+                )
+            elif key is not None and not c.signed_by(key):
+                report.add("checkpoints", False, f"{where}: the signature does not verify")
+            else:
+                report.add(
+                    "checkpoints",
+                    True,
+                    f"{where} verifies"
+                    + ("" if key is not None else " (signature not checked: no key)"),
+                )
+
+
+def _postings_balance(state: bytes) -> bool:
+    """Each posting moves one positive amount of one asset out of one account and into another,
+    so a transfer balances per asset exactly when every posting is well formed."""
+    data = json.loads(state)
+    for p in data.get("postings", ()):
+        amount, asset = p.get("amount", ""), p.get("asset", "")
+        if not (
+            isinstance(amount, str)
+            and amount.isascii()
+            and amount.isdigit()
+            and int(amount) > 0
+            and "/" in asset
+            and p.get("debit") != p.get("credit")
+        ):
+            return False
+    return True
+
+
+def verify(
+    conn: psycopg.Connection[Any], ledger: str, key: Ed25519PublicKey | None = None
+) -> Report:
+    """Every check on a live ledger: the log (positions, chain, transfers, trial balance,
+    signed checkpoints), and the tables derived from it against a replay of the log."""
+    report = Report(ledger)
+    ledger_id, head, head_hash = _ledger(conn, ledger)
+    report.head = head
+    check = _LogCheck(ledger)
+    with conn.transaction():
+        for position, topic, state, digest in _events(conn, ledger_id, 2**62):
+            check.feed(int(position), topic, bytes(state), bytes(digest))
+    check.report_into(report, checkpoints(conn, ledger), key)
+    report.add(
+        "head_matches_log",
+        check.position == head and check.previous == head_hash,
+        "" if check.position == head else f"head says {head}, log ends at {check.position}",
+    )
+
+    stored = {
+        (name, asset): [int(x) for x in rest]
+        for name, asset, *rest in conn.execute(
+            "SELECT a.name, b.asset, b.debits_posted, b.credits_posted, b.debits_pending,"
+            " b.credits_pending FROM balances b JOIN accounts a ON a.id = b.account_id"
+            " WHERE a.ledger_id = %s",
+            (ledger_id,),
+        )
+    }
+    replayed = {k: v for k, v in check.replay.balances.items() if any(v) or k in stored}
+    wrong = sorted(
+        k
+        for k in stored.keys() | replayed.keys()
+        if stored.get(k, [0, 0, 0, 0]) != replayed.get(k, [0, 0, 0, 0])
+    )
+    report.add(
+        "balances_match_replay",
+        not wrong,
+        "" if not wrong else f"{len(wrong)} balances differ from the log, first {wrong[0]}",
+    )
+
+    latest = conn.execute(
+        "SELECT count(*) FROM balances b JOIN accounts a ON a.id = b.account_id"
+        " CROSS JOIN LATERAL (SELECT * FROM entries e WHERE e.account_id = b.account_id"
+        "   AND e.asset = b.asset ORDER BY position DESC, leg DESC LIMIT 1) e"
+        " WHERE a.ledger_id = %s AND (e.debits_posted, e.credits_posted, e.debits_pending,"
+        " e.credits_pending) IS DISTINCT FROM (b.debits_posted, b.credits_posted,"
+        " b.debits_pending, b.credits_pending)",
+        (ledger_id,),
+    ).fetchone()
+    report.add(
+        "entries_match_balances",
+        latest is not None and latest[0] == 0,
+        "" if latest and latest[0] == 0 else "running totals disagree with balances",
+    )
+
+    keys = conn.execute(
+        "SELECT count(*) FROM transfers t LEFT JOIN events e ON e.ledger_id = t.ledger_id"
+        " AND e.position = t.position WHERE t.ledger_id = %s"
+        " AND (e.position IS NULL OR convert_from(e.state, 'UTF8')::jsonb ->> 'key' <> t.key)",
+        (ledger_id,),
+    ).fetchone()
+    report.add(
+        "idempotency_keys_match_events",
+        keys is not None and keys[0] == 0,
+        "" if keys and keys[0] == 0 else "a stored key points at another event",
+    )
+    return report
+
+
+# --- Export and offline verification ------------------------------------------------------------
+
+
+def export(conn: psycopg.Connection[Any], ledger: str, out: IO[str]) -> int:
+    """Writes the log as JSON lines: a header, every event as stored, then the checkpoints."""
+    ledger_id, head, _ = _ledger(conn, ledger)
+    header = {"format": EXPORT_FORMAT, "ledger": ledger, "genesis": genesis_hash(ledger).hex()}
+    out.write(json.dumps(header) + "\n")
+    count = 0
+    with conn.transaction():
+        for position, topic, state, digest in _events(conn, ledger_id, head):
+            line = {
+                "position": position,
+                "topic": topic,
+                "state": bytes(state).decode(),
+                "hash": bytes(digest).hex(),
+            }
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+            count += 1
+    for c in checkpoints(conn, ledger):
+        if c.tree_size <= head:
+            out.write(json.dumps({"checkpoint": c.as_json()}) + "\n")
+    return count
+
+
+def verify_export(
+    lines: Iterable[str],
+    key: Ed25519PublicKey,
+    ledger: str | None = None,
+    trusted: Checkpoint | None = None,
+) -> Report:
+    """Checks an export with nothing but itself and the public key. ``ledger`` is the name the
+    auditor expects; ``trusted`` a checkpoint the auditor kept from before."""
+    it = iter(lines)
+    try:
+        header = json.loads(next(it))
+    except (StopIteration, ValueError):
+        report = Report(ledger or "?")
+        report.add("format", False, "the export has no header")
+        return report
+    name = header.get("ledger", "?")
+    report = Report(ledger or name)
+    report.add("format", header.get("format") == EXPORT_FORMAT, f"format {header.get('format')!r}")
+    report.add(
+        "ledger_name",
+        ledger is None or ledger == name,
+        f"the export says ledger {name!r}" + (f", expected {ledger!r}" if ledger else ""),
+    )
+    check = _LogCheck(ledger or name)
+    found: list[Checkpoint] = []
+    for number, text in enumerate(it, start=2):
+        try:
+            item = json.loads(text)
+            if "checkpoint" in item:
+                found.append(Checkpoint.from_json(item["checkpoint"]))
+                continue
+            check.feed(
+                int(item["position"]),
+                item["topic"],
+                item["state"].encode(),
+                bytes.fromhex(item["hash"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            report.add("format", False, f"line {number} is not an event or a checkpoint: {exc}")
+            break
+    report.head = check.position
+    if trusted is not None:
+        found.append(trusted)
+    report.add("signed", bool(found), "" if found else "the export holds no checkpoint")
+    check.report_into(report, found, key)
+    return report
+
+
+def write_json(report: Report, out: IO[str]) -> None:
+    out.write(json.dumps(report.as_json(), indent=2) + "\n")
