@@ -11,6 +11,7 @@ import structlog
 from fastapi import FastAPI
 from starlette.responses import Response
 
+from api import audit as audit_routes
 from api import errors as api_errors
 from api import routes, ws
 from api.auth import parse_tokens
@@ -64,9 +65,18 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.tokens = tokens
+    app.state.database_url = database_url
+    app.state.signing_key = None
+    app.state.public_key = None
+    if settings.signing_key_file is not None:
+        from ledger.audit import load_private_key
+
+        app.state.signing_key = load_private_key(settings.signing_key_file)
+        app.state.public_key = app.state.signing_key.public_key()
     app.add_middleware(Guard)
     api_errors.install(app)
     app.include_router(routes.router)
+    app.include_router(audit_routes.router)
     app.include_router(ws.router)
 
     @app.get("/healthz", include_in_schema=False)

@@ -182,6 +182,18 @@ def seal(conn: psycopg.Connection[Any], ledger: str, key: Ed25519PrivateKey) -> 
     return checkpoint
 
 
+def stored_event(conn: psycopg.Connection[Any], ledger: str, position: int) -> tuple[str, str]:
+    """(topic, state) of one event exactly as stored: what its Merkle leaf is made of."""
+    ledger_id, _, _ = _ledger(conn, ledger)
+    row = conn.execute(
+        "SELECT topic, state FROM events WHERE ledger_id = %s AND position = %s",
+        (ledger_id, position),
+    ).fetchone()
+    if row is None:
+        raise LookupError(f"no event at position {position}")
+    return row[0], bytes(row[1]).decode()
+
+
 def inclusion(conn: psycopg.Connection[Any], ledger: str, position: int, size: int) -> list[bytes]:
     if not 1 <= position <= size:
         raise ValueError("the event is not in a tree of that size")

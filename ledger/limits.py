@@ -64,3 +64,7 @@ expiries_per_group_max: Final = 1_000
 """Pending transfers expired by one write transaction; the rest wait for the next."""
 sweep_interval_s: Final = 1.0
 """How often the server looks for pending transfers past their timeout."""
+
+# Audits
+audits_concurrent_max: Final = 1
+"""Verifications and proofs (each reads the whole log) running at once per server process."""
