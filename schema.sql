@@ -32,6 +32,9 @@ CREATE TABLE events (
     hash        bytea  NOT NULL CHECK (length(hash) = 32),
     PRIMARY KEY (ledger_id, position)
 );
+-- Recorded time grows with position (the writer guarantees it), so a block-range index finds
+-- "the last position recorded before t" at almost no cost to appends.
+CREATE INDEX events_recorded_at ON events USING brin (ledger_id, recorded_at);
 
 CREATE TABLE assets (
     ledger_id bigint   NOT NULL REFERENCES ledgers (id),

@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from api import audit as audit_routes
 from api import errors as api_errors
+from api import reports as report_routes
 from api import routes, ws
 from api.auth import parse_tokens
 from api.middleware import Guard
@@ -77,6 +78,7 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
     api_errors.install(app)
     app.include_router(routes.router)
     app.include_router(audit_routes.router)
+    app.include_router(report_routes.router)
     app.include_router(ws.router)
 
     @app.get("/healthz", include_in_schema=False)

@@ -223,6 +223,121 @@ def export(
     _run(action)
 
 
+report_app = typer.Typer(no_args_is_help=True, help="Finance reports, as JSON or CSV.")
+app.add_typer(report_app, name="report")
+AsOfOption = Annotated[str | None, typer.Option("--as-of", help="A position or a recorded time")]
+EffectiveOption = Annotated[str | None, typer.Option("--effective-at", help="An ISO 8601 time")]
+CsvOption = Annotated[bool, typer.Option("--csv", help="CSV (for a spreadsheet) instead of JSON")]
+
+
+def _report(
+    kind: str,
+    ledger: str,
+    as_of: str | None,
+    effective_at: str | None,
+    csv: bool,
+    account: str | None = None,
+    start: str | None = None,
+) -> None:
+    from api.reports import parse_bound
+    from ledger import postgres
+    from projections import reports
+
+    def action(settings: Settings) -> None:
+        basis = "effective" if effective_at else "recorded"
+        at = parse_bound(effective_at or as_of, basis)
+
+        async def run(url: str) -> dict[str, Any]:
+            pool = postgres.async_pool(url, 1)
+            await pool.open()
+            try:
+                async with pool.connection() as conn:
+                    if kind == "trial_balance":
+                        return await reports.trial_balance(conn, ledger, at)
+                    if kind == "account_statement":
+                        assert account is not None
+                        first = (
+                            parse_bound(start, basis)
+                            if start
+                            else reports.Point("position", position=0)
+                            if basis == "recorded"
+                            else reports.Point(
+                                "effective",
+                                time=datetime.fromisoformat("1970-01-01T00:00:00+00:00"),
+                            )
+                        )
+                        return await reports.account_statement(conn, ledger, account, first, at)
+                    return await reports.statement_of(conn, ledger, at, kind)
+            finally:
+                await pool.close()
+
+        import asyncio
+
+        with database_url(settings) as url:
+            report = asyncio.run(run(url))
+        print(
+            reports.to_csv(report) if csv else json.dumps(report, indent=2), end="" if csv else "\n"
+        )
+
+    _run(action)
+
+
+@report_app.command("trial-balance")
+def report_trial_balance(
+    ledger: LedgerOption,
+    as_of: AsOfOption = None,
+    effective_at: EffectiveOption = None,
+    csv: CsvOption = False,
+) -> None:
+    """Debits and credits of every account per asset (they must balance)."""
+    _report("trial_balance", ledger, as_of, effective_at, csv)
+
+
+@report_app.command("balance-sheet")
+def report_balance_sheet(
+    ledger: LedgerOption,
+    as_of: AsOfOption = None,
+    effective_at: EffectiveOption = None,
+    csv: CsvOption = False,
+) -> None:
+    """Assets, liabilities, equity and earnings on their normal sides."""
+    _report("balance_sheet", ledger, as_of, effective_at, csv)
+
+
+@report_app.command("income-statement")
+def report_income_statement(
+    ledger: LedgerOption,
+    as_of: AsOfOption = None,
+    effective_at: EffectiveOption = None,
+    csv: CsvOption = False,
+) -> None:
+    """Revenue, expenses and net income to date."""
+    _report("income_statement", ledger, as_of, effective_at, csv)
+
+
+@report_app.command("statement")
+def report_statement(
+    ledger: LedgerOption,
+    account: Annotated[str, typer.Option(help="The account")],
+    start: Annotated[
+        str | None, typer.Option("--from", help="Position or time (exclusive)")
+    ] = None,
+    as_of: Annotated[str | None, typer.Option("--to", help="Position or time (inclusive)")] = None,
+    effective: Annotated[bool, typer.Option(help="Times are effective times")] = False,
+    csv: CsvOption = False,
+) -> None:
+    """Opening balance, the period's postings, closing balance."""
+    _report(
+        "account_statement",
+        ledger,
+        None if effective else as_of,
+        as_of if effective else None,
+        csv,
+        account,
+        start,
+    )
+
+
 audit_app = typer.Typer(no_args_is_help=True, help="Offline checks, with no database.")
 app.add_typer(audit_app, name="audit")
 
