@@ -137,6 +137,43 @@ CREATE TABLE checkpoints (
     PRIMARY KEY (ledger_id, tree_size)
 );
 
+-- Projections: read models fed from the log, each recording in the same transaction as its rows
+-- the last position it applied (eventsourcing's Tracking), per projection and ledger.
+CREATE TABLE tracking (
+    application_name text   PRIMARY KEY,  -- '<projection>:<ledger>'
+    notification_id  bigint NOT NULL CHECK (notification_id >= 0)
+);
+
+-- The positions projection: who holds what, from account names (or a holder in metadata).
+CREATE TABLE position_accounts (
+    ledger_id bigint NOT NULL,
+    account   text   NOT NULL,
+    holder    text   NOT NULL,
+    type      text   NOT NULL,
+    PRIMARY KEY (ledger_id, account)
+);
+CREATE TABLE position_holds (
+    ledger_id bigint NOT NULL,
+    key       text   NOT NULL,
+    postings  jsonb  NOT NULL,
+    PRIMARY KEY (ledger_id, key)
+);
+CREATE TABLE positions (
+    ledger_id     bigint NOT NULL,
+    holder        text   NOT NULL,
+    asset         text   NOT NULL,
+    quantity      numeric(38, 0) NOT NULL,
+    pending       numeric(38, 0) NOT NULL,
+    -- Cost of what is held, in quote, from trades (multi-asset transfers): average cost, and
+    -- first-in first-out lots [[quantity, cost], ...]; realised P&L of disposals for each.
+    quote         text,
+    cost_average  numeric(38, 0) NOT NULL DEFAULT 0,
+    pnl_average   numeric(38, 0) NOT NULL DEFAULT 0,
+    lots          jsonb  NOT NULL DEFAULT '[]',
+    pnl_fifo      numeric(38, 0) NOT NULL DEFAULT 0,
+    PRIMARY KEY (ledger_id, holder, asset)
+);
+
 CREATE FUNCTION refuse_change_to_history() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION '% on % refused: the ledger''s history is append-only', TG_OP, TG_TABLE_NAME
@@ -171,5 +208,6 @@ $$;
 GRANT ledger_app TO CURRENT_USER;
 GRANT USAGE ON SCHEMA public TO ledger_app;
 GRANT SELECT, INSERT, UPDATE ON ledgers, accounts, assets, balances, transfer_status TO ledger_app;
+GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON tracking, position_accounts, position_holds, positions TO ledger_app;
 GRANT SELECT, INSERT ON events, entries, transfers, checkpoints TO ledger_app;
 GRANT USAGE, SELECT ON SEQUENCE accounts_id_seq TO ledger_app;

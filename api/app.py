@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import structlog
 from fastapi import FastAPI
@@ -34,6 +35,40 @@ async def _sweep(service: LedgerService) -> None:
             logger.exception("expiry sweep failed")
 
 
+async def _project(url: str, pool: Any) -> None:
+    """Keeps each ledger's projections caught up with its log, a bounded batch at a time, in a
+    thread (the runner is synchronous), at most ``projection_runners_max`` ledgers."""
+    from projections.runner import Runner
+
+    runners: dict[str, Runner] = {}
+    try:
+        while True:
+            await asyncio.sleep(limits.projection_interval_s)
+            try:
+                async with pool.connection() as conn:
+                    lagging = await (
+                        await conn.execute(
+                            "SELECT l.name FROM ledgers l LEFT JOIN tracking t"
+                            " ON t.application_name = 'positions:' || l.name"
+                            " WHERE l.head_position > coalesce(t.notification_id, 0)"
+                            " ORDER BY l.id LIMIT %s",
+                            (limits.projection_runners_max,),
+                        )
+                    ).fetchall()
+                for (name,) in lagging:
+                    runner = runners.get(name)
+                    if runner is None:
+                        if len(runners) >= limits.projection_runners_max:
+                            runners.pop(next(iter(runners))).close()
+                        runner = runners[name] = await asyncio.to_thread(Runner, url, name)
+                    await asyncio.to_thread(runner.catch_up)
+            except Exception:
+                logger.exception("projection run failed")
+    finally:
+        for runner in runners.values():
+            runner.close()
+
+
 def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     tokens = parse_tokens(settings.api_tokens)
@@ -46,12 +81,14 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
         app.state.notifier = ws.Notifier(database_url)
         app.state.notifier.start()
         sweeper = asyncio.create_task(_sweep(app.state.service), name="expiry-sweeper")
+        projector = asyncio.create_task(_project(database_url, pool), name="projections")
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in (sweeper, projector):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await app.state.notifier.stop()
             await app.state.service.close()
             await pool.close()

@@ -135,3 +135,70 @@ async def account_statement(
         format,
         f"{ledger}-{name}-statement",
     )
+
+
+@router.get("/ledgers/{ledger}/positions", responses=_problems)
+async def positions(
+    ledger: LedgerPath,
+    request: Request,
+    svc: Service,
+    holder: Annotated[str | None, Query(max_length=128)] = None,
+    as_of: AsOf = None,
+) -> Response:
+    """Per holder and asset: quantity, pending, cost basis and realised P&L (average cost and
+    FIFO). From the projection; with `as_of`, replayed from the log up to that position."""
+    import asyncio
+
+    from ledger import postgres
+    from projections import positions as model
+    from projections import runner
+
+    ref = await svc.ledger_ref(ledger)
+    if as_of is None:
+        async with svc.pool.connection() as conn:
+            rows = await (
+                await conn.execute(
+                    "SELECT holder, asset, quantity, pending, quote, cost_average, pnl_average,"
+                    " lots, pnl_fifo FROM positions WHERE ledger_id = %s"
+                    " AND (%s::text IS NULL OR holder = %s) ORDER BY holder, asset",
+                    (ref.id, holder, holder),
+                )
+            ).fetchall()
+            status = await (
+                await conn.execute(
+                    "SELECT notification_id FROM tracking WHERE application_name = %s",
+                    (f"positions:{ledger}",),
+                )
+            ).fetchone()
+        position = int(status[0]) if status else 0
+    else:
+        head = await svc.head(ledger)
+        if as_of > head:
+            raise errors.PositionOutOfRange(f"as_of {as_of} is beyond the head {head}", head=head)
+
+        def replay() -> list[tuple[Any, ...]]:
+            with postgres.connect(request.app.state.database_url) as conn:
+                state = runner.positions_at(conn, ledger, as_of)
+            return [r for r in state.rows() if holder is None or r[0] == holder]
+
+        rows, position = await asyncio.to_thread(replay), as_of
+    return json_response(
+        {"ledger": ledger, "position": position, "items": [model.as_json(tuple(r)) for r in rows]}
+    )
+
+
+@router.get("/ledgers/{ledger}/projections", responses=_problems)
+async def projection_status(ledger: LedgerPath, request: Request, svc: Service) -> Response:
+    """Each projection's tracked position and its lag behind the head."""
+    import asyncio
+
+    from ledger import postgres
+    from projections import runner
+
+    await svc.ledger_ref(ledger)
+
+    def read() -> list[dict[str, Any]]:
+        with postgres.connect(request.app.state.database_url) as conn:
+            return runner.status(conn, ledger)
+
+    return json_response({"items": await asyncio.to_thread(read)})

@@ -68,3 +68,9 @@ sweep_interval_s: Final = 1.0
 # Audits
 audits_concurrent_max: Final = 1
 """Verifications and proofs (each reads the whole log) running at once per server process."""
+
+# Projections
+projection_runners_max: Final = 16
+"""Ledgers whose projections one server process keeps caught up at once."""
+projection_interval_s: Final = 0.5
+"""How often the server looks for projections behind their log."""
