@@ -174,6 +174,11 @@ CREATE TABLE positions (
     PRIMARY KEY (ledger_id, holder, asset)
 );
 
+-- Shadow copies, filled by a rebuild from position zero and swapped in in one transaction.
+CREATE TABLE position_accounts_next (LIKE position_accounts INCLUDING ALL);
+CREATE TABLE position_holds_next (LIKE position_holds INCLUDING ALL);
+CREATE TABLE positions_next (LIKE positions INCLUDING ALL);
+
 CREATE FUNCTION refuse_change_to_history() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION '% on % refused: the ledger''s history is append-only', TG_OP, TG_TABLE_NAME
@@ -208,6 +213,7 @@ $$;
 GRANT ledger_app TO CURRENT_USER;
 GRANT USAGE ON SCHEMA public TO ledger_app;
 GRANT SELECT, INSERT, UPDATE ON ledgers, accounts, assets, balances, transfer_status TO ledger_app;
-GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON tracking, position_accounts, position_holds, positions TO ledger_app;
+GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON tracking, position_accounts, position_holds, positions,
+    position_accounts_next, position_holds_next, positions_next TO ledger_app;
 GRANT SELECT, INSERT ON events, entries, transfers, checkpoints TO ledger_app;
 GRANT USAGE, SELECT ON SEQUENCE accounts_id_seq TO ledger_app;

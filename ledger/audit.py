@@ -409,6 +409,10 @@ def verify(
         keys is not None and keys[0] == 0,
         "" if keys and keys[0] == 0 else "a stored key points at another event",
     )
+    from projections import runner  # the read side's own check, against a replay
+
+    ok, detail = runner.check(conn, ledger)
+    report.add("projections_match_replay", ok, detail)
     return report
 
 

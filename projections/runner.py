@@ -232,7 +232,6 @@ def rebuild(url: str, ledger: str) -> int:
         if row is None:
             raise LookupError(f"ledger {ledger!r} does not exist")
         for table in TABLES:
-            conn.execute(f"CREATE TABLE IF NOT EXISTS {table}_next (LIKE {table} INCLUDING ALL)")
             conn.execute(f"DELETE FROM {table}_next WHERE ledger_id = %s", (row[0],))
         conn.execute(
             "DELETE FROM tracking WHERE application_name = %s", (f"positions_next:{ledger}",)
