@@ -18,7 +18,12 @@ from ledger.errors import LedgerError
 from ledger.migrate import migrate as apply_migrations
 from ledger.settings import Settings, SettingsError, load_settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="An event-sourced ledger.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="An event-sourced ledger.",
+)
 T = TypeVar("T")
 
 
@@ -30,6 +35,13 @@ def _run(action: Callable[[Settings], T]) -> T:
         message = str(exc)
     except psycopg.OperationalError as exc:
         message = "cannot use the database: " + " ".join(str(exc).split())
+    except psycopg.Error as exc:
+        hint = (
+            " (is its schema current? run `ledger migrate`)"
+            if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn)
+            else ""
+        )
+        message = f"the database refused: {' '.join(str(exc).split())}{hint}"
     print(f"ledger: {message}", file=sys.stderr)
     raise typer.Exit(2)
 
@@ -315,6 +327,54 @@ def report_income_statement(
     _report("income_statement", ledger, as_of, effective_at, csv)
 
 
+@report_app.command("month-end")
+def report_month_end(
+    ledger: LedgerOption,
+    as_of: Annotated[str, typer.Option("--as-of", help="A position or a recorded time")],
+    csv: CsvOption = False,
+) -> None:
+    """Every balance and every position at one point, in one table: the close of a period."""
+    import asyncio
+
+    from api.reports import parse_bound
+    from ledger import postgres
+    from projections import positions, reports, runner
+
+    def action(settings: Settings) -> None:
+        at = parse_bound(as_of, "recorded")
+
+        async def trial(url: str) -> dict[str, Any]:
+            pool = postgres.async_pool(url, 1)
+            await pool.open()
+            try:
+                async with pool.connection() as conn:
+                    return await reports.trial_balance(conn, ledger, at)
+            finally:
+                await pool.close()
+
+        with database_url(settings) as url:
+            balances = asyncio.run(trial(url))
+            with postgres.connect(url) as conn, conn.transaction():
+                state = runner.positions_at(conn, ledger, balances["position"])
+        held = [positions.as_json(r) for r in sorted(state.rows())]
+        if csv:
+            print(reports.month_end_csv(balances, held), end="")
+        else:
+            print(
+                json.dumps(
+                    {
+                        "ledger": ledger,
+                        "position": balances["position"],
+                        "balances": balances["lines"],
+                        "positions": held,
+                    },
+                    indent=2,
+                )
+            )
+
+    _run(action)
+
+
 @report_app.command("statement")
 def report_statement(
     ledger: LedgerOption,
@@ -336,6 +396,249 @@ def report_statement(
         account,
         start,
     )
+
+
+def _service_call(settings: Settings, work: Callable[[Any], Any]) -> Any:
+    """Runs one service call in-process (through the ledger's writer), then stops."""
+    import asyncio
+
+    from ledger import postgres
+    from ledger.service import LedgerService
+
+    async def run(url: str) -> Any:
+        pool = postgres.async_pool(url, 2)
+        await pool.open()
+        svc = LedgerService(pool)
+        try:
+            return await work(svc)
+        finally:
+            await svc.close()
+            await pool.close()
+
+    with database_url(settings) as url:
+        return asyncio.run(run(url))
+
+
+def _print(result: Any) -> None:
+    body = getattr(result, "body", result)
+    print(json.dumps(body, indent=2))
+
+
+transfer_app = typer.Typer(no_args_is_help=True, help="Post, hold, capture, void and reverse.")
+app.add_typer(transfer_app, name="transfer")
+KeyOption = Annotated[str, typer.Option("--key", "-k", help="The idempotency key")]
+
+
+@transfer_app.command("post")
+def transfer_post(
+    ledger: LedgerOption,
+    key: KeyOption,
+    debit: Annotated[str, typer.Option(help="The account debited")],
+    credit: Annotated[str, typer.Option(help="The account credited")],
+    amount: Annotated[str, typer.Option(help="Minor units, digits only")],
+    asset: Annotated[str, typer.Option(help="CODE/SCALE, such as USD/2")],
+    pending: Annotated[bool, typer.Option(help="Only reserve the amount")] = False,
+    timeout: Annotated[int | None, typer.Option(help="Seconds before a hold expires")] = None,
+    effective_at: Annotated[str | None, typer.Option(help="ISO 8601 with an offset")] = None,
+) -> None:
+    """A transfer of one posting (the API takes many)."""
+    from ledger import domain
+    from ledger.money import parse_amount, parse_asset
+
+    def action(settings: Settings) -> None:
+        moment = datetime.fromisoformat(effective_at) if effective_at else None
+        command = domain.PostTransfer(
+            key,
+            (domain.Posting(debit, credit, parse_asset(asset), parse_amount(amount)),),
+            pending=pending,
+            timeout_s=timeout,
+            effective_at=moment,
+        )
+        _print(_service_call(settings, lambda svc: svc.post_transfer(ledger, command, _meta())))
+
+    _run(action)
+
+
+def _meta() -> dict[str, Any]:
+    import getpass
+
+    return {"actor": f"cli:{getpass.getuser()}", "request_id": ""}
+
+
+@transfer_app.command("capture")
+def transfer_capture(
+    ledger: LedgerOption,
+    key: KeyOption,
+    pending_key: Annotated[str, typer.Option("--pending")],
+    amount: Annotated[str | None, typer.Option(help="Less than held")] = None,
+) -> None:
+    """Posts a pending transfer, in full or in part."""
+    from ledger import domain
+    from ledger.money import parse_amount
+
+    def action(settings: Settings) -> None:
+        command = domain.PostPending(key, pending_key, parse_amount(amount) if amount else None)
+        _print(_service_call(settings, lambda svc: svc.post_transfer(ledger, command, _meta())))
+
+    _run(action)
+
+
+@transfer_app.command("void")
+def transfer_void(
+    ledger: LedgerOption, key: KeyOption, pending_key: Annotated[str, typer.Option("--pending")]
+) -> None:
+    """Releases a pending transfer."""
+    from ledger import domain
+
+    def action(settings: Settings) -> None:
+        command = domain.VoidPending(key, pending_key)
+        _print(_service_call(settings, lambda svc: svc.post_transfer(ledger, command, _meta())))
+
+    _run(action)
+
+
+@transfer_app.command("reverse")
+def transfer_reverse(
+    ledger: LedgerOption,
+    key: KeyOption,
+    original: Annotated[str, typer.Option(help="The transfer to reverse")],
+    amount: Annotated[str | None, typer.Option(help="Part of it")] = None,
+) -> None:
+    """Books the opposite of a posted transfer."""
+    from ledger import domain
+    from ledger.money import parse_amount
+
+    def action(settings: Settings) -> None:
+        command = domain.ReverseTransfer(key, original, parse_amount(amount) if amount else None)
+        _print(_service_call(settings, lambda svc: svc.post_transfer(ledger, command, _meta())))
+
+    _run(action)
+
+
+account_app = typer.Typer(no_args_is_help=True, help="Open, guard, freeze, close accounts.")
+app.add_typer(account_app, name="account")
+NameOption = Annotated[str, typer.Option("--name", "-n", help="The account's name")]
+
+
+@account_app.command("open")
+def account_open(
+    ledger: LedgerOption,
+    name: NameOption,
+    type: Annotated[str, typer.Option(help="asset, liability, equity, revenue, expense")],
+) -> None:
+    """Opens an account."""
+    from ledger import domain
+
+    def action(settings: Settings) -> None:
+        if type not in domain.ACCOUNT_TYPES:
+            _fail(f"--type must be one of {', '.join(domain.ACCOUNT_TYPES)}")
+        command = domain.OpenAccount(name, type)  # type: ignore[arg-type]
+        _print(_service_call(settings, lambda svc: svc.open_account(ledger, command, _meta())))
+
+    _run(action)
+
+
+@account_app.command("guard")
+def account_guard(
+    ledger: LedgerOption,
+    name: NameOption,
+    rule: Annotated[
+        str,
+        typer.Option(help="none, debits_must_not_exceed_credits, credits_must_not_exceed_debits"),
+    ],
+    limit: Annotated[list[str] | None, typer.Option(help="CODE/SCALE=AMOUNT, repeatable")] = None,
+) -> None:
+    """Sets a balance guard, with optional limits per asset."""
+    from ledger import domain
+    from ledger.money import parse_amount, parse_asset
+
+    def action(settings: Settings) -> None:
+        if rule not in ("none", "debits_must_not_exceed_credits", "credits_must_not_exceed_debits"):
+            _fail(f"unknown --rule {rule!r}")
+        limits = {}
+        for item in limit or []:
+            asset, _, value = item.partition("=")
+            limits[parse_asset(asset).code] = parse_amount(value)
+        command = domain.SetGuard(name, rule, limits)  # type: ignore[arg-type]
+        _print(_service_call(settings, lambda svc: svc.change_account(ledger, command, _meta())))
+
+    _run(action)
+
+
+@account_app.command("freeze")
+def account_freeze(
+    ledger: LedgerOption,
+    name: NameOption,
+    undo: Annotated[bool, typer.Option("--undo", help="Unfreeze")] = False,
+) -> None:
+    """Freezes (or with --undo unfreezes) an account."""
+    from ledger import domain
+
+    def action(settings: Settings) -> None:
+        command = domain.SetFrozen(name, not undo)
+        _print(_service_call(settings, lambda svc: svc.change_account(ledger, command, _meta())))
+
+    _run(action)
+
+
+@account_app.command("close")
+def account_close(ledger: LedgerOption, name: NameOption) -> None:
+    """Closes an account whose balances are all zero."""
+    from ledger import domain
+
+    def action(settings: Settings) -> None:
+        command = domain.CloseAccount(name)
+        _print(_service_call(settings, lambda svc: svc.change_account(ledger, command, _meta())))
+
+    _run(action)
+
+
+projections_app = typer.Typer(no_args_is_help=True, help="Read models fed from the log.")
+app.add_typer(projections_app, name="projections")
+
+
+@projections_app.command("status")
+def projections_status(ledger: LedgerOption) -> None:
+    """Each projection's position and lag behind the log."""
+    from ledger import postgres
+    from projections import runner
+
+    def action(settings: Settings) -> None:
+        with database_url(settings) as url, postgres.connect(url) as conn:
+            try:
+                print(json.dumps(runner.status(conn, ledger), indent=2))
+            except LookupError as exc:
+                _fail(str(exc))
+
+    _run(action)
+
+
+@projections_app.command("run")
+def projections_run(ledger: LedgerOption) -> None:
+    """Catches the ledger's projections up with its log, then stops."""
+    from projections import runner
+
+    def action(settings: Settings) -> None:
+        with database_url(settings) as url:
+            r = runner.Runner(url, ledger)
+            try:
+                print(json.dumps({"positions": r.catch_up()}))
+            finally:
+                r.close()
+
+    _run(action)
+
+
+@projections_app.command("rebuild")
+def projections_rebuild(ledger: LedgerOption) -> None:
+    """Rebuilds from position zero into shadow tables, then swaps them in atomically."""
+    from projections import runner
+
+    def action(settings: Settings) -> None:
+        with database_url(settings) as url:
+            print(json.dumps({"positions": runner.rebuild(url, ledger)}))
+
+    _run(action)
 
 
 audit_app = typer.Typer(no_args_is_help=True, help="Offline checks, with no database.")

@@ -432,3 +432,59 @@ def to_csv(report: dict[str, Any]) -> str:
                 ]
             )
     return out.getvalue()
+
+
+def month_end_csv(trial: dict[str, Any], positions: list[dict[str, Any]]) -> str:
+    """Balances (from a trial balance) and positions at the same point, in one CSV table."""
+    out = io.StringIO()
+    w = csv.writer(out)
+    w.writerow(
+        [
+            "section",
+            "account_or_holder",
+            "asset",
+            "balance_minor",
+            "balance",
+            "pending_minor",
+            "quote",
+            "cost_basis_average",
+            "realised_pnl_average",
+            "cost_basis_fifo",
+            "realised_pnl_fifo",
+        ]
+    )
+    for line in trial["lines"]:
+        asset = line["asset"]
+        w.writerow(
+            [
+                "balance",
+                line["account"],
+                asset,
+                line["balance"],
+                _money(int(line["balance"]), int(asset.split("/")[1])),
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+            ]
+        )
+    for p in positions:
+        scale = int(p["asset"].split("/")[1])
+        w.writerow(
+            [
+                "position",
+                p["holder"],
+                p["asset"],
+                p["quantity"],
+                _money(int(p["quantity"]), scale),
+                p["pending"],
+                p["quote"] or "",
+                p["average_cost"]["cost_basis"],
+                p["average_cost"]["realised_pnl"],
+                p["fifo"]["cost_basis"],
+                p["fifo"]["realised_pnl"],
+            ]
+        )
+    return out.getvalue()

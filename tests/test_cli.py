@@ -1,0 +1,146 @@
+"""The command line, end to end in subprocesses: every failure is one line, exit code 2."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+
+def ledger(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")},
+        "LEDGER_DATABASE_URL": url,
+        "LEDGER_LOG_LEVEL": "warning",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "ledger", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_money_moves_and_reports_come_out_through_the_command_line(
+    database_url: str, tmp_path: Path
+) -> None:
+    name = "c" + secrets.token_hex(5)
+    from tests.test_tamper import build  # a ledger with a sealed checkpoint
+
+    build(database_url, name, transfers=3)
+    assert (
+        ledger(
+            database_url, "account", "open", "-l", name, "-n", "shop", "--type", "revenue"
+        ).returncode
+        == 0
+    )
+    guard = ledger(
+        database_url,
+        "account",
+        "guard",
+        "-l",
+        name,
+        "-n",
+        "a",
+        "--rule",
+        "debits_must_not_exceed_credits",
+        "--limit",
+        "USD/2=1000",
+    )
+    assert guard.returncode == 0, guard.stderr
+    ok = ledger(
+        database_url,
+        "transfer",
+        "post",
+        "-l",
+        name,
+        "-k",
+        "x1",
+        "--debit",
+        "a",
+        "--credit",
+        "shop",
+        "--amount",
+        "250",
+        "--asset",
+        "USD/2",
+    )
+    assert ok.returncode == 0 and json.loads(ok.stdout)["type"] == "transfer"
+    refused = ledger(
+        database_url,
+        "transfer",
+        "post",
+        "-l",
+        name,
+        "-k",
+        "x2",
+        "--debit",
+        "a",
+        "--credit",
+        "shop",
+        "--amount",
+        "1.5",
+        "--asset",
+        "USD/2",
+    )
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "ASCII digits" in refused.stderr
+    over = ledger(
+        database_url,
+        "transfer",
+        "post",
+        "-l",
+        name,
+        "-k",
+        "x3",
+        "--debit",
+        "a",
+        "--credit",
+        "shop",
+        "--amount",
+        "5000",
+        "--asset",
+        "USD/2",
+    )
+    assert over.returncode == 2 and "too little" in over.stderr
+    back = ledger(
+        database_url,
+        "transfer",
+        "reverse",
+        "-l",
+        name,
+        "-k",
+        "r1",
+        "--original",
+        "x1",
+        "--amount",
+        "50",
+    )
+    assert back.returncode == 0 and json.loads(back.stdout)["postings"][0]["amount"] == "50"
+
+    report = ledger(database_url, "report", "trial-balance", "-l", name, "--csv")
+    rows = {r["account"]: r for r in csv.DictReader(io.StringIO(report.stdout))}
+    assert rows["shop"]["balance"] == "-2.00"
+    month_end = ledger(
+        database_url, "report", "month-end", "-l", name, "--as-of", "2999-01-01T00:00:00Z", "--csv"
+    )
+    assert month_end.returncode == 0, month_end.stderr
+    sections = {r["section"] for r in csv.DictReader(io.StringIO(month_end.stdout))}
+    assert sections == {"balance", "position"}
+
+    verified = ledger(database_url, "verify", "-l", name)
+    assert verified.returncode == 0 and json.loads(verified.stdout)["ok"] is True
+    out = tmp_path / "export.jsonl"
+    assert ledger(database_url, "export", "-l", name, "--out", str(out)).returncode == 0
+    replayed = ledger(database_url, "replay", "-l", name, "--until", "5")
+    assert json.loads(replayed.stdout)["position"] == 5
+    missing = ledger(database_url, "verify", "-l", "nope")
+    assert (
+        missing.returncode == 2 and missing.stderr.strip() == "ledger: ledger 'nope' does not exist"
+    )
