@@ -81,11 +81,13 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
         app.state.notifier = ws.Notifier(database_url)
         app.state.notifier.start()
         sweeper = asyncio.create_task(_sweep(app.state.service), name="expiry-sweeper")
-        projector = asyncio.create_task(_project(database_url, pool), name="projections")
+        background = [sweeper]
+        if settings.projections:
+            background.append(asyncio.create_task(_project(database_url, pool), name="projections"))
         try:
             yield
         finally:
-            for task in (sweeper, projector):
+            for task in background:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

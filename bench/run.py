@@ -146,12 +146,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(url: str) -> Iterator[tuple[int, int]]:
+def server(url: str, projections: bool = True) -> Iterator[tuple[int, int]]:
     """A real uvicorn serving the ledger on loopback; yields (port, pid)."""
     port = free_port()
     code = (
         "import uvicorn; from api.app import create_app; from ledger.settings import Settings; "
-        f"uvicorn.run(create_app({url!r}, Settings(pool_size=8)), host='127.0.0.1', port={port},"
+        f"uvicorn.run(create_app({url!r}, Settings(pool_size=8, projections={projections})),"
+        f" host='127.0.0.1', port={port},"
         " log_level='warning', access_log=False)"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
@@ -275,6 +276,25 @@ async def setup_ledger(svc: LedgerService) -> None:
                 for i in range(start, min(start + 1000, ACCOUNTS))
             ]
         )
+
+
+async def linked_pairs(svc: LedgerService, seconds: float) -> float:
+    """1,000-item batches of 500 linked pairs through the service (as the batch endpoint does)."""
+    done, i = 0, 0
+    prefix = secrets.token_hex(3)
+    stop = time.perf_counter() + seconds
+    started = time.perf_counter()
+    while time.perf_counter() < stop:
+        items: list[tuple[Any, bool]] = []
+        for k in range(500):
+            a = transfer(f"l{prefix}-{i}-{k}a")
+            items.append((domain.PostTransfer(a.key, a.postings, linked=True), True))
+            items.append((transfer(f"l{prefix}-{i}-{k}b"), False))
+        results = await svc.post_batch(LEDGER, items, {})
+        assert all(r["status"] == "created" for r in results), results[:1]
+        done += len(items)
+        i += 1
+    return done / (time.perf_counter() - started)
 
 
 async def in_process(
@@ -475,6 +495,16 @@ def main() -> None:
                             )
                         )
                     rows.append(("8. server peak memory (RSS)", peak_rss_mb(pid), "MiB", False))
+                with server(url, projections=False) as (port, _):
+                    bare = wrk(port, 64, seconds)
+                    rows.append(
+                        (
+                            "1. the same, projections run in another process",
+                            bare["rate"],
+                            "transfers/s",
+                            True,
+                        )
+                    )
             else:
                 print("bench: wrk not found; HTTP figures skipped (apt-get install wrk)")
 
@@ -486,6 +516,14 @@ def main() -> None:
                     (
                         "4. in-process, 1,000-transfer batches, 4 submitters",
                         await in_process(svc, 1000, 4, seconds),
+                        "transfers/s",
+                        True,
+                    )
+                )
+                rows.append(
+                    (
+                        "4. in-process, 1,000-item batches of 500 linked pairs",
+                        await linked_pairs(svc, seconds),
                         "transfers/s",
                         True,
                     )

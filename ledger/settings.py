@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     pool_size: int = Field(8, ge=1, le=64, description="Database connections per server process")
     api_tokens: str = Field("", description="name:token,name:token; empty turns auth off")
+    projections: bool = Field(
+        True, description="Run the projections in the server (off: run `ledger projections run`)"
+    )
     signing_key_file: Path | None = Field(
         None,
         description="Ed25519 private key (PEM) that signs checkpoints; kept outside the database",
