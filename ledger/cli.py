@@ -251,42 +251,23 @@ def _report(
     account: str | None = None,
     start: str | None = None,
 ) -> None:
-    from api.reports import parse_bound
-    from ledger import postgres
     from projections import reports
 
     def action(settings: Settings) -> None:
         basis = "effective" if effective_at else "recorded"
-        at = parse_bound(effective_at or as_of, basis)
+        at = reports.parse_point(effective_at or as_of, basis)
 
-        async def run(url: str) -> dict[str, Any]:
-            pool = postgres.async_pool(url, 1)
-            await pool.open()
-            try:
-                async with pool.connection() as conn:
-                    if kind == "trial_balance":
-                        return await reports.trial_balance(conn, ledger, at)
-                    if kind == "account_statement":
-                        assert account is not None
-                        first = (
-                            parse_bound(start, basis)
-                            if start
-                            else reports.Point("position", position=0)
-                            if basis == "recorded"
-                            else reports.Point(
-                                "effective",
-                                time=datetime.fromisoformat("1970-01-01T00:00:00+00:00"),
-                            )
-                        )
-                        return await reports.account_statement(conn, ledger, account, first, at)
-                    return await reports.statement_of(conn, ledger, at, kind)
-            finally:
-                await pool.close()
+        async def run(pool: Any) -> dict[str, Any]:
+            async with pool.connection() as conn:
+                if kind == "trial_balance":
+                    return await reports.trial_balance(conn, ledger, at)
+                if kind == "account_statement":
+                    assert account is not None
+                    first = reports.period_start(start, basis)
+                    return await reports.account_statement(conn, ledger, account, first, at)
+                return await reports.statement_of(conn, ledger, at, kind)
 
-        import asyncio
-
-        with database_url(settings) as url:
-            report = asyncio.run(run(url))
+        report = _with_pool(settings, run)
         print(
             reports.to_csv(report) if csv else json.dumps(report, indent=2), end="" if csv else "\n"
         )
@@ -334,28 +315,19 @@ def report_month_end(
     csv: CsvOption = False,
 ) -> None:
     """Every balance and every position at one point, in one table: the close of a period."""
-    import asyncio
-
-    from api.reports import parse_bound
     from ledger import postgres
     from projections import positions, reports, runner
 
     def action(settings: Settings) -> None:
-        at = parse_bound(as_of, "recorded")
+        at = reports.parse_point(as_of, "recorded")
 
-        async def trial(url: str) -> dict[str, Any]:
-            pool = postgres.async_pool(url, 1)
-            await pool.open()
-            try:
-                async with pool.connection() as conn:
-                    return await reports.trial_balance(conn, ledger, at)
-            finally:
-                await pool.close()
+        async def trial(pool: Any) -> dict[str, Any]:
+            async with pool.connection() as conn:
+                return await reports.trial_balance(conn, ledger, at)
 
-        with database_url(settings) as url:
-            balances = asyncio.run(trial(url))
-            with postgres.connect(url) as conn, conn.transaction():
-                state = runner.positions_at(conn, ledger, balances["position"])
+        balances = _with_pool(settings, trial)
+        with database_url(settings) as url, postgres.connect(url) as conn, conn.transaction():
+            state = runner.positions_at(conn, ledger, balances["position"])
         held = [positions.as_json(r) for r in sorted(state.rows())]
         if csv:
             print(reports.month_end_csv(balances, held), end="")
@@ -398,25 +370,36 @@ def report_statement(
     )
 
 
-def _service_call(settings: Settings, work: Callable[[Any], Any]) -> Any:
-    """Runs one service call in-process (through the ledger's writer), then stops."""
+def _with_pool(settings: Settings, work: Callable[[Any], Any]) -> Any:
+    """Runs ``work(pool)`` on a small pool of the ledger's database, then stops."""
     import asyncio
 
     from ledger import postgres
-    from ledger.service import LedgerService
 
     async def run(url: str) -> Any:
         pool = postgres.async_pool(url, 2)
         await pool.open()
+        try:
+            return await work(pool)
+        finally:
+            await pool.close()
+
+    with database_url(settings) as url:
+        return asyncio.run(run(url))
+
+
+def _service_call(settings: Settings, work: Callable[[Any], Any]) -> Any:
+    """Runs one service call in-process (through the ledger's writer)."""
+    from ledger.service import LedgerService
+
+    async def call(pool: Any) -> Any:
         svc = LedgerService(pool)
         try:
             return await work(svc)
         finally:
             await svc.close()
-            await pool.close()
 
-    with database_url(settings) as url:
-        return asyncio.run(run(url))
+    return _with_pool(settings, call)
 
 
 def _print(result: Any) -> None:

@@ -56,6 +56,35 @@ def point(as_of: int | None, recorded_at: datetime | None, effective_at: datetim
     return Point("head")
 
 
+def parse_point(text: str | None, basis: str) -> Point:
+    """A position (digits) or an ISO 8601 time with an offset, on the recorded or effective
+    axis; none means the head."""
+    if text is None:
+        return Point("head")
+    if text.isdigit():
+        if basis == "effective":
+            raise errors.InvalidRequest("on the effective axis, points are times")
+        return Point("position", position=int(text))
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise errors.InvalidRequest(
+            f"{text!r} is neither a position nor an ISO 8601 time"
+        ) from None
+    if moment.tzinfo is None:
+        raise errors.InvalidRequest(f"{text!r} needs a UTC offset")
+    return Point("effective" if basis == "effective" else "recorded", time=moment)
+
+
+def period_start(text: str | None, basis: str) -> Point:
+    """The start of a period: the given point, or the beginning of the ledger."""
+    if text is not None:
+        return parse_point(text, basis)
+    if basis == "effective":
+        return Point("effective", time=datetime.fromisoformat("1970-01-01T00:00:00+00:00"))
+    return Point("position", position=0)
+
+
 async def _ledger(conn: psycopg.AsyncConnection[Any], name: str) -> tuple[int, int, dict[str, int]]:
     row = await (
         await conn.execute("SELECT id, head_position FROM ledgers WHERE name = %s", (name,))
