@@ -102,12 +102,13 @@ async def get_account(
     svc: Service,
     as_of: AsOf = None,
     effective_at: Annotated[AwareDatetime | None, Query(description="ISO 8601 with offset")] = None,
+    recorded_at: Annotated[AwareDatetime | None, Query(description="ISO 8601 with offset")] = None,
 ) -> Response:
     """The account and its balances per asset: now, as of a log position, or (posted amounts)
     effective at a time."""
-    if as_of is not None and effective_at is not None:
-        raise errors.InvalidRequest("ask for as_of or effective_at, not both")
-    return json_response(await svc.account(ledger, name, as_of, effective_at))
+    if sum(x is not None for x in (as_of, effective_at, recorded_at)) > 1:
+        raise errors.InvalidRequest("ask for one of as_of, recorded_at, effective_at")
+    return json_response(await svc.account(ledger, name, as_of, effective_at, recorded_at))
 
 
 @router.put(

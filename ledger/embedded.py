@@ -6,6 +6,7 @@ in a directory that survives restarts, and is stopped when the program exits.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -31,13 +32,12 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Starts (or restarts, on the same data) the server; returns its URL."""
-        if os.geteuid() == 0 and self.data_dir.is_relative_to("/root"):
-            # As root the wheel runs the server as another OS user and opens up the parent
-            # directories of the data dir for it: never do that to /root.
-            raise EmbeddedError(
-                f"{self.data_dir}: as root, keep the embedded data dir out of /root "
-                "(set LEDGER_DATA_DIR, or run from another directory)"
+        chosen = safe_data_dir(self.data_dir, os.geteuid())
+        if chosen != self.data_dir:
+            logger.warning(
+                "embedded data dir moved out of /root", asked=str(self.data_dir), used=str(chosen)
             )
+            self.data_dir = chosen
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("XDG_RUNTIME_DIR", f"/tmp/runtime-{os.getuid()}")
         Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(mode=0o700, exist_ok=True)
@@ -64,6 +64,16 @@ class EmbeddedPostgres:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def safe_data_dir(data_dir: Path, euid: int) -> Path:
+    """Where the data may live. As root the wheel runs the server as another OS user and opens
+    up the parent directories of the data dir for it: never do that to /root; use a directory
+    of our own instead, the same one for the same path, so the data survives restarts."""
+    if euid != 0 or not data_dir.is_relative_to("/root"):
+        return data_dir
+    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
+    return Path("/var/tmp") / f"ledger-{digest}" / data_dir.name
 
 
 def _forget_dead_handles(data_dir: Path) -> None:

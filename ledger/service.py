@@ -218,9 +218,10 @@ class LedgerService:
         name: str,
         as_of: int | None = None,
         effective_at: datetime | None = None,
+        recorded_at: datetime | None = None,
     ) -> dict[str, Any]:
-        """An account and its balances: now, as of a log position, or (posted amounts only)
-        effective at a time."""
+        """An account and its balances: now, as of a log position or a recorded time (the
+        last position recorded at or before it), or (posted amounts only) effective at a time."""
         ref = await self.ledger_ref(ledger)
         row = await self._one(
             "SELECT id, type, metadata, position, guard, guard_limits, frozen, closed"
@@ -230,6 +231,15 @@ class LedgerService:
         if row is None or (as_of is not None and row[3] > as_of):
             raise errors.AccountNotFoundForRead(f"account {name!r} does not exist", account=name)
         account_id, scales = int(row[0]), await self._scales(ref.id)
+        if recorded_at is not None:
+            found = await self._one(
+                "SELECT coalesce(max(position), 0) FROM events WHERE ledger_id = %s"
+                " AND recorded_at <= %s",
+                (ref.id, recorded_at),
+            )
+            as_of = int(found[0])
+            if row[3] > as_of:
+                raise errors.AccountNotFoundForRead(f"account {name!r} did not exist then")
         if effective_at is not None:
             balances = await self._all(
                 "SELECT asset, coalesce(sum(amount) FILTER (WHERE debit), 0),"

@@ -251,3 +251,21 @@ def test_invalid_input_never_changes_state(
     assert 400 <= r.status_code < 500 and r.headers["content-type"] == PROBLEM
     assert client.get(f"/v1/ledgers/{ledger}").json()["head"] == head
     assert client.get(f"/v1/ledgers/{ledger}/balances").json() == before
+
+
+def test_balances_answer_at_a_recorded_time_as_at_the_position_then(
+    client: TestClient, ledger: str
+) -> None:
+    from datetime import UTC, datetime
+
+    send(client, ledger, {"postings": [posting(amount="100")]}, key="r1")
+    between = datetime.now(UTC).isoformat()
+    send(client, ledger, {"postings": [posting(amount="200")]}, key="r2")
+    url = f"/v1/ledgers/{ledger}/accounts/users:alice"
+    then = client.get(url, params={"recorded_at": between}).json()
+    assert then["balances"][0]["credits_posted"] == "100" and then["as_of"] == 5
+    assert client.get(url).json()["balances"][0]["credits_posted"] == "300"
+    before = client.get(url, params={"recorded_at": "2000-01-01T00:00:00Z"})
+    assert before.status_code == 404
+    both = client.get(url, params={"recorded_at": between, "as_of": 5})
+    assert both.status_code == 422

@@ -1,0 +1,31 @@
+"""Running it: settings, the embedded server's data dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ledger.embedded import safe_data_dir
+from ledger.settings import SettingsError, load_settings
+
+
+def test_an_unknown_or_malformed_setting_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEDGER_PORTT", "8000")
+    with pytest.raises(SettingsError, match="LEDGER_PORTT: unknown setting"):
+        load_settings()
+    monkeypatch.delenv("LEDGER_PORTT")
+    monkeypatch.setenv("LEDGER_PORT", "99999")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert str(caught.value).startswith("LEDGER_PORT:") and "\n" not in str(caught.value)
+
+
+def test_as_root_a_data_dir_under_root_moves_to_one_of_our_own() -> None:
+    asked = Path("/root/clone/.ledger/pgdata")
+    moved = safe_data_dir(asked, euid=0)
+    assert not moved.is_relative_to("/root") and moved.name == "pgdata"
+    assert safe_data_dir(asked, euid=0) == moved  # the same place every time
+    assert safe_data_dir(Path("/root/other/.ledger/pgdata"), euid=0) != moved
+    assert safe_data_dir(asked, euid=1000) == asked
+    assert safe_data_dir(Path("/srv/ledger/pgdata"), euid=0) == Path("/srv/ledger/pgdata")
