@@ -124,6 +124,12 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
     async def healthz() -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
 
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> Response:
         try:

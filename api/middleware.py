@@ -18,7 +18,7 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import problem
-from ledger import limits
+from ledger import limits, metrics
 
 logger = structlog.get_logger("api.access")
 _stdlib = logging.getLogger("api.access")
@@ -61,6 +61,12 @@ class Guard:
                 receive = replay
             await self.app(scope, receive, send_with_id)
         finally:
+            route = scope.get("route")
+            name = getattr(route, "path", "unmatched")
+            metrics.REQUESTS.labels(scope["method"], name, str(status)).inc()
+            metrics.REQUEST_SECONDS.labels(scope["method"], name).observe(
+                time.perf_counter() - started
+            )
             if _stdlib.isEnabledFor(logging.INFO):
                 logger.info(
                     "request",

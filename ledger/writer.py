@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ import psycopg
 import structlog
 from psycopg_pool import AsyncConnectionPool
 
-from ledger import domain, errors, limits, log
+from ledger import domain, errors, limits, log, metrics
 from ledger.postgres import RETRYABLE, translate
 
 logger = structlog.get_logger(__name__)
@@ -102,6 +103,8 @@ class LedgerWriter:
 
     async def _write_group(self, conn: psycopg.AsyncConnection[Any], group: list[_Unit]) -> None:
         items = [item for unit in group for item in unit.items]
+        metrics.QUEUED.labels(self.ledger.name).set(self._queued_items)
+        started = time.perf_counter()
         try:
             outcomes = await self._write(conn, items)
         except errors.LedgerError as error:
@@ -117,6 +120,11 @@ class LedgerWriter:
             return
         self.groups_written += 1
         self.items_written += len(items)
+        metrics.GROUP_SECONDS.observe(time.perf_counter() - started)
+        metrics.GROUP_COMMANDS.observe(len(items))
+        refused = sum(isinstance(o, errors.LedgerError) for o in outcomes)
+        metrics.COMMANDS.labels("refused").inc(refused)
+        metrics.COMMANDS.labels("accepted").inc(len(outcomes) - refused)
         start = 0
         for unit in group:
             end = start + len(unit.items)

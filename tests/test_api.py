@@ -269,3 +269,13 @@ def test_balances_answer_at_a_recorded_time_as_at_the_position_then(
     assert before.status_code == 404
     both = client.get(url, params={"recorded_at": between, "as_of": 5})
     assert both.status_code == 422
+
+
+def test_metrics_count_requests_by_route_template_and_writer_groups(
+    client: TestClient, ledger: str
+) -> None:
+    send(client, ledger, {"postings": [posting()]}, key="m1")
+    text = client.get("/metrics").text
+    assert 'route="/v1/ledgers/{ledger}/transfers",status="201"' in text
+    assert f"/v1/ledgers/{ledger}/" not in text  # never raw paths: labels stay bounded
+    assert "ledger_writer_group_commands_count" in text
