@@ -409,6 +409,34 @@ def verify(
         keys is not None and keys[0] == 0,
         "" if keys and keys[0] == 0 else "a stored key points at another event",
     )
+    # Columns that copy what the hashed state says, used to answer by time: they must agree.
+    times = conn.execute(
+        "SELECT min(position) FROM events WHERE ledger_id = %s AND recorded_at <>"
+        " (convert_from(state, 'UTF8')::jsonb ->> 'recorded_at')::timestamptz",
+        (ledger_id,),
+    ).fetchone()
+    bad_time = times[0] if times else None
+    report.add(
+        "recorded_at_matches_events",
+        bad_time is None,
+        "" if bad_time is None else "a recorded_at column disagrees with its event",
+        bad_time,
+    )
+    effective = conn.execute(
+        "SELECT min(e.position) FROM entries e JOIN accounts a ON a.id = e.account_id"
+        " JOIN events ev ON ev.ledger_id = a.ledger_id AND ev.position = e.position"
+        " WHERE a.ledger_id = %s AND e.effective_at <> coalesce("
+        " convert_from(ev.state, 'UTF8')::jsonb ->> 'effective_at',"
+        " convert_from(ev.state, 'UTF8')::jsonb ->> 'recorded_at')::timestamptz",
+        (ledger_id,),
+    ).fetchone()
+    bad_effective = effective[0] if effective else None
+    report.add(
+        "effective_at_matches_events",
+        bad_effective is None,
+        "" if bad_effective is None else "an entry's effective date disagrees with its event",
+        bad_effective,
+    )
     from projections import runner  # the read side's own check, against a replay
 
     ok, detail = runner.check(conn, ledger)

@@ -287,3 +287,28 @@ def test_the_cli_verifies_an_export_offline_and_names_the_first_bad_event(
     assert chain["first_bad_position"] == 6
     digest = hashlib.sha256(good.read_bytes()).hexdigest()
     assert len(digest) == 64
+
+
+def test_a_shifted_recorded_time_or_effective_date_is_caught_against_the_event(
+    database_url: str, sealed: tuple[str, list[str]]
+) -> None:
+    ledger, _ = sealed
+    _as_administrator(
+        database_url,
+        "UPDATE events SET recorded_at = recorded_at - interval '40 days'"
+        " WHERE ledger_id = (SELECT id FROM ledgers WHERE name = %s) AND position = 9",
+        ledger,
+    )
+    _as_administrator(
+        database_url,
+        "UPDATE entries SET effective_at = effective_at - interval '40 days' WHERE position = 10"
+        " AND account_id IN (SELECT a.id FROM accounts a JOIN ledgers l ON l.id = a.ledger_id"
+        " WHERE l.name = %s)",
+        ledger,
+    )
+    with postgres.connect(database_url) as conn:
+        report = audit.verify(conn, ledger, PUBLIC)
+    assert set(report.failed()) == {"recorded_at_matches_events", "effective_at_matches_events"}
+    positions = {c["check"]: c.get("first_bad_position") for c in report.checks}
+    assert positions["recorded_at_matches_events"] == 9
+    assert positions["effective_at_matches_events"] == 10
