@@ -125,22 +125,24 @@ def replay(
     ledger: LedgerOption,
     until: Annotated[str | None, typer.Option(help="A log position, or an ISO 8601 time")] = None,
 ) -> None:
-    """Rebuilds every balance from the log alone, up to a position or a recorded time."""
+    """Rebuilds every balance and the positions from the log alone, up to a position or a
+    recorded time, and prints them."""
     from ledger import postgres
-    from ledger.replay import replay as run_replay
+    from ledger.log import to_event
+    from ledger.replay import Replay, stream
+    from projections import positions as model
 
     def action(settings: Settings) -> None:
+        result, held = Replay(), model.Positions()
         with database_url(settings) as url, postgres.connect(url) as conn:
             position = _position(conn, ledger, until)
             with typer.progressbar(length=position, label="replaying", file=sys.stderr) as bar:
-                last = [0]
-
-                def progress(at: int) -> None:
-                    bar.update(at - last[0])
-                    last[0] = at
-
-                result = run_replay(conn, ledger, position, progress)
-                bar.update(position - last[0])
+                for at, topic, state in stream(conn, ledger, position):
+                    result.apply(at, topic, bytes(state))
+                    held.apply(to_event(ledger, at, topic, bytes(state)))
+                    if at % 10_000 == 0:
+                        bar.update(10_000)
+                bar.update(position % 10_000)
         balances = [
             {
                 "account": a,
@@ -153,18 +155,15 @@ def replay(
             for (a, s), t in sorted(result.balances.items())
         ]
         totals = {asset: str(net) for asset, net in sorted(result.totals().items())}
-        print(
-            json.dumps(
-                {
-                    "ledger": ledger,
-                    "position": result.position,
-                    "events": result.events,
-                    "balances": balances,
-                    "net_posted_per_asset": totals,
-                },
-                indent=2,
-            )
-        )
+        report = {
+            "ledger": ledger,
+            "position": result.position,
+            "events": result.events,
+            "balances": balances,
+            "net_posted_per_asset": totals,
+            "positions": [model.as_json(r) for r in sorted(held.rows())],
+        }
+        print(json.dumps(report, indent=2))
 
     _run(action)
 

@@ -139,7 +139,9 @@ def test_money_moves_and_reports_come_out_through_the_command_line(
     out = tmp_path / "export.jsonl"
     assert ledger(database_url, "export", "-l", name, "--out", str(out)).returncode == 0
     replayed = ledger(database_url, "replay", "-l", name, "--until", "5")
-    assert json.loads(replayed.stdout)["position"] == 5
+    rebuilt = json.loads(replayed.stdout)
+    assert rebuilt["position"] == 5 and rebuilt["net_posted_per_asset"] == {"USD": "0"}
+    assert {p["holder"] for p in rebuilt["positions"]} == {"a", "b"}
     missing = ledger(database_url, "verify", "-l", "nope")
     assert (
         missing.returncode == 2 and missing.stderr.strip() == "ledger: ledger 'nope' does not exist"
