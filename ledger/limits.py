@@ -41,6 +41,8 @@ lock_timeout_ms: Final = 5_000
 statement_timeout_ms: Final = 30_000
 request_timeout_ms: Final = 30_000
 """How long a request waits for its command to be committed before answering 503."""
+writer_retry_pause_ms: Final = 100
+"""Pause before a writer whose connection failed tries its queue again."""
 write_retries_max: Final = 3
 """Retries of a whole write transaction on errors that are safe to retry."""
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import psycopg
 from psycopg.abc import Buffer
 from psycopg.adapt import Loader
+from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from ledger import errors, limits
@@ -40,6 +42,8 @@ SESSION_SQL = (
 
 def adapt(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
     conn.adapters.register_loader("numeric", IntNumericLoader)
+    # json/jsonb through orjson: the writer loads two jsonb columns per account it touches.
+    set_json_loads(orjson.loads, conn)
 
 
 async def _configure_async(conn: psycopg.AsyncConnection[Any]) -> None:

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PREFIX = "LEDGER_"
@@ -38,6 +38,15 @@ class Settings(BaseSettings):
         None,
         description="Ed25519 private key (PEM) that signs checkpoints; kept outside the database",
     )
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _tokens(cls, value: str) -> str:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            name, sep, token = part.partition(":")
+            if not (sep and name and len(token) >= 8):
+                raise ValueError("expected name:token pairs, tokens of 8 characters or more")
+        return value
 
 
 def load_settings() -> Settings:

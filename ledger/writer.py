@@ -100,6 +100,11 @@ class LedgerWriter:
                         await self._write_group(conn, self._take_group())
             except Exception:
                 logger.exception("writer connection failed", ledger=self.ledger.name)
+                # Commands may still be queued: try again shortly rather than wait for the next
+                # submitter to wake us (there may be none).
+                await asyncio.sleep(limits.writer_retry_pause_ms / 1000)
+                if self._queue:
+                    self._wakeup.set()
 
     async def _write_group(self, conn: psycopg.AsyncConnection[Any], group: list[_Unit]) -> None:
         items = [item for unit in group for item in unit.items]

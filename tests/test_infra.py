@@ -19,6 +19,10 @@ def test_an_unknown_or_malformed_setting_is_one_line(monkeypatch: pytest.MonkeyP
     with pytest.raises(SettingsError) as caught:
         load_settings()
     assert str(caught.value).startswith("LEDGER_PORT:") and "\n" not in str(caught.value)
+    monkeypatch.delenv("LEDGER_PORT")
+    monkeypatch.setenv("LEDGER_API_TOKENS", "alice-without-a-token")
+    with pytest.raises(SettingsError, match=r"LEDGER_API_TOKENS: .*name:token"):
+        load_settings()
 
 
 def test_as_root_a_data_dir_under_root_moves_to_one_of_our_own() -> None:

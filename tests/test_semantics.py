@@ -384,3 +384,32 @@ def test_expiry_sweep_finds_ledgers_nobody_writes_to(database_url: str, ledger_n
         return "pending"
 
     assert run(database_url, body) == "expired"
+
+
+def test_killed_connections_lose_nothing_when_clients_retry_with_their_keys(
+    database_url: str, ledger_name: str
+) -> None:
+    import psycopg
+
+    async def body(svc: LedgerService) -> None:
+        await setup(svc, ledger_name, "a", "b")
+        for round_ in range(3):
+            # An administrator (or a failover) kills every connection of the database.
+            with psycopg.connect(database_url, autocommit=True) as admin:
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            for i in range(5):
+                command = pay(f"k{round_}-{i}", "a", "b", 10)
+                for _attempt in range(10):  # the client's retry loop, same key every time
+                    try:
+                        await svc.post_transfer(ledger_name, command, META)
+                        break
+                    except errors.Unavailable:
+                        await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError("never committed")
+        assert balance(await svc.account(ledger_name, "b")) == 3 * 5 * 10
+
+    run(database_url, body)
