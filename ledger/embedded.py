@@ -6,6 +6,7 @@ in a directory that survives restarts, and is stopped when the program exits.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -45,7 +46,8 @@ class EmbeddedPostgres:
 
         _forget_dead_handles(self.data_dir)
         try:
-            self._server = get_server(self.data_dir, cleanup_mode="stop")
+            with _starting_lock():
+                self._server = get_server(self.data_dir, cleanup_mode="stop")
         except Exception as exc:
             raise EmbeddedError(
                 f"embedded Postgres failed to start in {self.data_dir}: {exc}"
@@ -74,6 +76,20 @@ def safe_data_dir(data_dir: Path, euid: int) -> Path:
         return data_dir
     digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
     return Path("/var/tmp") / f"ledger-{digest}" / data_dir.name
+
+
+@contextmanager
+def _starting_lock() -> Iterator[None]:
+    """One start at a time on this machine. As root, the wheel's first start creates an OS user
+    with ``useradd`` before taking its own lock; two processes starting at once (pytest-xdist
+    workers on a fresh machine) raced there and one failed in ``initdb``."""
+    path = Path(os.environ["XDG_RUNTIME_DIR"]) / "ledger-embedded-start.lock"
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _forget_dead_handles(data_dir: Path) -> None:
