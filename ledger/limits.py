@@ -37,6 +37,9 @@ group_transfers_max: Final = 2_000
 """Most commands coalesced into one database transaction by a ledger's writer."""
 writer_queue_commands_max: Final = 20_000
 """Commands waiting for a ledger's writer; past this, new ones are refused with 503."""
+writer_cache_entries_max: Final = 200_000
+"""Accounts (and, separately, balances) a ledger's writer keeps between its transactions;
+past this the cache is emptied and refilled from Postgres as groups need it."""
 lock_timeout_ms: Final = 5_000
 statement_timeout_ms: Final = 30_000
 request_timeout_ms: Final = 30_000

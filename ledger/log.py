@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -128,31 +128,82 @@ async def ledger_id(conn: psycopg.AsyncConnection[Any], name: str) -> int:
     return int(row[0])
 
 
+@dataclass(slots=True)
+class Cache:
+    """Accounts and balances as of ``position``, kept by a ledger's writer between groups.
+
+    Valid only while the ledger's head is still at ``position`` when the next group takes the
+    head lock, that is while no other process has written to the ledger since: then the rows
+    in Postgres equal these, and the group need not read them again. Otherwise (another server
+    wrote, or a transaction failed) it is emptied and the group reads everything."""
+
+    position: int = 0
+    accounts: dict[str, domain.Account] = field(default_factory=dict)
+    balances: dict[tuple[int, str], domain.Balance] = field(default_factory=dict)
+    """Every (account id, asset) pair known, zero balances included."""
+
+    def clear(self) -> None:
+        self.position = 0
+        self.accounts = {}
+        self.balances = {}
+
+    def keep(self, position: int, state: domain.LedgerState) -> None:
+        """After a commit at ``position``: remember what the group read and wrote."""
+        if (
+            len(self.accounts) + len(state.accounts) > limits.writer_cache_entries_max
+            or len(self.balances) + len(state.balances) > limits.writer_cache_entries_max
+        ):
+            self.clear()
+        self.accounts.update(state.accounts)
+        self.balances.update(state.balances)
+        self.position = position
+
+
 async def write(
     conn: psycopg.AsyncConnection[Any],
     ledger: LedgerRef,
     items: list[tuple[domain.Command, dict[str, Any]]],
+    cache: Cache | None = None,
 ) -> list[Outcome]:
-    """Decides and appends a group of commands in one transaction (see the module docstring)."""
-    async with conn.pipeline(), conn.transaction():
-        loaded = await _load(conn, ledger, items)
-        group = _Group(ledger, loaded)
-        # Pending transfers past their timeout expire first, deterministically, in order.
-        for record in loaded.due:
-            group.decide(domain.ExpirePending(record.key), {"actor": "ledger"})
-        index = 0
-        while index < len(items):
-            end = index
-            while end < len(items) - 1 and getattr(items[end][0], "linked", False):
-                end += 1
-            if end == index:
-                group.outcomes.append(group.decide(*items[index]))
-            else:
-                group.decide_chain(items[index : end + 1])
-            index = end + 1
-        if group.accepted:
-            await _append(conn, ledger, group)
-        return await group.results(conn)
+    """Decides and appends a group of commands in one transaction (see the module docstring).
+
+    With a ``cache``, reads only what it lacks, and updates it once the transaction commits;
+    if anything fails, it is emptied."""
+    cache = cache if cache is not None else Cache()
+    try:
+        async with conn.pipeline(), conn.transaction():
+            outcomes, group = await _write(conn, ledger, items, cache)
+    except BaseException:
+        cache.clear()
+        raise
+    cache.keep(group.position, group.state)
+    return outcomes
+
+
+async def _write(
+    conn: psycopg.AsyncConnection[Any],
+    ledger: LedgerRef,
+    items: list[tuple[domain.Command, dict[str, Any]]],
+    cache: Cache,
+) -> tuple[list[Outcome], _Group]:
+    loaded = await _load(conn, ledger, items, cache)
+    group = _Group(ledger, loaded)
+    # Pending transfers past their timeout expire first, deterministically, in order.
+    for record in loaded.due:
+        group.decide(domain.ExpirePending(record.key), {"actor": "ledger"})
+    index = 0
+    while index < len(items):
+        end = index
+        while end < len(items) - 1 and getattr(items[end][0], "linked", False):
+            end += 1
+        if end == index:
+            group.outcomes.append(group.decide(*items[index]))
+        else:
+            group.decide_chain(items[index : end + 1])
+        index = end + 1
+    if group.accepted:
+        await _append(conn, ledger, group)
+    return await group.results(conn), group
 
 
 @dataclass(slots=True)
@@ -183,10 +234,14 @@ _BALANCE_SQL = (
 
 
 async def _load(
-    conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, items: list[tuple[domain.Command, Any]]
+    conn: psycopg.AsyncConnection[Any],
+    ledger: LedgerRef,
+    items: list[tuple[domain.Command, Any]],
+    cache: Cache,
 ) -> _Loaded:
-    """The head lock and every read the group needs: one round trip, and a second one only
-    when transfers the commands refer to name accounts not loaded yet."""
+    """The head lock and every read the group needs that the cache cannot answer: one round
+    trip, and a second one only when transfers the commands refer to name accounts not loaded
+    yet, or when the cache turns out to be stale (then it is emptied and everything read)."""
     commands = [c for c, _ in items]
     keys = [c.key for c in commands if isinstance(c, domain.Keyed)]
     refs = [
@@ -196,6 +251,7 @@ async def _load(
     ]
     names = _account_names(commands)
     pairs = _balance_keys(commands)
+    accounts, balances = _cached(cache, names, pairs)
     closing = [c.account for c in commands if isinstance(c, domain.CloseAccount)]
     opens = sum(isinstance(c, domain.OpenAccount) for c in commands)
     recorded_now = now()
@@ -208,8 +264,10 @@ async def _load(
         "SELECT key, position, request_hash FROM transfers WHERE ledger_id = %s AND key = ANY(%b)",
         (ledger.id, keys),
     )
+    missing_names = [n for n in names if n not in accounts]
+    missing_pairs = [(n, a) for n, a in pairs if (n, a) not in balances]
     accounts_cur = await q(
-        _ACCOUNT_SQL + " WHERE ledger_id = %s AND name = ANY(%b)", (ledger.id, list(names))
+        _ACCOUNT_SQL + " WHERE ledger_id = %s AND name = ANY(%b)", (ledger.id, missing_names)
     )
     assets_cur = await q(
         "SELECT code, scale, position FROM assets WHERE ledger_id = %s", (ledger.id,)
@@ -218,7 +276,7 @@ async def _load(
         _BALANCE_SQL + " unnest(%b::text[], %b::text[]) AS k(name, asset)"
         " JOIN accounts a ON a.ledger_id = %s AND a.name = k.name"
         " JOIN balances b ON b.account_id = a.id AND b.asset = k.asset",
-        ([n for n, _ in pairs], [a for _, a in pairs], ledger.id),
+        ([n for n, _ in missing_pairs], [a for _, a in missing_pairs], ledger.id),
     )
     closing_cur = await q(
         _BALANCE_SQL + " accounts a JOIN balances b ON b.account_id = a.id"
@@ -238,12 +296,22 @@ async def _load(
     assert head is not None, "writer for a ledger that does not exist"
     new_ids = [int(r[0]) for r in await ids_cur.fetchall()]
     known_keys = {k: (int(p), bytes(h)) for k, p, h in await keys_cur.fetchall()}
-    accounts = {r[1]: _account(r) for r in await accounts_cur.fetchall()}
+    loaded_accounts = {r[1]: _account(r) for r in await accounts_cur.fetchall()}
     asset_rows = {code: (int(scale), int(pos)) for code, scale, pos in await assets_cur.fetchall()}
-    balances = {(r[0], r[1]): domain.Balance(*r[2:]) for r in await balances_cur.fetchall()}
-    balances.update({(r[0], r[1]): domain.Balance(*r[2:]) for r in await closing_cur.fetchall()})
+    loaded_balances = {(r[0], r[1]): domain.Balance(*r[2:]) for r in await balances_cur.fetchall()}
+    closing_balances = {(r[0], r[1]): domain.Balance(*r[2:]) for r in await closing_cur.fetchall()}
     records = [_record(r) for r in await refs_cur.fetchall()]
     due = [_record(r) for r in await due_cur.fetchall()]
+    if cache.position and cache.position != int(head[0]):
+        cache.clear()  # another process wrote since: read everything (the lock is held)
+        return await _load(conn, ledger, items, cache)
+
+    state_accounts = {a.name: a for a in accounts.values()}
+    state_accounts.update(loaded_accounts)
+    state_balances = {(accounts[n].id, a): b for (n, a), b in balances.items()}
+    state_balances.update(loaded_balances)
+    state_balances.update(closing_balances)
+    _zero_missing(state_balances, state_accounts, missing_pairs)
 
     # Accounts and balances of the referred transfers that the commands did not name.
     more_names = {n for r in records + due for p in r.postings for n in (p.debit, p.credit)}
@@ -252,9 +320,17 @@ async def _load(
         - set(pairs)
     )
     if more_pairs:
+        cached_accounts, cached_balances = _cached(cache, more_names, more_pairs)
+        state_accounts.update(cached_accounts)
+        state_balances.update(
+            {(cached_accounts[n].id, a): b for (n, a), b in cached_balances.items()}
+        )
+        more_pairs = [k for k in more_pairs if k not in cached_balances]
+        more_names = more_names - state_accounts.keys()
+    if more_pairs:
         accounts_cur = await q(
             _ACCOUNT_SQL + " WHERE ledger_id = %s AND name = ANY(%b)",
-            (ledger.id, list(more_names - accounts.keys())),
+            (ledger.id, list(more_names)),
         )
         balances_cur = await q(
             _BALANCE_SQL + " unnest(%b::text[], %b::text[]) AS k(name, asset)"
@@ -262,15 +338,16 @@ async def _load(
             " JOIN balances b ON b.account_id = a.id AND b.asset = k.asset",
             ([n for n, _ in more_pairs], [a for _, a in more_pairs], ledger.id),
         )
-        accounts.update({r[1]: _account(r) for r in await accounts_cur.fetchall()})
-        balances.update(
+        state_accounts.update({r[1]: _account(r) for r in await accounts_cur.fetchall()})
+        state_balances.update(
             {(r[0], r[1]): domain.Balance(*r[2:]) for r in await balances_cur.fetchall()}
         )
+        _zero_missing(state_balances, state_accounts, more_pairs)
 
     state = domain.LedgerState(
         assets={code: scale for code, (scale, _) in asset_rows.items()},
-        accounts=accounts,
-        balances=balances,
+        accounts=state_accounts,
+        balances=state_balances,
         transfers={r.key: r for r in records + due},
     )
     return _Loaded(
@@ -283,6 +360,34 @@ async def _load(
         due,
         new_ids,
     )
+
+
+def _cached(
+    cache: Cache, names: Iterable[str], pairs: Iterable[tuple[str, str]]
+) -> tuple[dict[str, domain.Account], dict[tuple[str, str], domain.Balance]]:
+    """The accounts (by name) and balances (by account name and asset) the cache holds."""
+    if not cache.position:
+        return {}, {}
+    accounts = {n: a for n in names if (a := cache.accounts.get(n)) is not None}
+    balances = {}
+    for name, asset in pairs:
+        account = accounts.get(name) or cache.accounts.get(name)
+        if account is not None and (b := cache.balances.get((account.id, asset))) is not None:
+            accounts[name] = account
+            balances[(name, asset)] = b
+    return accounts, balances
+
+
+def _zero_missing(
+    balances: dict[tuple[int, str], domain.Balance],
+    accounts: dict[str, domain.Account],
+    pairs: Iterable[tuple[str, str]],
+) -> None:
+    """Balances read but not found are zero: recorded as such, so the cache knows them."""
+    for name, asset in pairs:
+        account = accounts.get(name)
+        if account is not None:
+            balances.setdefault((account.id, asset), domain.Balance())
 
 
 def _account(r: Any) -> domain.Account:

@@ -49,6 +49,7 @@ class LedgerWriter:
         self._queued_items = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.cache = log.Cache()
         self.groups_written = 0
         self.items_written = 0
 
@@ -154,8 +155,8 @@ class LedgerWriter:
             try:
                 if conn.broken or conn.closed:
                     async with self.pool.connection() as fresh:
-                        return await log.write(fresh, self.ledger, items)
-                return await log.write(conn, self.ledger, items)
+                        return await log.write(fresh, self.ledger, items, self.cache)
+                return await log.write(conn, self.ledger, items, self.cache)
             except RETRYABLE as exc:
                 logger.warning(
                     "write retried",

@@ -275,3 +275,71 @@ def test_refused_transfers_leave_balances_and_log_untouched(
     before, after = run(database_url, body)
     assert before == after
     assert balance(run(database_url, lambda svc: svc.account(ledger_name, "bob"))) == 10
+
+
+def test_a_writer_does_not_trust_its_cache_after_another_server_wrote(
+    database_url: str, ledger_name: str
+) -> None:
+    """Each writer caches the balances it committed; a guarded wallet spent through another
+    server must be seen as spent by the first one."""
+    guard = domain.SetGuard("wallet", "debits_must_not_exceed_credits", {})
+    run(database_url, lambda svc: setup(svc, ledger_name, "bank", "wallet", "shop"))
+    run(database_url, lambda svc: svc.change_account(ledger_name, guard, META))
+
+    async def both(_: LedgerService) -> None:
+        a_pool, b_pool = postgres.async_pool(database_url, 2), postgres.async_pool(database_url, 2)
+        await a_pool.open()
+        await b_pool.open()
+        a, b = LedgerService(a_pool), LedgerService(b_pool)
+        try:
+            await a.post_transfer(ledger_name, pay("fund", "bank", "wallet", 100), META)
+            await a.post_transfer(ledger_name, pay("spend-a", "wallet", "shop", 60), META)
+            await b.post_transfer(ledger_name, pay("spend-b", "wallet", "shop", 40), META)
+            # a's cache says 40 is left; the log says 0.
+            with pytest.raises(errors.InsufficientFunds):
+                await a.post_transfer(ledger_name, pay("spend-a2", "wallet", "shop", 1), META)
+            await b.post_transfer(ledger_name, pay("refund", "shop", "wallet", 5), META)
+            await a.post_transfer(ledger_name, pay("spend-a3", "wallet", "shop", 5), META)
+        finally:
+            await a.close()
+            await b.close()
+            await a_pool.close()
+            await b_pool.close()
+
+    run(database_url, both)
+    wallet = run(database_url, lambda svc: svc.account(ledger_name, "wallet"))
+    assert balance(wallet) == 0 and wallet["balances"][0]["version"] == 5
+
+
+def test_a_stale_or_failed_cache_is_emptied_and_the_group_reads_postgres(
+    database_url: str, ledger_name: str
+) -> None:
+    run(database_url, lambda svc: setup(svc, ledger_name, "alice", "bob"))
+
+    async def body(svc: LedgerService) -> None:
+        ref = await svc.ledger_ref(ledger_name)
+        head = await svc.head(ledger_name)
+        async with svc.pool.connection() as conn:
+            stale = log.Cache()
+            await log.write(conn, ref, [(pay("t0", "alice", "bob", 5), META)], stale)
+            assert stale.position == head + 1
+            alice = stale.accounts["alice"]
+            assert stale.balances[(alice.id, "USD")].debits_posted == 5
+            # Now make it claim an older head, with a made-up balance for alice.
+            stale.position = head
+            stale.balances[(alice.id, "USD")] = domain.Balance(debits_posted=1000)
+            await log.write(conn, ref, [(pay("t1", "alice", "bob", 5), META)], stale)
+            assert stale.position == head + 2
+            assert stale.balances[(alice.id, "USD")].debits_posted == 10
+            # A transaction that fails (here: a lock that cannot be had) empties the cache.
+            await conn.execute("SET lock_timeout = '50ms'")
+            async with svc.pool.connection() as other, other.transaction():
+                await other.execute("SELECT 1 FROM ledgers WHERE id = %s FOR UPDATE", (ref.id,))
+                with pytest.raises(psycopg.errors.LockNotAvailable):
+                    await log.write(conn, ref, [(pay("t2", "alice", "bob", 5), META)], stale)
+            assert stale.position == 0 and not stale.balances
+            await conn.execute("RESET lock_timeout")
+
+    run(database_url, body)
+    alice = run(database_url, lambda svc: svc.account(ledger_name, "alice"))
+    assert balance(alice) == -10
