@@ -7,6 +7,9 @@ each event's postings. Its result must equal the ``balances`` table (and the run
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +45,8 @@ class Replay:
     holds: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     position: int = 0
     events: int = 0
+    _codes: dict[str, str] = field(default_factory=dict, repr=False)
+    """``CODE/SCALE`` → ``CODE``, parsed once per asset."""
 
     def apply(self, position: int, topic: str, state: bytes) -> None:
         assert position == self.position + 1, f"gap in the log before position {position}"
@@ -67,9 +72,17 @@ class Replay:
                 self._move(h, 0, -int(h["amount"]))
 
     def _move(self, posting: dict[str, str], posted: int, pending: int) -> None:
-        asset = posting["asset"].partition("/")[0]
-        debit = self.balances.setdefault((posting["debit"], asset), [0, 0, 0, 0])
-        credit = self.balances.setdefault((posting["credit"], asset), [0, 0, 0, 0])
+        asset = posting["asset"]
+        code = self._codes.get(asset)
+        if code is None:
+            code = self._codes[asset] = asset.partition("/")[0]
+        balances = self.balances
+        debit = balances.get((posting["debit"], code))
+        if debit is None:
+            debit = balances[(posting["debit"], code)] = [0, 0, 0, 0]
+        credit = balances.get((posting["credit"], code))
+        if credit is None:
+            credit = balances[(posting["credit"], code)] = [0, 0, 0, 0]
         debit[0] += posted
         debit[2] += pending
         credit[1] += posted
@@ -84,15 +97,45 @@ class Replay:
 
 
 def stream(conn: psycopg.Connection[Any], ledger: str, until: int | None) -> Iterator[Any]:
-    """The ledger's events in order, through a server-side cursor (bounded memory)."""
-    with conn.transaction(), conn.cursor(name="replay") as cur:
-        cur.itersize = 10_000
-        cur.execute(
-            "SELECT e.position, e.topic, e.state FROM events e JOIN ledgers l ON l.id = e.ledger_id"
-            " WHERE l.name = %s AND e.position <= %s ORDER BY e.position",
-            (ledger, until if until is not None else 2**62),
-        )
-        yield from cur
+    """The ledger's events in order, through a server-side cursor (bounded memory).
+
+    A thread fetches the next rows while the caller works on the current ones (Postgres and
+    the network then overlap with Python); at most ``_AHEAD`` fetches wait in between."""
+    batches: queue.Queue[list[Any] | BaseException | None] = queue.Queue(maxsize=_AHEAD)
+    stop = threading.Event()
+
+    def fetch() -> None:
+        try:
+            with conn.transaction(), conn.cursor(name="replay", binary=True) as cur:
+                cur.execute(
+                    "SELECT e.position, e.topic, e.state FROM events e"
+                    " JOIN ledgers l ON l.id = e.ledger_id"
+                    " WHERE l.name = %s AND e.position <= %s ORDER BY e.position",
+                    (ledger, until if until is not None else 2**62),
+                )
+                while not stop.is_set() and (rows := cur.fetchmany(_FETCH_ROWS)):
+                    batches.put(rows)
+            batches.put(None)
+        except BaseException as exc:  # handed to the caller, raised there
+            batches.put(exc)
+
+    fetcher = threading.Thread(target=fetch, name="replay-fetch", daemon=True)
+    fetcher.start()
+    try:
+        while (batch := batches.get()) is not None:
+            if isinstance(batch, BaseException):
+                raise batch
+            yield from batch
+    finally:
+        stop.set()
+        while fetcher.is_alive():  # unblock a fetcher waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                batches.get(timeout=0.05)
+        fetcher.join()
+
+
+_FETCH_ROWS = 10_000
+_AHEAD = 4
 
 
 def replay(

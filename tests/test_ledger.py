@@ -343,3 +343,33 @@ def test_a_stale_or_failed_cache_is_emptied_and_the_group_reads_postgres(
     run(database_url, body)
     alice = run(database_url, lambda svc: svc.account(ledger_name, "alice"))
     assert balance(alice) == -10
+
+
+def test_the_replay_stream_reads_ahead_and_can_be_left_early(
+    database_url: str, ledger_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ledger import replay as replay_module
+
+    monkeypatch.setattr(replay_module, "_FETCH_ROWS", 2)  # many fetches, a full queue
+    monkeypatch.setattr(replay_module, "_AHEAD", 1)
+    run(database_url, lambda svc: setup(svc, ledger_name, "alice", "bob"))
+
+    async def pays(svc: LedgerService) -> None:
+        for i in range(9):
+            await svc.post_transfer(ledger_name, pay(f"r{i}", "alice", "bob", 1 + i), META)
+
+    run(database_url, pays)
+    with postgres.connect(database_url) as conn:
+        whole = replay_module.replay(conn, ledger_name)
+        assert whole.position == 12 and whole.balances[("bob", "USD")][1] == 45
+        at = replay_module.replay(conn, ledger_name, until=5)
+        assert at.position == 5 and at.balances[("bob", "USD")][1] == 1 + 2
+        # Leaving early stops the reader; the connection is usable at once.
+        events = replay_module.stream(conn, ledger_name, None)
+        assert next(events)[0] == 1
+        events.close()
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        # An error in the reader is raised in the caller.
+        bad: Any = "not a position"
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+            list(replay_module.stream(conn, ledger_name, bad))
