@@ -12,9 +12,13 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog
+from fastapi.routing import APIRoute
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import problem
@@ -98,11 +102,12 @@ class Guard:
                 break
         body = b"".join(chunks)
         if body:
-            reason = _json_problem(body)
+            parsed, reason = _strict_json(body)
             if reason is not None:
                 response = problem(422, "invalid_json", "The body is not acceptable JSON", reason)
                 await response(scope, receive, send)
                 return None
+            scope["state"][PARSED_BODY] = parsed  # for ParsedBodyRoute: parsed once
         sent = False
 
         async def replay() -> Message:
@@ -130,22 +135,50 @@ def _refuse_constant(name: str) -> Any:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
     return result
 
 
-def _json_problem(body: bytes) -> str | None:
+def _strict_json(body: bytes) -> tuple[Any, str | None]:
+    """The parsed body, or why it is refused."""
     try:
-        json.loads(body, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+        return json.loads(
+            body, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant
+        ), None
     except RecursionError:
-        return "JSON nests too deeply"
+        return None, "JSON nests too deeply"
     except (ValueError, UnicodeDecodeError) as exc:
-        return str(exc)[:200]
-    return None
+        return None, str(exc)[:200]
+
+
+PARSED_BODY = "ledger.parsed_body"
+
+
+class _ParsedBodyRequest(Request):
+    async def json(self) -> Any:
+        state = self.scope.get("state", {})
+        if PARSED_BODY in state:
+            return state[PARSED_BODY]
+        return await super().json()
+
+
+class ParsedBodyRoute(APIRoute):
+    """FastAPI's own extension point for the request a route sees: the JSON body is the one
+    :class:`Guard` already parsed (strictly), not parsed a second time."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            return await handler(_ParsedBodyRequest(request.scope, request.receive))
+
+        return handle
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

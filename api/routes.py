@@ -12,11 +12,12 @@ from starlette.responses import Response
 from api import schemas
 from api.auth import actor
 from api.errors import PROBLEM
+from api.middleware import ParsedBodyRoute
 from ledger import domain, errors, limits
 from ledger.money import parse_asset
 from ledger.service import LedgerService, Result
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(actor)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(actor)], route_class=ParsedBodyRoute)
 
 LedgerPath = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
 AccountPath = Annotated[str, Path(min_length=1, max_length=limits.account_name_length_max)]
