@@ -138,22 +138,26 @@ class Cache:
     wrote, or a transaction failed) it is emptied and the group reads everything."""
 
     position: int = 0
+    assets: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Code → (scale, position of its definition)."""
     accounts: dict[str, domain.Account] = field(default_factory=dict)
     balances: dict[tuple[int, str], domain.Balance] = field(default_factory=dict)
     """Every (account id, asset) pair known, zero balances included."""
 
     def clear(self) -> None:
         self.position = 0
+        self.assets = {}
         self.accounts = {}
         self.balances = {}
 
-    def keep(self, position: int, state: domain.LedgerState) -> None:
+    def keep(self, position: int, state: domain.LedgerState, assets: dict[str, int]) -> None:
         """After a commit at ``position``: remember what the group read and wrote."""
         if (
             len(self.accounts) + len(state.accounts) > limits.writer_cache_entries_max
             or len(self.balances) + len(state.balances) > limits.writer_cache_entries_max
         ):
             self.clear()
+        self.assets = {code: (scale, assets[code]) for code, scale in state.assets.items()}
         self.accounts.update(state.accounts)
         self.balances.update(state.balances)
         self.position = position
@@ -176,7 +180,7 @@ async def write(
     except BaseException:
         cache.clear()
         raise
-    cache.keep(group.position, group.state)
+    cache.keep(group.position, group.state, group.asset_positions)
     return outcomes
 
 
@@ -256,52 +260,74 @@ async def _load(
     opens = sum(isinstance(c, domain.OpenAccount) for c in commands)
     recorded_now = now()
     q = conn.execute
+    missing_names = [n for n in names if n not in accounts]
+    missing_pairs = [(n, a) for n, a in pairs if (n, a) not in balances]
+    # Statements with nothing to look up are not sent: each costs Postgres a bind, a plan and
+    # an execution, which for a group of one transfer is most of its time.
     head_cur = await q(
         "SELECT head_position, head_hash, head_recorded_at FROM ledgers WHERE id = %s FOR UPDATE",
         (ledger.id,),
     )
-    keys_cur = await q(
+    keys_cur = keys and await q(
         "SELECT key, position, request_hash FROM transfers WHERE ledger_id = %s AND key = ANY(%b)",
         (ledger.id, keys),
     )
-    missing_names = [n for n in names if n not in accounts]
-    missing_pairs = [(n, a) for n, a in pairs if (n, a) not in balances]
-    accounts_cur = await q(
+    accounts_cur = missing_names and await q(
         _ACCOUNT_SQL + " WHERE ledger_id = %s AND name = ANY(%b)", (ledger.id, missing_names)
     )
-    assets_cur = await q(
+    assets_cur = (not cache.assets or not cache.position) and await q(
         "SELECT code, scale, position FROM assets WHERE ledger_id = %s", (ledger.id,)
     )
-    balances_cur = await q(
+    balances_cur = missing_pairs and await q(
         _BALANCE_SQL + " unnest(%b::text[], %b::text[]) AS k(name, asset)"
         " JOIN accounts a ON a.ledger_id = %s AND a.name = k.name"
         " JOIN balances b ON b.account_id = a.id AND b.asset = k.asset",
         ([n for n, _ in missing_pairs], [a for _, a in missing_pairs], ledger.id),
     )
-    closing_cur = await q(
+    closing_cur = closing and await q(
         _BALANCE_SQL + " accounts a JOIN balances b ON b.account_id = a.id"
         " WHERE a.ledger_id = %s AND a.name = ANY(%b)",
         (ledger.id, closing),
     )
-    refs_cur = await q(
+    refs_cur = refs and await q(
         _RECORD_SQL + " WHERE t.ledger_id = %s AND t.key = ANY(%b)", (ledger.id, refs)
     )
+    # Only the keys here (one table, cheap to plan); their records in a second round trip,
+    # needed only when some hold has expired.
     due_cur = await q(
-        _RECORD_SQL + " WHERE s.ledger_id = %s AND s.status = 'pending' AND s.expires_at <= %s"
-        " ORDER BY s.expires_at, s.key LIMIT %s",
+        "SELECT key FROM transfer_status WHERE ledger_id = %s AND status = 'pending'"
+        " AND expires_at <= %s ORDER BY expires_at, key LIMIT %s",
         (ledger.id, recorded_now, limits.expiries_per_group_max),
     )
-    ids_cur = await q("SELECT nextval('accounts_id_seq') FROM generate_series(1, %s)", (opens,))
+    ids_cur = opens and await q(
+        "SELECT nextval('accounts_id_seq') FROM generate_series(1, %s)", (opens,)
+    )
     head = await head_cur.fetchone()
     assert head is not None, "writer for a ledger that does not exist"
-    new_ids = [int(r[0]) for r in await ids_cur.fetchall()]
-    known_keys = {k: (int(p), bytes(h)) for k, p, h in await keys_cur.fetchall()}
-    loaded_accounts = {r[1]: _account(r) for r in await accounts_cur.fetchall()}
-    asset_rows = {code: (int(scale), int(pos)) for code, scale, pos in await assets_cur.fetchall()}
-    loaded_balances = {(r[0], r[1]): domain.Balance(*r[2:]) for r in await balances_cur.fetchall()}
-    closing_balances = {(r[0], r[1]): domain.Balance(*r[2:]) for r in await closing_cur.fetchall()}
-    records = [_record(r) for r in await refs_cur.fetchall()]
-    due = [_record(r) for r in await due_cur.fetchall()]
+    new_ids = [int(r[0]) for r in await _rows(ids_cur)]
+    known_keys = {k: (int(p), bytes(h)) for k, p, h in await _rows(keys_cur)}
+    loaded_accounts = {r[1]: _account(r) for r in await _rows(accounts_cur)}
+    asset_rows = (
+        {code: (int(scale), int(pos)) for code, scale, pos in await _rows(assets_cur)}
+        if assets_cur
+        else dict(cache.assets)
+    )
+    loaded_balances = {(r[0], r[1]): domain.Balance(*r[2:]) for r in await _rows(balances_cur)}
+    closing_balances = {(r[0], r[1]): domain.Balance(*r[2:]) for r in await _rows(closing_cur)}
+    records = [_record(r) for r in await _rows(refs_cur)]
+    due_keys = [r[0] for r in await due_cur.fetchall()]
+    due = []
+    if due_keys:
+        found = {
+            r[0]: _record(r)
+            for r in await _rows(
+                await q(
+                    _RECORD_SQL + " WHERE t.ledger_id = %s AND t.key = ANY(%b)",
+                    (ledger.id, due_keys),
+                )
+            )
+        }
+        due = [found[k] for k in due_keys]
     if cache.position and cache.position != int(head[0]):
         cache.clear()  # another process wrote since: read everything (the lock is held)
         return await _load(conn, ledger, items, cache)
@@ -360,6 +386,11 @@ async def _load(
         due,
         new_ids,
     )
+
+
+async def _rows(cursor: psycopg.AsyncCursor[Any] | Literal[0, False] | list[Any]) -> list[Any]:
+    """The rows of a statement, or none for one that was not sent (see :func:`_load`)."""
+    return await cursor.fetchall() if isinstance(cursor, psycopg.AsyncCursor) else []
 
 
 def _cached(
