@@ -103,6 +103,9 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
         docs_url="/docs",
         redoc_url=None,
         lifespan=lifespan,
+        # Metrics are ours (Prometheus, /metrics) and logs are structlog's; FastAPI's own
+        # OpenTelemetry hooks would only check for providers on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.tokens = tokens
     app.state.database_url = database_url

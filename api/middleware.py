@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -42,7 +42,7 @@ class Guard:
             return
         request_id = _header(scope, b"x-request-id")
         if not request_id or len(request_id) > 128 or not request_id.isprintable():
-            request_id = uuid.uuid4().hex
+            request_id = secrets.token_hex(16)
         scope.setdefault("state", {})["request_id"] = request_id
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
