@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import multiprocessing
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import structlog
 from fastapi import FastAPI
@@ -36,38 +36,29 @@ async def _sweep(service: LedgerService) -> None:
             logger.exception("expiry sweep failed")
 
 
-async def _project(url: str, pool: Any) -> None:
-    """Keeps each ledger's projections caught up with its log, a bounded batch at a time, in a
-    thread (the runner is synchronous), at most ``projection_runners_max`` ledgers."""
-    from projections.runner import Runner
+async def _project(url: str, log_level: str) -> None:
+    """Runs the projections in a child process (its own interpreter: it neither shares this
+    one's GIL with the requests nor stalls them), restarted if it exits."""
+    from projections.runner import follow_from
 
-    runners: dict[str, Runner] = {}
+    context = multiprocessing.get_context("spawn")
+    process = None
     try:
         while True:
-            await asyncio.sleep(limits.projection_interval_s)
-            try:
-                async with pool.connection() as conn:
-                    lagging = await (
-                        await conn.execute(
-                            "SELECT l.name FROM ledgers l LEFT JOIN tracking t"
-                            " ON t.application_name = 'positions:' || l.name"
-                            " WHERE l.head_position > coalesce(t.notification_id, 0)"
-                            " ORDER BY l.id LIMIT %s",
-                            (limits.projection_runners_max,),
-                        )
-                    ).fetchall()
-                for (name,) in lagging:
-                    runner = runners.get(name)
-                    if runner is None:
-                        if len(runners) >= limits.projection_runners_max:
-                            runners.pop(next(iter(runners))).close()
-                        runner = runners[name] = await asyncio.to_thread(Runner, url, name)
-                    await asyncio.to_thread(runner.catch_up)
-            except Exception:
-                logger.exception("projection run failed")
+            if process is None or not process.is_alive():
+                if process is not None:
+                    logger.error("projection process exited", exitcode=process.exitcode)
+                process = context.Process(
+                    target=follow_from, args=(url, log_level), name="ledger-projections"
+                )
+                process.start()
+            await asyncio.sleep(limits.projection_retry_pause_s)
     finally:
-        for runner in runners.values():
-            runner.close()
+        if process is not None and process.is_alive():
+            process.terminate()  # a batch cut short rolls back; the next run redoes it
+            await asyncio.to_thread(process.join, 5)
+            if process.is_alive():
+                process.kill()
 
 
 def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
@@ -84,7 +75,9 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
         sweeper = asyncio.create_task(_sweep(app.state.service), name="expiry-sweeper")
         background = [sweeper]
         if settings.projections:
-            background.append(asyncio.create_task(_project(database_url, pool), name="projections"))
+            background.append(
+                asyncio.create_task(_project(database_url, settings.log_level), name="projections")
+            )
         # Everything made so far (modules, the app, its routes) lives as long as the process:
         # keep it out of the collector's full passes, which otherwise paused every request in
         # flight for ~18 ms now and then (measured; with it, ~1 ms).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -607,6 +608,19 @@ def projections_run(ledger: LedgerOption) -> None:
                 print(json.dumps({"positions": r.catch_up()}))
             finally:
                 r.close()
+
+    _run(action)
+
+
+@projections_app.command("follow")
+def projections_follow() -> None:
+    """Keeps every ledger's projections caught up, until stopped (Ctrl-C): for servers run
+    with LEDGER_PROJECTIONS=false."""
+    from projections import runner
+
+    def action(settings: Settings) -> None:
+        with database_url(settings) as url, contextlib.suppress(KeyboardInterrupt):
+            runner.follow(url)
 
     _run(action)
 

@@ -79,3 +79,6 @@ projection_runners_max: Final = 16
 """Ledgers whose projections one server process keeps caught up at once."""
 projection_interval_s: Final = 0.5
 """How often the server looks for projections behind their log."""
+projection_retry_pause_s: Final = 5.0
+"""After the projection process fails (say, the database went away), it waits this long; the
+server restarts a projection process that exited at most this often."""

@@ -32,7 +32,11 @@ class Settings(BaseSettings):
     pool_size: int = Field(8, ge=1, le=64, description="Database connections per server process")
     api_tokens: str = Field("", description="name:token,name:token; empty turns auth off")
     projections: bool = Field(
-        True, description="Run the projections in the server (off: run `ledger projections run`)"
+        True,
+        description=(
+            "Run the projections in a child process of the server"
+            " (off: run `ledger projections follow` elsewhere)"
+        ),
     )
     signing_key_file: Path | None = Field(
         None,

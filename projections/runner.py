@@ -13,15 +13,19 @@ mix, and never an empty table.
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Callable
 from functools import singledispatchmethod
 from typing import Any
 
 import orjson
 import psycopg
+import structlog
 from eventsourcing.persistence import Tracking, TrackingRecorder
 from eventsourcing.projection import Projection
 
-from ledger import postgres
+from ledger import limits, postgres
 from ledger.events import MAPPER, LedgerEvent
 from ledger.recorder import LedgerRecorder
 from projections.positions import Position, Positions
@@ -201,6 +205,55 @@ class Runner:
 
 class _Moved(Exception):
     pass
+
+
+def follow(url: str, stop: Callable[[], bool] = lambda: False) -> None:
+    """Keeps the projections of every ledger caught up with its log until ``stop()``: every
+    ``projection_interval_s``, the ledgers whose head is past their projection's position
+    (at most ``projection_runners_max`` runners are kept open)."""
+    runners: dict[str, Runner] = {}
+    try:
+        with postgres.connect(url) as conn:
+            conn.autocommit = True
+            while not stop():
+                time.sleep(limits.projection_interval_s)
+                lagging = conn.execute(
+                    "SELECT l.name FROM ledgers l LEFT JOIN tracking t"
+                    " ON t.application_name = 'positions:' || l.name"
+                    " WHERE l.head_position > coalesce(t.notification_id, 0)"
+                    " ORDER BY l.id LIMIT %s",
+                    (limits.projection_runners_max,),
+                ).fetchall()
+                for (name,) in lagging:
+                    runner = runners.get(name)
+                    if runner is None:
+                        if len(runners) >= limits.projection_runners_max:
+                            runners.pop(next(iter(runners))).close()
+                        runner = runners[name] = Runner(url, name)
+                    runner.catch_up()
+    finally:
+        for runner in runners.values():
+            runner.close()
+
+
+def follow_from(url: str, log_level: str) -> None:
+    """The server's projection process: :func:`follow` until the server that started it is
+    gone (its parent process changes), retrying after a failure."""
+    from ledger.logging import configure_logging
+
+    configure_logging(log_level)
+    log = structlog.get_logger("projections")
+    parent = os.getppid()
+
+    def orphaned() -> bool:
+        return os.getppid() != parent
+
+    while not orphaned():
+        try:
+            follow(url, orphaned)
+        except Exception:
+            log.exception("projections failed; retrying")
+            time.sleep(limits.projection_retry_pause_s)
 
 
 def status(conn: psycopg.Connection[Any], ledger: str) -> list[dict[str, Any]]:

@@ -222,3 +222,21 @@ def test_positions_and_lag_over_http(database_url: str) -> None:
             f"/v1/ledgers/{ledger}/positions", params={"holder": "users:bob", "as_of": 7}
         ).json()
         assert next(i for i in then["items"] if i["asset"] == "BTC/8")["quantity"] == str(10**6)
+
+
+def test_follow_catches_every_lagging_ledger_up_and_stops_when_told(database_url: str) -> None:
+    from projections.runner import follow, status
+
+    ledgers = ["f" + secrets.token_hex(5) for _ in range(2)]
+    for name in ledgers:
+        _trade_ledger(database_url, name, 2)
+
+    def caught_up() -> bool:
+        with postgres.connect(database_url) as conn:
+            return all(status(conn, name)[0]["lag"] == 0 for name in ledgers)
+
+    deadline = time.monotonic() + 20
+    follow(database_url, lambda: caught_up() or time.monotonic() > deadline)
+    assert caught_up()
+    with postgres.connect(database_url) as conn:
+        assert all(check(conn, name)[0] for name in ledgers)
