@@ -18,7 +18,7 @@ from api import errors as api_errors
 from api import reports as report_routes
 from api import routes, ws
 from api.auth import parse_tokens
-from api.middleware import Guard
+from api.middleware import OPENAPI_URL, Guard
 from ledger import limits, postgres
 from ledger.service import LedgerService
 from ledger.settings import Settings
@@ -98,7 +98,7 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
         title="ledger",
         version="1",
         summary="An event-sourced double-entry ledger",
-        openapi_url="/v1/openapi.json",
+        openapi_url=OPENAPI_URL,
         docs_url="/docs",
         redoc_url=None,
         lifespan=lifespan,
@@ -115,7 +115,7 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
 
         app.state.signing_key = load_private_key(settings.signing_key_file)
         app.state.public_key = app.state.signing_key.public_key()
-    app.add_middleware(Guard)
+    app.add_middleware(Guard, tokens=tokens)
     api_errors.install(app)
     app.include_router(routes.router)
     app.include_router(audit_routes.router)

@@ -10,17 +10,14 @@ import asyncio
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
-from api.auth import actor
 from api.middleware import ParsedBodyRoute
 from api.routes import KeyPath, LedgerPath, Service, _problems, json_response
 from ledger import audit, errors, limits, postgres
 
-router = APIRouter(
-    prefix="/v1", dependencies=[Depends(actor)], tags=["audit"], route_class=ParsedBodyRoute
-)
+router = APIRouter(prefix="/v1", tags=["audit"], route_class=ParsedBodyRoute)
 T = TypeVar("T")
 _slots = asyncio.Semaphore(limits.audits_concurrent_max)
 

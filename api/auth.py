@@ -1,4 +1,5 @@
-"""Bearer-token authentication for /v1. Off when ``LEDGER_API_TOKENS`` is empty.
+"""Bearer-token authentication for /v1 (checked by :class:`api.middleware.Guard` before a body
+is read, and by the WebSocket route). Off when ``LEDGER_API_TOKENS`` is empty.
 
 ``LEDGER_API_TOKENS`` is ``name:token,name:token``; the name is the actor recorded in the
 metadata of every event the request causes.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import Request, WebSocket
+from fastapi import WebSocket
 
 from ledger import errors
 
@@ -41,13 +42,6 @@ def actor_for(tokens: dict[str, str], authorization: str | None) -> str:
             if hmac.compare_digest(token.encode(), presented.encode()):
                 return name
     raise Unauthorized("send Authorization: Bearer <token>")
-
-
-async def actor(request: Request) -> str:
-    """The caller's name, checked once per request and kept on the request."""
-    name = actor_for(request.app.state.tokens, request.headers.get("authorization"))
-    request.scope["state"]["actor"] = name
-    return name
 
 
 def ws_actor(websocket: WebSocket) -> str:

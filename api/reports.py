@@ -5,19 +5,16 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from pydantic import AwareDatetime
 from starlette.responses import Response
 
-from api.auth import actor
 from api.middleware import ParsedBodyRoute
 from api.routes import AccountPath, LedgerPath, Service, _problems, json_response
 from ledger import errors
 from projections import reports
 
-router = APIRouter(
-    prefix="/v1", dependencies=[Depends(actor)], tags=["reports"], route_class=ParsedBodyRoute
-)
+router = APIRouter(prefix="/v1", tags=["reports"], route_class=ParsedBodyRoute)
 
 AsOf = Annotated[int | None, Query(ge=0, description="A log position")]
 Time = Annotated[AwareDatetime | None, Query(description="ISO 8601 with a UTC offset")]

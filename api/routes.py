@@ -10,14 +10,13 @@ from pydantic import AwareDatetime, ValidationError
 from starlette.responses import Response
 
 from api import schemas
-from api.auth import actor
 from api.errors import PROBLEM
 from api.middleware import ParsedBodyRoute
 from ledger import domain, errors, limits
 from ledger.money import parse_asset
 from ledger.service import LedgerService, Result
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(actor)], route_class=ParsedBodyRoute)
+router = APIRouter(prefix="/v1", route_class=ParsedBodyRoute)
 
 LedgerPath = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
 AccountPath = Annotated[str, Path(min_length=1, max_length=limits.account_name_length_max)]
@@ -63,111 +62,7 @@ def created(result: Result) -> Response:
     return json_response(result.body, 201, result.replayed)
 
 
-@router.post("/ledgers", status_code=201, response_model=schemas.LedgerOut, responses=_problems)
-async def create_ledger(body: schemas.CreateLedger, svc: Service, m: Meta) -> Response:
-    """Creates a ledger; the same request again returns it unchanged."""
-    return created(await svc.create_ledger(body.name, body.parsed_assets(), m))
-
-
-@router.get("/ledgers/{ledger}", response_model=schemas.LedgerOut, responses=_problems)
-async def get_ledger(ledger: LedgerPath, svc: Service) -> Response:
-    return json_response(await svc.get_ledger(ledger))
-
-
-@router.post("/ledgers/{ledger}/assets", status_code=201, responses=_problems)
-async def define_asset(
-    ledger: LedgerPath, body: schemas.DefineAsset, svc: Service, m: Meta
-) -> Response:
-    return created(await svc.define_asset(ledger, parse_asset(body.asset), m))
-
-
-@router.post(
-    "/ledgers/{ledger}/accounts",
-    status_code=201,
-    response_model=schemas.AccountOut,
-    responses=_problems,
-)
-async def open_account(
-    ledger: LedgerPath, body: schemas.OpenAccount, svc: Service, m: Meta
-) -> Response:
-    """Opens an account; the same request again returns it (Idempotent-Replayed: true)."""
-    return created(await svc.open_account(ledger, body.command(), m))
-
-
-@router.get(
-    "/ledgers/{ledger}/accounts/{name}", response_model=schemas.AccountOut, responses=_problems
-)
-async def get_account(
-    ledger: LedgerPath,
-    name: AccountPath,
-    svc: Service,
-    as_of: AsOf = None,
-    effective_at: Annotated[AwareDatetime | None, Query(description="ISO 8601 with offset")] = None,
-    recorded_at: Annotated[AwareDatetime | None, Query(description="ISO 8601 with offset")] = None,
-) -> Response:
-    """The account and its balances per asset: now, as of a log position, or (posted amounts)
-    effective at a time."""
-    if sum(x is not None for x in (as_of, effective_at, recorded_at)) > 1:
-        raise errors.InvalidRequest("ask for one of as_of, recorded_at, effective_at")
-    return json_response(await svc.account(ledger, name, as_of, effective_at, recorded_at))
-
-
-@router.put(
-    "/ledgers/{ledger}/accounts/{name}/guard",
-    response_model=schemas.AccountOut,
-    responses=_problems,
-)
-async def set_guard(
-    ledger: LedgerPath, name: AccountPath, body: schemas.GuardIn, svc: Service, m: Meta
-) -> Response:
-    """Sets the account's balance guard; an event records when each rule came into force."""
-    return json_response((await svc.change_account(ledger, body.command(name), m)).body)
-
-
-@router.put(
-    "/ledgers/{ledger}/accounts/{name}/metadata",
-    response_model=schemas.AccountOut,
-    responses=_problems,
-)
-async def set_metadata(
-    ledger: LedgerPath, name: AccountPath, body: schemas.MetadataIn, svc: Service, m: Meta
-) -> Response:
-    command = domain.UpdateAccountMetadata(name, dict(body.metadata))
-    return json_response((await svc.change_account(ledger, command, m)).body)
-
-
-@router.post(
-    "/ledgers/{ledger}/accounts/{name}/{action}",
-    response_model=schemas.AccountOut,
-    responses=_problems,
-)
-async def account_lifecycle(
-    ledger: LedgerPath,
-    name: AccountPath,
-    action: Annotated[Literal["freeze", "unfreeze", "close"], Path()],
-    svc: Service,
-    m: Meta,
-) -> Response:
-    """Freezes (refuses new postings; holds may still be released), unfreezes, or closes the
-    account (only when every balance is zero; a closed account takes nothing)."""
-    command: domain.AccountCommand = (
-        domain.CloseAccount(name)
-        if action == "close"
-        else domain.SetFrozen(name, frozen=action == "freeze")
-    )
-    return json_response((await svc.change_account(ledger, command, m)).body)
-
-
-@router.get("/ledgers/{ledger}/accounts/{name}/postings", responses=_problems)
-async def list_postings(
-    ledger: LedgerPath,
-    name: AccountPath,
-    svc: Service,
-    cursor: Annotated[str | None, Query(max_length=64)] = None,
-    limit: Limit = limits.page_size_default,
-) -> Response:
-    """The account's postings, newest first, each with the balance right after it."""
-    return json_response(await svc.postings(ledger, name, cursor, limit))
+# The transfer routes come first: a request is matched against the routes in order.
 
 
 @router.post(
@@ -280,6 +175,113 @@ async def post_batch(ledger: LedgerPath, body: schemas.BatchIn, svc: Service, m:
         except errors.LedgerError as exc:
             items.append((exc, linked))
     return json_response({"results": await svc.post_batch(ledger, items, m)})
+
+
+@router.post("/ledgers", status_code=201, response_model=schemas.LedgerOut, responses=_problems)
+async def create_ledger(body: schemas.CreateLedger, svc: Service, m: Meta) -> Response:
+    """Creates a ledger; the same request again returns it unchanged."""
+    return created(await svc.create_ledger(body.name, body.parsed_assets(), m))
+
+
+@router.get("/ledgers/{ledger}", response_model=schemas.LedgerOut, responses=_problems)
+async def get_ledger(ledger: LedgerPath, svc: Service) -> Response:
+    return json_response(await svc.get_ledger(ledger))
+
+
+@router.post("/ledgers/{ledger}/assets", status_code=201, responses=_problems)
+async def define_asset(
+    ledger: LedgerPath, body: schemas.DefineAsset, svc: Service, m: Meta
+) -> Response:
+    return created(await svc.define_asset(ledger, parse_asset(body.asset), m))
+
+
+@router.post(
+    "/ledgers/{ledger}/accounts",
+    status_code=201,
+    response_model=schemas.AccountOut,
+    responses=_problems,
+)
+async def open_account(
+    ledger: LedgerPath, body: schemas.OpenAccount, svc: Service, m: Meta
+) -> Response:
+    """Opens an account; the same request again returns it (Idempotent-Replayed: true)."""
+    return created(await svc.open_account(ledger, body.command(), m))
+
+
+@router.get(
+    "/ledgers/{ledger}/accounts/{name}", response_model=schemas.AccountOut, responses=_problems
+)
+async def get_account(
+    ledger: LedgerPath,
+    name: AccountPath,
+    svc: Service,
+    as_of: AsOf = None,
+    effective_at: Annotated[AwareDatetime | None, Query(description="ISO 8601 with offset")] = None,
+    recorded_at: Annotated[AwareDatetime | None, Query(description="ISO 8601 with offset")] = None,
+) -> Response:
+    """The account and its balances per asset: now, as of a log position, or (posted amounts)
+    effective at a time."""
+    if sum(x is not None for x in (as_of, effective_at, recorded_at)) > 1:
+        raise errors.InvalidRequest("ask for one of as_of, recorded_at, effective_at")
+    return json_response(await svc.account(ledger, name, as_of, effective_at, recorded_at))
+
+
+@router.put(
+    "/ledgers/{ledger}/accounts/{name}/guard",
+    response_model=schemas.AccountOut,
+    responses=_problems,
+)
+async def set_guard(
+    ledger: LedgerPath, name: AccountPath, body: schemas.GuardIn, svc: Service, m: Meta
+) -> Response:
+    """Sets the account's balance guard; an event records when each rule came into force."""
+    return json_response((await svc.change_account(ledger, body.command(name), m)).body)
+
+
+@router.put(
+    "/ledgers/{ledger}/accounts/{name}/metadata",
+    response_model=schemas.AccountOut,
+    responses=_problems,
+)
+async def set_metadata(
+    ledger: LedgerPath, name: AccountPath, body: schemas.MetadataIn, svc: Service, m: Meta
+) -> Response:
+    command = domain.UpdateAccountMetadata(name, dict(body.metadata))
+    return json_response((await svc.change_account(ledger, command, m)).body)
+
+
+@router.post(
+    "/ledgers/{ledger}/accounts/{name}/{action}",
+    response_model=schemas.AccountOut,
+    responses=_problems,
+)
+async def account_lifecycle(
+    ledger: LedgerPath,
+    name: AccountPath,
+    action: Annotated[Literal["freeze", "unfreeze", "close"], Path()],
+    svc: Service,
+    m: Meta,
+) -> Response:
+    """Freezes (refuses new postings; holds may still be released), unfreezes, or closes the
+    account (only when every balance is zero; a closed account takes nothing)."""
+    command: domain.AccountCommand = (
+        domain.CloseAccount(name)
+        if action == "close"
+        else domain.SetFrozen(name, frozen=action == "freeze")
+    )
+    return json_response((await svc.change_account(ledger, command, m)).body)
+
+
+@router.get("/ledgers/{ledger}/accounts/{name}/postings", responses=_problems)
+async def list_postings(
+    ledger: LedgerPath,
+    name: AccountPath,
+    svc: Service,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Limit = limits.page_size_default,
+) -> Response:
+    """The account's postings, newest first, each with the balance right after it."""
+    return json_response(await svc.postings(ledger, name, cursor, limit))
 
 
 @router.get(

@@ -279,3 +279,29 @@ def test_metrics_count_requests_by_route_template_and_writer_groups(
     assert 'route="/v1/ledgers/{ledger}/transfers",status="201"' in text
     assert f"/v1/ledgers/{ledger}/" not in text  # never raw paths: labels stay bounded
     assert "ledger_writer_group_commands_count" in text
+
+
+def test_with_tokens_every_v1_request_needs_one_and_its_name_is_the_actor(
+    database_url: str,
+) -> None:
+    settings = Settings(api_tokens="ops:s3cret-ops-token,billing:s3cret-billing")
+    ops = {"Authorization": "Bearer s3cret-ops-token"}
+    name = "a" + secrets.token_hex(6)
+    with TestClient(create_app(database_url, settings)) as c:
+        for request in (
+            lambda h: c.post("/v1/ledgers", json={"name": name}, headers=h),
+            lambda h: c.get(f"/v1/ledgers/{name}", headers=h),
+            # Refused before the body is read: not 422 for a body that is not JSON.
+            lambda h: c.post(f"/v1/ledgers/{name}/transfers", content=b"{nope", headers=h),
+        ):
+            for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": "x"}):
+                r = request(headers)
+                assert r.status_code == 401, r.text
+                assert r.headers["content-type"] == PROBLEM
+                assert r.json()["code"] == "unauthorized"
+        # Documentation and health stay public.
+        assert c.get("/v1/openapi.json").status_code == 200
+        assert c.get("/healthz").status_code == 200
+        assert c.post("/v1/ledgers", json={"name": name}, headers=ops).status_code == 201
+        events = c.get(f"/v1/ledgers/{name}/events", headers=ops).json()["items"]
+        assert events[0]["meta"]["actor"] == "ops"
