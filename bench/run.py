@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -315,6 +316,11 @@ async def in_process(
         ]
         for n in range(clients)
     ]
+    # ... and kept out of the garbage collector's passes: a server holds no such pile of
+    # commands (it freezes its start-up objects the same way), and scanning it made every
+    # full collection here slower, by 20 % of the figure.
+    gc.collect()
+    gc.freeze()
     stop = time.perf_counter() + seconds
 
     async def client(n: int) -> None:
@@ -329,7 +335,10 @@ async def in_process(
 
     started = time.perf_counter()
     await asyncio.gather(*[client(n) for n in range(clients)])
-    return done / (time.perf_counter() - started)
+    rate = done / (time.perf_counter() - started)
+    work.clear()
+    gc.unfreeze()
+    return rate
 
 
 async def http_batches(port: int, size: int, clients: int, seconds: float) -> float:
