@@ -225,7 +225,10 @@ class Balance:
     position: int = 0
 
     def copy(self) -> Balance:
-        return Balance(
+        return Balance(*self.fields())
+
+    def fields(self) -> tuple[int, int, int, int, int, int]:
+        return (
             self.debits_posted,
             self.credits_posted,
             self.debits_pending,

@@ -324,13 +324,13 @@ def test_a_stale_or_failed_cache_is_emptied_and_the_group_reads_postgres(
             await log.write(conn, ref, [(pay("t0", "alice", "bob", 5), META)], stale)
             assert stale.position == head + 1
             alice = stale.accounts["alice"]
-            assert stale.balances[(alice.id, "USD")].debits_posted == 5
+            assert domain.Balance(*stale.balances[(alice.id, "USD")]).debits_posted == 5
             # Now make it claim an older head, with a made-up balance for alice.
             stale.position = head
-            stale.balances[(alice.id, "USD")] = domain.Balance(debits_posted=1000)
+            stale.balances[(alice.id, "USD")] = domain.Balance(debits_posted=1000).fields()
             await log.write(conn, ref, [(pay("t1", "alice", "bob", 5), META)], stale)
             assert stale.position == head + 2
-            assert stale.balances[(alice.id, "USD")].debits_posted == 10
+            assert domain.Balance(*stale.balances[(alice.id, "USD")]).debits_posted == 10
             # A transaction that fails (here: a lock that cannot be had) empties the cache.
             await conn.execute("SET lock_timeout = '50ms'")
             async with svc.pool.connection() as other, other.transaction():
