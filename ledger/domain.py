@@ -10,10 +10,11 @@ Checks run in the order of ``ledger/errors.py`` (documented in ``docs/errors.md`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from ledger import errors, limits
 from ledger.events import canonical_json
@@ -74,6 +75,10 @@ class PostTransfer(Keyed):
     effective_at: datetime | None = None
     linked: bool = False
     """In a batch: this item and the next succeed or fail together."""
+    postings_json: list[dict[str, str]] = field(
+        init=False, repr=False, compare=False, default_factory=list
+    )
+    """The postings as the request and the event state them (made once)."""
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.postings) <= limits.postings_per_transfer_max:
@@ -88,12 +93,13 @@ class PostTransfer(Keyed):
                 )
         if self.timeout_s is not None and not self.pending:
             raise errors.TimeoutRequiresPending("timeout_seconds is only for pending transfers")
+        object.__setattr__(self, "postings_json", [p.as_json() for p in self.postings])
 
     def request_fields(self) -> dict[str, Any]:
         """The fields that make two requests with the same key the same request (fields left
         at their defaults are omitted, so a plain transfer hashes as it always did)."""
         fields: dict[str, Any] = {
-            "postings": [p.as_json() for p in self.postings],
+            "postings": self.postings_json,
             "metadata": self.metadata,
         }
         if self.pending:
@@ -255,6 +261,15 @@ class TransferRecord:
     expires_at: datetime | None = None
 
 
+class Totals(NamedTuple):
+    """An account's totals in one asset right after an entry."""
+
+    debits_posted: int
+    credits_posted: int
+    debits_pending: int
+    credits_pending: int
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One side of one posting, with the account's totals right after it."""
@@ -267,7 +282,7 @@ class Entry:
     posted: bool
     amount: int
     effective_at: datetime
-    totals: Balance
+    totals: Totals
 
 
 @dataclass(slots=True)
@@ -329,7 +344,9 @@ def decide(state: LedgerState, command: Command, position: int, now: datetime) -
     return change_account(state, command)
 
 
+@functools.lru_cache(maxsize=256)
 def iso(moment: datetime) -> str:
+    """ISO 8601 with microseconds (memoised: a group's transfers mostly share one moment)."""
     return moment.isoformat(timespec="microseconds")
 
 
@@ -419,7 +436,12 @@ class _Moves:
                 posted > 0,
                 amount,
                 self.effective_at,
-                totals.copy(),
+                Totals(
+                    totals.debits_posted,
+                    totals.credits_posted,
+                    totals.debits_pending,
+                    totals.credits_pending,
+                ),
             )
         )
 
@@ -505,7 +527,7 @@ def post_transfer(
     state.transfers[command.key] = record
     fields: dict[str, Any] = {
         "key": command.key,
-        "postings": [p.as_json() for p in command.postings],
+        "postings": command.postings_json,
         "metadata": command.metadata,
         "effective_at": iso(effective_at),
     }

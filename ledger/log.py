@@ -631,7 +631,7 @@ async def _append(conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, group: 
             "INSERT INTO entries (account_id, asset, position, leg, debit, posted, amount,"
             " effective_at, debits_posted, credits_posted, debits_pending, credits_pending)"
             " SELECT * FROM unnest(%s::int8[], %s::text[], %s::int8[], %s::int2[], %s::bool[],"
-            " %s::bool[], %s::numeric[], %b::timestamptz[], %s::numeric[], %s::numeric[],"
+            " %s::bool[], %s::numeric[], %s::timestamptz[], %s::numeric[], %s::numeric[],"
             " %s::numeric[], %s::numeric[])",
             (
                 _ints(e.account_id for e in entries),
@@ -641,7 +641,7 @@ async def _append(conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, group: 
                 _bools(e.debit for e in entries),
                 _bools(e.posted for e in entries),
                 _ints(e.amount for e in entries),
-                [e.effective_at for e in entries],
+                "{" + ",".join(domain.iso(e.effective_at) for e in entries) + "}",
                 _ints(e.totals.debits_posted for e in entries),
                 _ints(e.totals.credits_posted for e in entries),
                 _ints(e.totals.debits_pending for e in entries),
