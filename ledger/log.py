@@ -633,20 +633,7 @@ async def _append(conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, group: 
             " SELECT * FROM unnest(%s::int8[], %s::text[], %s::int8[], %s::int2[], %s::bool[],"
             " %s::bool[], %s::numeric[], %s::timestamptz[], %s::numeric[], %s::numeric[],"
             " %s::numeric[], %s::numeric[])",
-            (
-                _ints(e.account_id for e in entries),
-                _codes(e.asset for e in entries),
-                _ints(e.position for e in entries),
-                _ints(e.leg for e in entries),
-                _bools(e.debit for e in entries),
-                _bools(e.posted for e in entries),
-                _ints(e.amount for e in entries),
-                "{" + ",".join(domain.iso(e.effective_at) for e in entries) + "}",
-                _ints(e.totals.debits_posted for e in entries),
-                _ints(e.totals.credits_posted for e in entries),
-                _ints(e.totals.debits_pending for e in entries),
-                _ints(e.totals.credits_pending for e in entries),
-            ),
+            _entry_columns(entries),
         )
     touched: dict[tuple[int, str], domain.Balance] = {}
     statuses: dict[str, domain.TransferRecord] = {}
@@ -666,7 +653,6 @@ async def _append(conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, group: 
             new_assets.append((d.asset, a.event.position))
     if touched:
         keys = list(touched)
-        values = [touched[k] for k in keys]
         await q(
             "INSERT INTO balances (account_id, asset, debits_posted, credits_posted,"
             " debits_pending, credits_pending, version, position)"
@@ -679,12 +665,10 @@ async def _append(conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, group: 
             (
                 _ints(k[0] for k in keys),
                 _codes(k[1] for k in keys),
-                _ints(b.debits_posted for b in values),
-                _ints(b.credits_posted for b in values),
-                _ints(b.debits_pending for b in values),
-                _ints(b.credits_pending for b in values),
-                _ints(b.version for b in values),
-                _ints(b.position for b in values),
+                *(
+                    _ints(column)
+                    for column in zip(*(touched[k].fields() for k in keys), strict=True)
+                ),
             ),
         )
     if statuses:
@@ -743,6 +727,28 @@ async def _append(conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, group: 
         (group.position, group.hash, group.recorded, ledger.id),
     )
     await q("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, f"{ledger.name}:{group.position}"))
+
+
+def _entry_columns(entries: list[domain.Entry]) -> tuple[str, ...]:
+    """The entries as one array literal per column (one pass over them, then transposed)."""
+    account, asset, position, leg, debit, posted, amount, effective = zip(
+        *(
+            (e.account_id, e.asset, e.position, e.leg, e.debit, e.posted, e.amount, e.effective_at)
+            for e in entries
+        ),
+        strict=True,
+    )
+    return (
+        _ints(account),
+        _codes(asset),
+        _ints(position),
+        _ints(leg),
+        _bools(debit),
+        _bools(posted),
+        _ints(amount),
+        "{" + ",".join(map(domain.iso, effective)) + "}",
+        *(_ints(column) for column in zip(*(e.totals for e in entries), strict=True)),
+    )
 
 
 def _account_columns(accounts: list[domain.Account]) -> tuple[Any, ...]:
