@@ -6,6 +6,7 @@ a string of ASCII digits; a plain JSON integer is accepted too. Nothing here eve
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -52,13 +53,22 @@ class Asset:
 def parse_asset(value: Any) -> Asset:
     """``"USD/2"`` → ``Asset("USD", 2)``."""
     if isinstance(value, str):
-        match = _ASSET.fullmatch(value)
-        if match and int(match.group(2)) <= limits.asset_scale_max:
-            return Asset(match.group(1), int(match.group(2)))
+        asset = _asset_of(value)
+        if asset is not None:
+            return asset
     raise errors.InvalidAsset(
         f"asset must be CODE/SCALE (code of 1 to {limits.asset_code_length_max} capitals or "
         f"digits, scale 0 to {limits.asset_scale_max}), got {_show(value)}"
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _asset_of(text: str) -> Asset | None:
+    """Memoised: a ledger has few assets, and every posting names one."""
+    match = _ASSET.fullmatch(text)
+    if match and int(match.group(2)) <= limits.asset_scale_max:
+        return Asset(match.group(1), int(match.group(2)))
+    return None
 
 
 DEFAULT_ASSETS: tuple[Asset, ...] = tuple(
