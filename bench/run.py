@@ -520,10 +520,19 @@ def main() -> None:
                     bare = wrk(port, 64, seconds)
                     rows.append(
                         (
-                            "1. the same, projections run in another process",
+                            "1. the same, with no projection process (LEDGER_PROJECTIONS=false)",
                             bare["rate"],
                             "transfers/s",
                             True,
+                        )
+                    )
+                    half = wrk(port, 32, seconds, delay_ms=32 / (bare["rate"] / 2) * 1000)
+                    rows.append(
+                        (
+                            f"2. the same at half load ({half['rate']:.0f}/s): p50 / p99 / p99.9",
+                            half["p50"],
+                            f"ms  / {half['p99']:.1f} / {half['p999']:.1f}",
+                            False,
                         )
                     )
             else:
