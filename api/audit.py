@@ -14,7 +14,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from api.middleware import ParsedBodyRoute
-from api.routes import KeyPath, LedgerPath, Service, _problems, json_response
+from api.routes import KeyPath, LedgerPath, _problems, json_response, service
 from ledger import audit, errors, limits, postgres
 
 router = APIRouter(prefix="/v1", tags=["audit"], route_class=ParsedBodyRoute)
@@ -91,11 +91,11 @@ async def _checkpoint(request: Request, ledger: str, size: int | None) -> audit.
 async def inclusion_proof(
     ledger: LedgerPath,
     key: KeyPath,
-    svc: Service,
     request: Request,
     tree_size: Annotated[int | None, Query(ge=1, description="A checkpoint's size")] = None,
 ) -> Response:
     """Proves the transfer's event is in the tree a checkpoint signed (RFC 9162 inclusion)."""
+    svc = service(request)
     transfer = await svc.transfer(ledger, key)
     checkpoint = await _checkpoint(request, ledger, tree_size)
     position = transfer["position"]

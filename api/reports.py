@@ -10,7 +10,7 @@ from pydantic import AwareDatetime
 from starlette.responses import Response
 
 from api.middleware import ParsedBodyRoute
-from api.routes import AccountPath, LedgerPath, Service, _problems, json_response
+from api.routes import AccountPath, LedgerPath, _problems, json_response, service
 from ledger import errors
 from projections import reports
 
@@ -46,7 +46,7 @@ REPORTS = {
 async def report(
     ledger: LedgerPath,
     report: Annotated[Literal["trial-balance", "balance-sheet", "income-statement"], Path()],
-    svc: Service,
+    request: Request,
     as_of: AsOf = None,
     recorded_at: Time = None,
     effective_at: Time = None,
@@ -55,6 +55,7 @@ async def report(
     """`trial-balance`: every account's debits and credits per asset (per asset they are
     equal); `balance-sheet`: assets, liabilities and equity on their normal sides, with earnings
     to date; `income-statement`: revenue, expenses and net income to date."""
+    svc = service(request)
     at = reports.point(as_of, recorded_at, effective_at)
     kind = REPORTS[report]
     return await _answer(
@@ -73,13 +74,13 @@ async def report(
 async def account_statement(
     ledger: LedgerPath,
     name: AccountPath,
-    svc: Service,
     request: Request,
     basis: Annotated[Literal["recorded", "effective"], Query()] = "recorded",
     format: Format = "json",
 ) -> Response:
     """Opening balance, the period's posted entries, closing balance: `from` and `to` are
     positions or times (`basis` says which clock times are on)."""
+    svc = service(request)
     start = reports.period_start(request.query_params.get("from"), basis)
     end = reports.parse_point(request.query_params.get("to"), basis)
     return await _answer(
@@ -94,12 +95,12 @@ async def account_statement(
 async def positions(
     ledger: LedgerPath,
     request: Request,
-    svc: Service,
     holder: Annotated[str | None, Query(max_length=128)] = None,
     as_of: AsOf = None,
 ) -> Response:
     """Per holder and asset: quantity, pending, cost basis and realised P&L (average cost and
     FIFO). From the projection; with `as_of`, replayed from the log up to that position."""
+    svc = service(request)
     import asyncio
 
     from ledger import postgres
@@ -141,8 +142,9 @@ async def positions(
 
 
 @router.get("/ledgers/{ledger}/projections", responses=_problems)
-async def projection_status(ledger: LedgerPath, request: Request, svc: Service) -> Response:
+async def projection_status(ledger: LedgerPath, request: Request) -> Response:
     """Each projection's tracked position and its lag behind the head."""
+    svc = service(request)
     import asyncio
 
     from ledger import postgres
