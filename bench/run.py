@@ -496,6 +496,17 @@ def main() -> None:
                             False,
                         )
                     )
+                    # The same rate or more from fewer clients, each waiting for its answer:
+                    # smaller bursts, so smaller groups ahead of each request.
+                    steady = wrk(port, 8, seconds)
+                    rows.append(
+                        (
+                            f"2. 8 connections, no pause ({steady['rate']:.0f}/s): p50 / p99 / p99.9",
+                            steady["p50"],
+                            f"ms  / {steady['p99']:.1f} / {steady['p999']:.1f}",
+                            False,
+                        )
+                    )
                     hot = wrk(port, 64, seconds, hot=True)
                     rows.append(
                         (
