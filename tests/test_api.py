@@ -305,3 +305,39 @@ def test_with_tokens_every_v1_request_needs_one_and_its_name_is_the_actor(
         assert c.post("/v1/ledgers", json={"name": name}, headers=ops).status_code == 201
         events = c.get(f"/v1/ledgers/{name}/events", headers=ops).json()["items"]
         assert events[0]["meta"]["actor"] == "ops"
+
+
+@pytest.mark.parametrize("invalid", [False, True])
+def test_a_batch_of_plain_transfers_answers_as_item_by_item_validation_would(
+    client: TestClient, ledger: str, invalid: bool
+) -> None:
+    """Plain transfers are validated in one call (unless one of them is invalid); an explicit
+    action takes the item-by-item path. Both must give the same answers, errors included."""
+
+    def items(prefix: str, action: bool) -> list[dict[str, Any]]:
+        made: list[dict[str, Any]] = [
+            {"id": f"{prefix}1", "postings": [posting()], "linked": True},
+            {"id": f"{prefix}2", "postings": [posting(debit="users:bob", credit="users:bob")]},
+            {"id": f"{prefix}3", "postings": [posting(credit="users:bob")], "metadata": {"n": 3}},
+        ]
+        if invalid:
+            made.append({"id": f"{prefix}4", "postings": [posting(amount="0")]})
+        return [{**i, "action": "transfer"} for i in made] if action else made
+
+    answers = []
+    for prefix, action in (("fast", False), ("slow", True)):
+        r = client.post(
+            f"/v1/ledgers/{ledger}/transfers/batch", json={"items": items(prefix, action)}
+        )
+        assert r.status_code == 200, r.text
+        answers.append([(x["status"], x.get("error", {}).get("code")) for x in r.json()["results"]])
+    assert (
+        answers[0]
+        == answers[1]
+        == [
+            ("error", "linked_transfer_failed"),
+            ("error", "accounts_must_be_different"),
+            ("created", None),
+        ]
+        + ([("error", "invalid_amount")] if invalid else [])
+    )
