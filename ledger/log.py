@@ -162,7 +162,11 @@ class Cache:
             self.clear()
         self.assets = {code: (scale, assets[code]) for code, scale in state.assets.items()}
         self.accounts.update(state.accounts)
-        self.balances.update({k: b.fields() for k, b in state.balances.items()})
+        balances = self.balances
+        for key, b in state.balances.items():
+            known = balances.get(key)
+            if known is None or known[4] != b.version:  # every change moves the version
+                balances[key] = b.fields()
         self.position = position
 
 
@@ -581,6 +585,8 @@ class _Group:
             )
 
     async def results(self, conn: psycopg.AsyncConnection[Any]) -> list[Outcome]:
+        if not any(isinstance(o, int) for o in self.outcomes):  # no replays: all decided here
+            return [o for o in self.outcomes if not isinstance(o, int)]
         in_group = {a.event.position: Committed(a.event, a.hash, False) for a in self.accepted}
         wanted = [o for o in self.outcomes if isinstance(o, int) and o not in in_group]
         found = await _events_at(conn, self.ledger.id, wanted) if wanted else {}
