@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections import ChainMap
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal, NamedTuple
@@ -289,24 +291,41 @@ class Entry:
 class LedgerState:
     """What the writer loaded: everything :func:`decide` may read or change."""
 
-    assets: dict[str, int]
+    assets: MutableMapping[str, int]
     """Asset code → scale."""
-    accounts: dict[str, Account]
-    balances: dict[tuple[int, str], Balance]
+    accounts: MutableMapping[str, Account]
+    balances: MutableMapping[tuple[int, str], Balance]
     """(account id, asset code) → totals; missing means all zero."""
-    transfers: dict[str, TransferRecord] = field(default_factory=dict)
+    transfers: MutableMapping[str, TransferRecord] = field(default_factory=dict)
     """Transfers referred to by the group's commands, and those it created."""
 
     def snapshot(self) -> LedgerState:
-        """A copy to restore if a linked chain fails. Values are replaced, never mutated in
-        place by :func:`decide`, so shallow copies of the maps suffice."""
-        return LedgerState(
-            dict(self.assets), dict(self.accounts), dict(self.balances), dict(self.transfers)
-        )
+        """Starts a tentative change (a linked chain): from here on, changes go to overlays
+        over the maps, which the returned state keeps as they were. End with :meth:`restore`
+        (forget the changes) or :meth:`keep` (apply them). Nothing is copied, so a chain costs
+        the same in a small group as in a large one; :func:`decide` only ever replaces values,
+        never mutates them in place, so the maps as they were stay as they were."""
+        saved = LedgerState(self.assets, self.accounts, self.balances, self.transfers)
+        self.assets = ChainMap({}, saved.assets)
+        self.accounts = ChainMap({}, saved.accounts)
+        self.balances = ChainMap({}, saved.balances)
+        self.transfers = ChainMap({}, saved.transfers)
+        return saved
 
     def restore(self, saved: LedgerState) -> None:
         self.assets, self.accounts = saved.assets, saved.accounts
         self.balances, self.transfers = saved.balances, saved.transfers
+
+    def keep(self, saved: LedgerState) -> None:
+        for changed, base in (
+            (self.assets, saved.assets),
+            (self.accounts, saved.accounts),
+            (self.balances, saved.balances),
+            (self.transfers, saved.transfers),
+        ):
+            assert isinstance(changed, ChainMap), "keep() without snapshot()"
+            base.update(changed.maps[0])
+        self.restore(saved)
 
 
 @dataclass(slots=True)

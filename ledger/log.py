@@ -546,10 +546,13 @@ class _Group:
         """Linked items: all are applied, or none is (the failing one gets its own error, the
         others ``linked_transfer_failed``)."""
         saved_state = self.state.snapshot()
+        # Keys the chain may add (it only adds): removed again if it fails.
+        new_keys = [
+            c.key for c, _ in chain if isinstance(c, domain.Keyed) and c.key not in self.known_keys
+        ]
         saved = (
             self.position,
             self.hash,
-            dict(self.known_keys),
             dict(self.asset_positions),
             len(self.accepted),
             dict(self.conflicts),
@@ -558,15 +561,18 @@ class _Group:
         for command, meta in chain:
             outcome = self.decide(command, meta)
             self.outcomes.append(outcome)
-            if isinstance(outcome, errors.LedgerError) or len(self.conflicts) > len(saved[5]):
+            if isinstance(outcome, errors.LedgerError) or len(self.conflicts) > len(saved[4]):
                 break
         else:
+            self.state.keep(saved_state)
             return
         failed_at = len(self.outcomes) - 1
         self.state.restore(saved_state)
-        self.position, self.hash, self.known_keys, self.asset_positions = saved[:4]
-        del self.accepted[saved[4] :]
-        self.conflicts = saved[5]
+        self.position, self.hash, self.asset_positions = saved[:3]
+        for key in new_keys:
+            self.known_keys.pop(key, None)
+        del self.accepted[saved[3] :]
+        self.conflicts = saved[4]
         failure = self.outcomes[failed_at]
         if isinstance(failure, int):  # a key reused with another request
             failure = errors.IdempotencyKeyReused(

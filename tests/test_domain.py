@@ -145,3 +145,19 @@ def test_any_sequence_of_transfers_keeps_every_asset_summing_to_zero(transfers: 
             b.credits_posted - b.debits_posted for (_, a), b in s.balances.items() if a == code
         )
         assert net == 0
+
+
+def test_a_snapshot_overlays_changes_that_restore_forgets_and_keep_applies() -> None:
+    before = domain.Balance(1, 2, 0, 0, 1, 5)
+    state = domain.LedgerState({"USD": 2}, {}, {(1, "USD"): before})
+    for end, expected in (("restore", before), ("keep", domain.Balance(9, 9, 0, 0, 2, 6))):
+        saved = state.snapshot()
+        state.balances[(1, "USD")] = domain.Balance(9, 9, 0, 0, 2, 6)
+        state.balances[(2, "USD")] = domain.Balance()
+        state.assets["EUR"] = 2
+        assert saved.balances[(1, "USD")] is before and "EUR" not in saved.assets
+        getattr(state, end)(saved)
+        assert state.balances[(1, "USD")] == expected
+        assert ((2, "USD") in state.balances) == (end == "keep")
+        assert ("EUR" in state.assets) == (end == "keep")
+        assert type(state.balances) is dict
