@@ -278,6 +278,7 @@ async def set_guard(
 async def set_metadata(
     ledger: LedgerPath, name: AccountPath, body: schemas.MetadataIn, request: Request
 ) -> Response:
+    """Replaces the account's metadata; an event records the change."""
     svc = service(request)
     m = meta(request)
     command = domain.UpdateAccountMetadata(name, dict(body.metadata))
