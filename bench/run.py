@@ -226,7 +226,10 @@ function request()
   return wrk.format(nil, "/v1/ledgers/bench/transfers", nil, body)
 end
 function delay()
-  return pause
+  -- Random pauses with the given mean, so that connections do not stay in step (arrivals
+  -- closer to independent clients than to a metronome).
+  if pause <= 0 then return 0 end
+  return math.random(0, math.floor(2 * pause))
 end
 done = function(summary, latency, requests)
   local errors = summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout
