@@ -29,9 +29,14 @@ T = TypeVar("T")
 
 
 def _run(action: Callable[[Settings], T]) -> T:
-    """Runs a command; an expected failure is one line on stderr and exit code 2."""
+    """Runs a command; an expected failure is one line on stderr and exit code 2. Logs go to
+    stderr too: stdout is the command's output (JSON, CSV), which must stay parseable."""
+    from ledger.logging import configure_logging
+
     try:
-        return action(load_settings())
+        settings = load_settings()
+        configure_logging(settings.log_level, json=False)
+        return action(settings)
     except (SettingsError, EmbeddedError, LedgerError) as exc:
         message = str(exc)
     except psycopg.OperationalError as exc:

@@ -146,3 +146,23 @@ def test_money_moves_and_reports_come_out_through_the_command_line(
     assert (
         missing.returncode == 2 and missing.stderr.strip() == "ledger: ledger 'nope' does not exist"
     )
+
+
+def test_logs_go_to_stderr_and_stdout_stays_the_output(tmp_path: Path) -> None:
+    """With the embedded Postgres (which logs its start and stop) and info logs, stdout holds
+    the command's output alone."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")},
+        "LEDGER_DATA_DIR": str(tmp_path / "data"),
+        "LEDGER_LOG_LEVEL": "info",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "ledger", "migrate"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("schema version ") and len(done.stdout.splitlines()) == 1
+    assert "embedded postgres" in done.stderr
