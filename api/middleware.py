@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 from fastapi.routing import APIRoute
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -44,7 +45,8 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _header(scope, b"x-request-id")
+        headers = Headers(scope=scope)
+        request_id = headers.get("x-request-id")
         if not request_id or len(request_id) > 128 or not request_id.isprintable():
             request_id = secrets.token_hex(16)
         scope.setdefault("state", {})["request_id"] = request_id
@@ -64,9 +66,7 @@ class Guard:
         try:
             if scope["path"].startswith("/v1/") and scope["path"] != OPENAPI_URL:
                 try:
-                    scope["state"]["actor"] = actor_for(
-                        self.tokens, _header(scope, b"authorization")
-                    )
+                    scope["state"]["actor"] = actor_for(self.tokens, headers.get("authorization"))
                 except Unauthorized as exc:  # before the body is even read
                     await from_ledger_error(exc)(scope, receive, send_with_id)
                     return
@@ -94,7 +94,7 @@ class Guard:
 
     async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
         """The whole body, bounded and checked; None when the request was answered here."""
-        declared = _header(scope, b"content-length")
+        declared = Headers(scope=scope).get("content-length")
         if declared and declared.isdigit() and int(declared) > limits.request_body_bytes_max:
             await _too_large(scope, receive, send)
             return None
@@ -191,10 +191,3 @@ class ParsedBodyRoute(APIRoute):
             return await handler(_ParsedBodyRequest(request.scope, request.receive))
 
         return handle
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -60,6 +61,19 @@ def created(result: Result) -> Response:
     return json_response(result.body, 201, result.replayed)
 
 
+async def _keyed(
+    request: Request,
+    ledger: str,
+    idempotency_key: str | None,
+    command_for: Callable[[str], domain.KeyedCommand],
+) -> Response:
+    """A command under the request's idempotency key (checked first), submitted and answered."""
+    own = _key(idempotency_key)
+    command = command_for(own)
+    meta_with_key = {**meta(request), "idempotency_key": own}
+    return created(await service(request).post_transfer(ledger, command, meta_with_key))
+
+
 # The transfer routes come first: a request is matched against the routes in order.
 
 
@@ -77,12 +91,7 @@ async def post_transfer(
 ) -> Response:
     """Posts a transfer: all postings apply atomically, or none does. With `pending: true` the
     amounts are only reserved, until posted, voided or expired."""
-    svc = service(request)
-    m = meta(request)
-    key = _key(idempotency_key)
-    return created(
-        await svc.post_transfer(ledger, body.command(key), {**m, "idempotency_key": key})
-    )
+    return await _keyed(request, ledger, idempotency_key, body.command)
 
 
 @router.post(
@@ -99,11 +108,12 @@ async def post_pending(
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Posts a pending transfer, in full or (one posting) in part; the rest is released."""
-    svc = service(request)
-    m = meta(request)
-    own = _key(idempotency_key)
-    command = domain.PostPending(own, key, body.amount, dict(body.metadata))
-    return created(await svc.post_transfer(ledger, command, {**m, "idempotency_key": own}))
+    return await _keyed(
+        request,
+        ledger,
+        idempotency_key,
+        lambda own: domain.PostPending(own, key, body.amount, dict(body.metadata)),
+    )
 
 
 @router.post(
@@ -120,11 +130,12 @@ async def void_pending(
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Voids a pending transfer: its reserved amounts are released."""
-    svc = service(request)
-    m = meta(request)
-    own = _key(idempotency_key)
-    command = domain.VoidPending(own, key, dict(body.metadata))
-    return created(await svc.post_transfer(ledger, command, {**m, "idempotency_key": own}))
+    return await _keyed(
+        request,
+        ledger,
+        idempotency_key,
+        lambda own: domain.VoidPending(own, key, dict(body.metadata)),
+    )
 
 
 @router.post(
@@ -142,11 +153,12 @@ async def reverse(
 ) -> Response:
     """Books the opposite of a posted transfer, referencing it: in full, or (one posting) in
     part, never more than remains unreversed."""
-    svc = service(request)
-    m = meta(request)
-    own = _key(idempotency_key)
-    command = domain.ReverseTransfer(own, key, body.amount, dict(body.metadata))
-    return created(await svc.post_transfer(ledger, command, {**m, "idempotency_key": own}))
+    return await _keyed(
+        request,
+        ledger,
+        idempotency_key,
+        lambda own: domain.ReverseTransfer(own, key, body.amount, dict(body.metadata)),
+    )
 
 
 @router.post(

@@ -868,7 +868,7 @@ def _balance_keys(commands: list[domain.Command]) -> list[tuple[str, str]]:
             for p in command.postings:
                 keys.add((p.debit, p.asset.code))
                 keys.add((p.credit, p.asset.code))
-    return sorted(keys)
+    return list(keys)
 
 
 __all__ = ["TOPICS", "Committed", "LedgerRef", "Outcome", "chain_hash", "genesis_hash", "write"]

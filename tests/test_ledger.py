@@ -20,18 +20,7 @@ META: dict[str, Any] = {"actor": "test"}
 
 def run(url: str, body: Callable[[LedgerService], Awaitable[T]], pool_size: int = 4) -> T:
     """Runs ``body`` with a fresh service (own pool, own writers), as a separate server would."""
-
-    async def main() -> T:
-        pool = postgres.async_pool(url, pool_size)
-        await pool.open()
-        service = LedgerService(pool)
-        try:
-            return await body(service)
-        finally:
-            await service.close()
-            await pool.close()
-
-    return asyncio.run(main())
+    return asyncio.run(_service_call(url, body, pool_size))
 
 
 def pay(key: str, debit: str, credit: str, amount: int, asset: Asset = USD) -> domain.PostTransfer:
@@ -102,8 +91,10 @@ def test_concurrent_duplicates_from_separate_servers_apply_once(
     assert balance(account) == 7
 
 
-async def _service_call(url: str, body: Callable[[LedgerService], Awaitable[T]]) -> T:
-    pool = postgres.async_pool(url, 2)
+async def _service_call(
+    url: str, body: Callable[[LedgerService], Awaitable[T]], pool_size: int = 2
+) -> T:
+    pool = postgres.async_pool(url, pool_size)
     await pool.open()
     svc = LedgerService(pool)
     try:
@@ -286,27 +277,18 @@ def test_a_writer_does_not_trust_its_cache_after_another_server_wrote(
     run(database_url, lambda svc: setup(svc, ledger_name, "bank", "wallet", "shop"))
     run(database_url, lambda svc: svc.change_account(ledger_name, guard, META))
 
-    async def both(_: LedgerService) -> None:
-        a_pool, b_pool = postgres.async_pool(database_url, 2), postgres.async_pool(database_url, 2)
-        await a_pool.open()
-        await b_pool.open()
-        a, b = LedgerService(a_pool), LedgerService(b_pool)
-        try:
-            await a.post_transfer(ledger_name, pay("fund", "bank", "wallet", 100), META)
-            await a.post_transfer(ledger_name, pay("spend-a", "wallet", "shop", 60), META)
-            await b.post_transfer(ledger_name, pay("spend-b", "wallet", "shop", 40), META)
-            # a's cache says 40 is left; the log says 0.
-            with pytest.raises(errors.InsufficientFunds):
-                await a.post_transfer(ledger_name, pay("spend-a2", "wallet", "shop", 1), META)
-            await b.post_transfer(ledger_name, pay("refund", "shop", "wallet", 5), META)
-            await a.post_transfer(ledger_name, pay("spend-a3", "wallet", "shop", 5), META)
-        finally:
-            await a.close()
-            await b.close()
-            await a_pool.close()
-            await b_pool.close()
+    async def both(a: LedgerService, b: LedgerService) -> None:
+        await a.post_transfer(ledger_name, pay("fund", "bank", "wallet", 100), META)
+        await a.post_transfer(ledger_name, pay("spend-a", "wallet", "shop", 60), META)
+        await b.post_transfer(ledger_name, pay("spend-b", "wallet", "shop", 40), META)
+        # a's cache says 40 is left; the log says 0.
+        with pytest.raises(errors.InsufficientFunds):
+            await a.post_transfer(ledger_name, pay("spend-a2", "wallet", "shop", 1), META)
+        await b.post_transfer(ledger_name, pay("refund", "shop", "wallet", 5), META)
+        await a.post_transfer(ledger_name, pay("spend-a3", "wallet", "shop", 5), META)
 
-    run(database_url, both)
+    # Two services at once (own pools, own writers, own caches), as two servers would be.
+    run(database_url, lambda a: _service_call(database_url, lambda b: both(a, b)))
     wallet = run(database_url, lambda svc: svc.account(ledger_name, "wallet"))
     assert balance(wallet) == 0 and wallet["balances"][0]["version"] == 5
 
