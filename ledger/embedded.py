@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from ledger import limits
 from ledger.settings import Settings
 
 logger = structlog.get_logger(__name__)
@@ -84,8 +86,19 @@ def _starting_lock() -> Iterator[None]:
     with ``useradd`` before taking its own lock; two processes starting at once (pytest-xdist
     workers on a fresh machine) raced there and one failed in ``initdb``."""
     path = Path(os.environ["XDG_RUNTIME_DIR"]) / "ledger-embedded-start.lock"
+    deadline = time.monotonic() + limits.embedded_start_wait_s
     with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise EmbeddedError(
+                        f"another process has been starting an embedded Postgres for over"
+                        f" {limits.embedded_start_wait_s:.0f} s (lock {path})"
+                    ) from None
+                time.sleep(0.1)
         try:
             yield
         finally:

@@ -82,3 +82,5 @@ projection_interval_s: Final = 0.5
 projection_retry_pause_s: Final = 5.0
 """After the projection process fails (say, the database went away), it waits this long; the
 server restarts a projection process that exited at most this often."""
+embedded_start_wait_s: Final = 120.0
+"""How long a process waits for another one's start of an embedded Postgres before giving up."""

@@ -33,3 +33,20 @@ def test_as_root_a_data_dir_under_root_moves_to_one_of_our_own() -> None:
     assert safe_data_dir(Path("/root/other/.ledger/pgdata"), euid=0) != moved
     assert safe_data_dir(asked, euid=1000) == asked
     assert safe_data_dir(Path("/srv/ledger/pgdata"), euid=0) == Path("/srv/ledger/pgdata")
+
+
+def test_waiting_for_another_embedded_start_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+
+    from ledger import embedded, limits
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setattr(limits, "embedded_start_wait_s", 0.3)
+    with (tmp_path / "ledger-embedded-start.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process is starting one
+        # flock locks belong to the open file: a second open in this process must wait too.
+        with pytest.raises(embedded.EmbeddedError, match="over 0 s"):
+            embedded.EmbeddedPostgres(tmp_path / "pgdata").start()
+    assert not (tmp_path / "pgdata").exists()
