@@ -1,0 +1,280 @@
+"""A pg_auto_failover cluster on loopback ports, for tests: a monitor, a primary, a standby.
+
+Everything lives in one temporary directory (data dirs, pg_autoctl's config and state, logs)
+and is stopped and removed at the end, even when the test fails. Postgres refuses to run as
+root, so when the tests run as root every ``pg_autoctl`` runs as the ``postgres`` OS user.
+Tests that use it skip with a clear message when ``pg_autoctl`` is not installed
+(``apt-get install -y postgresql-15-auto-failover``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+DBNAME = "ledger"
+START_TIMEOUT_S = 90.0
+
+
+def missing() -> str | None:
+    """Why a cluster cannot be started here, or None."""
+    if shutil.which("pg_autoctl") is None:
+        return "pg_autoctl is missing: apt-get install -y postgresql-15-auto-failover"
+    if not (PG_BIN / "pg_ctl").exists():
+        return f"the Postgres 15 binaries are missing ({PG_BIN})"
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return "running as root needs a 'postgres' OS user to run Postgres as"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Node:
+    name: str
+    pgdata: Path
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"host=127.0.0.1 port={self.port} dbname={DBNAME} user=postgres"
+
+    def postmaster_pid(self) -> int | None:
+        try:
+            return int((self.pgdata / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+
+@dataclass
+class Cluster:
+    root: Path
+    monitor: Node
+    nodes: list[Node] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+
+    # --- running pg_autoctl -------------------------------------------------------------------
+
+    def _env(self) -> dict[str, str]:
+        return {
+            "PATH": f"{PG_BIN}:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": str(self.root),
+            "XDG_CONFIG_HOME": str(self.root / "config"),
+            "XDG_DATA_HOME": str(self.root / "share"),
+            "XDG_RUNTIME_DIR": str(self.root / "run"),
+            "LANG": "C.UTF-8",
+        }
+
+    def _argv(self, *args: str) -> list[str]:
+        argv = ["pg_autoctl", *args]
+        if os.geteuid() == 0:
+            return ["runuser", "-u", "postgres", "--", "env", *_env_args(self._env()), *argv]
+        return argv
+
+    def ctl(self, *args: str, timeout: float = 60.0, check: bool = True) -> str:
+        """Runs one ``pg_autoctl`` command; its exact command line is kept in ``self.log``."""
+        self.log.append("pg_autoctl " + " ".join(args))
+        done = subprocess.run(
+            self._argv(*args),
+            env=self._env(),
+            capture_output=True,
+            timeout=timeout,
+            cwd=self.root,
+            check=False,
+        )
+        if check and done.returncode != 0:
+            raise RuntimeError(
+                f"pg_autoctl {' '.join(args)} exited {done.returncode}:\n"
+                + done.stderr.decode(errors="replace")[-3000:]
+            )
+        return done.stdout.decode()
+
+    def _run(self, node: Node) -> None:
+        logfile = (self.root / f"{node.name}.log").open("ab")
+        node.process = subprocess.Popen(
+            self._argv("run", "--pgdata", str(node.pgdata)),
+            env=self._env(),
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+            start_new_session=True,  # its own process group: stopped as one at the end
+        )
+        logfile.close()
+
+    # --- the cluster ---------------------------------------------------------------------------
+
+    def monitor_uri(self) -> str:
+        return self.ctl(
+            "show", "uri", "--pgdata", str(self.monitor.pgdata), "--formation", "monitor"
+        ).strip()
+
+    def app_uri(self) -> str:
+        """The application's multi-host URI, as pg_auto_failover prints it
+        (``target_session_attrs=read-write``)."""
+        uri = self.ctl(
+            "show", "uri", "--pgdata", str(self.monitor.pgdata), "--formation", "default"
+        ).strip()
+        return uri + "&user=postgres&connect_timeout=2"
+
+    def states(self) -> dict[str, str]:
+        """Node name → its current state, as the monitor sees it."""
+        out = self.ctl("show", "state", "--pgdata", str(self.monitor.pgdata), "--json", check=False)
+        try:
+            rows: list[dict[str, Any]] = json.loads(out)
+        except ValueError:
+            return {}
+        return {
+            str(r["nodename"]): str(r["current_group_state"])
+            for r in rows
+            if r["current_group_state"] == r["assigned_group_state"]
+        }
+
+    def wait_states(self, wanted: dict[str, str], timeout: float = START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        states: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            states = self.states()
+            if all(states.get(n) == s for n, s in wanted.items()):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"cluster states {states}, wanted {wanted}\n{self.tail()}")
+
+    def primary(self) -> Node:
+        states = self.states()
+        for node in self.nodes:
+            if states.get(node.name) in ("primary", "wait_primary", "single"):
+                return node
+        raise LookupError(f"no primary: {states}")
+
+    def standby(self) -> Node:
+        states = self.states()
+        for node in self.nodes:
+            if states.get(node.name) == "secondary":
+                return node
+        raise LookupError(f"no secondary: {states}")
+
+    def kill_postmaster(self, node: Node) -> None:
+        """SIGKILL of the node's postmaster, as when its machine dies (its keeper lives on
+        and restarts it; the monitor promotes the standby meanwhile)."""
+        pid = node.postmaster_pid()
+        assert pid is not None, f"{node.name} has no postmaster"
+        os.kill(pid, signal.SIGKILL)
+
+    def read_only_url(self, node: Node) -> str:
+        return node.url
+
+    def tail(self) -> str:
+        parts = []
+        for node in [self.monitor, *self.nodes]:
+            path = self.root / f"{node.name}.log"
+            if path.exists():
+                parts.append(f"--- {node.name}\n" + path.read_text(errors="replace")[-2000:])
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        """Stops every keeper and Postgres, whatever state they are in."""
+        for node in [*self.nodes, self.monitor]:
+            if node.process is not None and node.process.poll() is None:
+                with contextlib.suppress(Exception):
+                    self.ctl("stop", "--pgdata", str(node.pgdata), "--immediate", timeout=20)
+        for node in [*self.nodes, self.monitor]:
+            if node.process is not None:
+                with contextlib.suppress(Exception):
+                    node.process.wait(timeout=10)
+                if node.process.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(node.process.pid, signal.SIGKILL)
+                    node.process.wait(timeout=10)
+            pid = node.postmaster_pid()
+            if pid is not None:  # a postmaster that outlived its keeper
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _env_args(env: dict[str, str]) -> list[str]:
+    return [f"{k}={v}" for k, v in env.items()]
+
+
+def _chown_to_postgres(path: Path) -> None:
+    if os.geteuid() == 0:
+        entry = pwd.getpwnam("postgres")
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+@contextlib.contextmanager
+def cluster() -> Iterator[Cluster]:
+    """A monitor, a primary and a synchronous standby; everything removed at the end."""
+    root = Path(tempfile.mkdtemp(prefix="ledger-ha-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    for sub in ("config", "share", "run"):
+        (root / sub).mkdir(mode=0o700)
+    for path in (root, root / "config", root / "share", root / "run"):
+        _chown_to_postgres(path)
+    c = Cluster(root, Node("monitor", root / "monitor", free_port()))
+    try:
+        c.ctl(
+            "create", "monitor", "--pgdata", str(c.monitor.pgdata),
+            "--pgport", str(c.monitor.port), "--hostname", "127.0.0.1",
+            "--auth", "trust", "--no-ssl",
+        )  # fmt: skip
+        c._run(c.monitor)
+        monitor_uri = _wait_uri(c)
+        for name in ("node_a", "node_b"):
+            node = Node(name, root / name, free_port())
+            c.nodes.append(node)
+            c.ctl(
+                "create", "postgres", "--pgdata", str(node.pgdata),
+                "--pgport", str(node.port), "--hostname", "127.0.0.1",
+                "--auth", "trust", "--no-ssl", "--dbname", DBNAME,
+                "--monitor", monitor_uri, "--name", name,
+            )  # fmt: skip
+            c._run(node)
+            # The first node must be primary before the second is created (it is cloned).
+            c.wait_states({"node_a": "single"} if name == "node_a" else {})
+        c.wait_states({"node_a": "primary", "node_b": "secondary"})
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _wait_uri(c: Cluster) -> str:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        try:
+            uri = c.monitor_uri()
+            with psycopg.connect(uri, connect_timeout=2) as conn:
+                conn.execute("SELECT 1")
+            return uri
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def with_dbname(url: str, dbname: str) -> str:
+    return make_conninfo(**{**conninfo_to_dict(url), "dbname": dbname})
