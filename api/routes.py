@@ -20,10 +20,20 @@ from ledger.service import LedgerService, Result
 router = APIRouter(prefix="/v1", route_class=ParsedBodyRoute)
 
 LedgerPath = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
-AccountPath = Annotated[str, Path(min_length=1, max_length=limits.account_name_length_max)]
-KeyPath = Annotated[str, Path(min_length=1, max_length=limits.idempotency_key_length_max)]
+AccountPath = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=limits.account_name_length_max,
+        pattern=schemas.ACCOUNT_NAME_PATTERN,
+    ),
+]
+KeyPath = Annotated[
+    str,
+    Path(min_length=1, max_length=limits.idempotency_key_length_max, pattern=schemas.KEY_PATTERN),
+]
 Limit = Annotated[int, Query(ge=1, le=limits.page_size_max)]
-AsOf = Annotated[int | None, Query(ge=0, description="A log position")]
+AsOf = Annotated[int | None, Query(ge=0, le=schemas.POSITION_MAX, description="A log position")]
 IdempotencyKey = Annotated[
     str | None, Header(max_length=limits.idempotency_key_length_max, description="Required")
 ]
@@ -325,7 +335,7 @@ async def list_postings(
     ledger: LedgerPath,
     name: AccountPath,
     request: Request,
-    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    cursor: Annotated[str | None, Query(max_length=64, pattern=schemas.CURSOR_PATTERN)] = None,
     limit: Limit = limits.page_size_default,
 ) -> Response:
     """The account's postings, newest first, each with the balance right after it."""
@@ -346,7 +356,7 @@ async def get_transfer(ledger: LedgerPath, key: KeyPath, request: Request) -> Re
 async def list_events(
     ledger: LedgerPath,
     request: Request,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=schemas.POSITION_MAX)] = 0,
     limit: Limit = limits.page_size_default,
 ) -> Response:
     """The ledger's log in order, from the position after `after`."""
@@ -359,7 +369,13 @@ async def list_balances(
     ledger: LedgerPath,
     request: Request,
     as_of: AsOf = None,
-    cursor: Annotated[str | None, Query(max_length=limits.account_name_length_max)] = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            max_length=limits.account_name_length_max,
+            pattern=schemas.ACCOUNT_NAME_PATTERN.replace("^", "^(", 1).replace("$", ")?$"),
+        ),
+    ] = None,
     limit: Limit = limits.page_size_default,
 ) -> Response:
     """A page of accounts with their balances, and per asset the sum over all accounts."""

@@ -8,11 +8,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from ledger import domain, errors, limits
 from ledger.money import Asset, parse_amount, parse_asset
+
+POSITION_MAX = 2**63 - 1
+"""The largest log position (and any integer a route takes): Postgres' ``bigint``. A larger
+one used to reach the database and answer 500; now it is a 422 like any malformed value."""
+ACCOUNT_NAME_PATTERN = r"^[A-Za-z0-9_@.-]+(:[A-Za-z0-9_@.-]+)*$"
+KEY_PATTERN = r"^[\x21-\x7e]+$"
+"""Idempotency keys: printable ASCII without spaces."""
+CURSOR_PATTERN = r"^[A-Za-z0-9_=-]*$"
+"""Opaque cursors are URL-safe base64."""
 
 LedgerName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$", examples=["main"])]
 AccountName = Annotated[
@@ -20,7 +28,7 @@ AccountName = Annotated[
     Field(
         min_length=1,
         max_length=limits.account_name_length_max,
-        pattern=r"^[A-Za-z0-9_@.-]+(:[A-Za-z0-9_@.-]+)*$",
+        pattern=ACCOUNT_NAME_PATTERN,
         examples=["users:alice:wallet"],
     ),
 ]
@@ -39,7 +47,7 @@ AmountText = Annotated[
 ]
 Key = Annotated[
     str,
-    Field(min_length=1, max_length=limits.idempotency_key_length_max, pattern=r"^[\x21-\x7e]+$"),
+    Field(min_length=1, max_length=limits.idempotency_key_length_max, pattern=KEY_PATTERN),
 ]
 
 
@@ -48,22 +56,8 @@ class Strict(BaseModel):
 
 
 def check_metadata(value: dict[str, Any]) -> dict[str, Any]:
-    size = len(orjson.dumps(value))
-    if size > limits.metadata_bytes_max:
-        raise ValueError(
-            f"metadata is {size} bytes as JSON; the limit is {limits.metadata_bytes_max}"
-        )
-    if _depth(value) > limits.metadata_depth_max:
-        raise ValueError(f"metadata nests deeper than {limits.metadata_depth_max} levels")
-    return value
-
-
-def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((_depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((_depth(v) for v in value), default=0)
-    return 0
+    """The domain's one check of free-form data (text, integer range, size, depth)."""
+    return domain.check_metadata(value)
 
 
 class CreateLedger(Strict):

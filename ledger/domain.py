@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from collections import ChainMap
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field, replace
@@ -25,6 +26,67 @@ from ledger.money import Asset, parse_asset
 AccountType = Literal["asset", "liability", "equity", "revenue", "expense"]
 ACCOUNT_TYPES: tuple[AccountType, ...] = ("asset", "liability", "equity", "revenue", "expense")
 GuardRule = Literal["none", "debits_must_not_exceed_credits", "credits_must_not_exceed_debits"]
+
+
+# --- Free-form input ---------------------------------------------------------------------------
+
+JSON_INT_MIN = -(2**63)
+JSON_INT_MAX = 2**64 - 1
+"""The integers metadata may hold: what the canonical JSON encoder (orjson) writes exactly."""
+
+
+def check_text(text: str, what: str) -> str:
+    """Refuses a string that Postgres cannot store (NUL) or that is not Unicode text (a lone
+    surrogate, which JSON's ``\\ud800`` escapes can produce): both used to reach the database
+    and fail there as a 500 or a 503, or be stored in one place and refused in another."""
+    if "\x00" in text:
+        raise ValueError(f"{what} contains a NUL character")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"{what} contains a lone surrogate (not Unicode text)") from exc
+    return text
+
+
+def check_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    """Metadata as the ledger stores it: text keys and strings (:func:`check_text`), integers
+    within what the canonical JSON encoder writes exactly, finite numbers, bounded size and
+    depth. Raises ``ValueError`` (a 422 at the API)."""
+    _check_json(value, "metadata", 0)
+    size = len(canonical_json(value))
+    if size > limits.metadata_bytes_max:
+        raise ValueError(
+            f"metadata is {size} bytes as JSON; the limit is {limits.metadata_bytes_max}"
+        )
+    return value
+
+
+def _check_json(value: Any, where: str, depth: int) -> None:
+    if isinstance(value, str):
+        check_text(value, where)
+    elif isinstance(value, bool) or value is None:
+        pass
+    elif isinstance(value, int):
+        if not JSON_INT_MIN <= value <= JSON_INT_MAX:
+            raise ValueError(f"{where} is an integer outside {JSON_INT_MIN}..{JSON_INT_MAX}")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where} is a number too large to store ({value})")
+    elif isinstance(value, dict | list):
+        if depth >= limits.metadata_depth_max:
+            raise ValueError(f"metadata nests deeper than {limits.metadata_depth_max} levels")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise ValueError(f"{where} has a key that is not a string")
+                check_text(key, f"a key of {where}")
+                _check_json(item, f"{where}.{key[:40]}", depth + 1)
+        else:
+            for index, item in enumerate(value):
+                _check_json(item, f"{where}[{index}]", depth + 1)
+    else:
+        raise ValueError(f"{where} holds a {type(value).__name__}, which is not JSON")
 
 
 # --- Commands ----------------------------------------------------------------------------------
