@@ -14,8 +14,9 @@ from typing import Annotated, Any, TypeVar
 import psycopg
 import typer
 
-from ledger.embedded import EmbeddedError, database_url
+from ledger.embedded import EmbeddedError, database_url, owner_database_url
 from ledger.errors import LedgerError
+from ledger.migrate import check_before_serving
 from ledger.migrate import migrate as apply_migrations
 from ledger.settings import Settings, SettingsError, load_settings
 
@@ -70,7 +71,9 @@ def serve(
         # instead, so that the embedded Postgres below is stopped too.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         with database_url(settings) as url:
-            apply_migrations(url)
+            # No DDL here: the schema must be current, and the login must not be able to
+            # rewrite history (the embedded default migrated as its superuser just above).
+            check_before_serving(url, settings.insecure_privileged_db_login)
             uvicorn.run(
                 create_app(url, settings),
                 host=host or settings.host,
@@ -85,10 +88,10 @@ def serve(
 
 @app.command()
 def migrate() -> None:
-    """Applies pending schema migrations, and nothing else."""
+    """Applies pending schema migrations as the owner (LEDGER_OWNER_DATABASE_URL)."""
 
     def action(settings: Settings) -> None:
-        with database_url(settings) as url:
+        with owner_database_url(settings) as url:
             print(f"schema version {apply_migrations(url)}")
 
     _run(action)

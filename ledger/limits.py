@@ -48,6 +48,9 @@ writer_retry_pause_ms: Final = 100
 """Pause before a writer whose connection failed tries its queue again."""
 write_retries_max: Final = 3
 """Retries of a whole write transaction on errors that are safe to retry."""
+replica_wait_ms: Final = 2_000
+"""How long a read with ``min_position`` waits for the replica to replay that position before
+answering 503 ``replica_behind``."""
 
 # Connections
 pool_timeout_s: Final = 10.0

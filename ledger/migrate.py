@@ -1,19 +1,31 @@
-"""Applies ``schema.sql`` and then ``migrations/NNNN_name.sql``, once each, in order.
+"""Applies ``schema.sql`` and then ``migrations/NNNN_name.sql``, once each, in order; and checks,
+before serving, that the schema is current and that the server's login cannot rewrite history.
 
-Idempotent and safe to run from several processes at once (an advisory lock serialises them).
+Migrating is idempotent and safe from several processes at once (an advisory lock serialises
+them). It needs the schema owner's login (``LEDGER_OWNER_DATABASE_URL``); serving needs only
+``ledger_app``'s (``LEDGER_DATABASE_URL``), which can run no DDL at all (ADR 0011).
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import psycopg
+import structlog
+
+from ledger.settings import SettingsError
+
+logger = structlog.get_logger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT / "schema.sql"
 MIGRATIONS = ROOT / "migrations"
 _LOCK_ID = 7_346_118_201  # any constant: the advisory lock of ``ledger migrate``
+HISTORY_TABLES = ("events", "entries", "transfers", "checkpoints")
+"""Append-only: no runtime login may UPDATE, DELETE or TRUNCATE them."""
+DEV_SWITCH = "LEDGER_INSECURE_PRIVILEGED_DB_LOGIN"
 
 
 def pending_files(applied: set[int]) -> list[tuple[int, Path]]:
@@ -44,3 +56,62 @@ def migrate(url: str) -> int:
         row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
     assert row is not None
     return int(row[0])
+
+
+def newest_version() -> int:
+    """The schema version this program needs: its newest migration."""
+    return max(version for version, _ in pending_files(set()))
+
+
+def schema_version(conn: psycopg.Connection[Any]) -> int:
+    """The database's schema version; 0 if it has none (or this login may not see it)."""
+    try:
+        with conn.transaction():
+            row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+    except (psycopg.errors.UndefinedTable, psycopg.errors.InsufficientPrivilege):
+        return 0
+    return int(row[0]) if row is not None and row[0] is not None else 0
+
+
+def privileges(conn: psycopg.Connection[Any]) -> list[str]:
+    """What this login could use to rewrite history, in words; empty for ``ledger_app``."""
+    row = conn.execute(
+        "SELECT r.rolsuper, r.rolbypassrls, pg_has_role(current_user, c.relowner, 'MEMBER'),"
+        " has_schema_privilege('public', 'CREATE'),"
+        " array(SELECT t || ' ' || p FROM unnest(%s::text[]) t,"
+        "   unnest(array['UPDATE', 'DELETE', 'TRUNCATE']) p WHERE has_table_privilege(t, p))"
+        " FROM pg_roles r, pg_class c"
+        " WHERE r.rolname = current_user AND c.oid = 'public.events'::regclass",
+        (list(HISTORY_TABLES),),
+    ).fetchone()
+    assert row is not None
+    superuser, bypassrls, owner, create, rights = row
+    found = ["a superuser"] if superuser else []
+    found += ["the schema owner (or a member of it)"] if owner else []
+    found += ["BYPASSRLS"] if bypassrls else []
+    found += ["CREATE on schema public"] if create else []
+    found += list(rights)
+    return found
+
+
+def check_before_serving(url: str, allow_privileged: bool = False) -> None:
+    """Refuses (SettingsError, one line) a schema that is not current, and a login that could
+    rewrite history unless ``allow_privileged`` (the development switch)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        have, need = schema_version(conn), newest_version()
+        if have < need:
+            raise SettingsError(
+                f"LEDGER_DATABASE_URL: the schema is at version {have}, this program needs"
+                f" {need}: run `ledger migrate` (as the owner, LEDGER_OWNER_DATABASE_URL)"
+            )
+        found = privileges(conn)
+        login = conn.info.user
+    if not found:
+        return
+    if not allow_privileged:
+        raise SettingsError(
+            f"LEDGER_DATABASE_URL: {login!r} could rewrite history ({', '.join(found)}): log in"
+            f" as ledger_app (docs/operations.md, Database roles), or set {DEV_SWITCH}=true"
+            " in development"
+        )
+    logger.warning("serving with a privileged database login", login=login, rights=found)

@@ -1,8 +1,8 @@
 """Connections to Postgres: pools, type adaptation, and translation of database errors.
 
-Every connection runs as the ``ledger_app`` role (which may append to history but not change
-it), loads NUMERIC as ``int`` (never ``float`` or ``Decimal``), and has bounded lock and
-statement timeouts.
+Every connection logs in with the URL it is given: at run time the ``ledger_app`` login, which
+may append to history but not change it (migrations/0003_login_roles.sql, ADR 0011). Each loads
+NUMERIC as ``int`` (never ``float`` or ``Decimal``) and has bounded lock and statement timeouts.
 """
 
 from __future__ import annotations
@@ -13,12 +13,16 @@ import orjson
 import psycopg
 from psycopg.abc import Buffer
 from psycopg.adapt import Loader
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from ledger import errors, limits
 
 APP_ROLE = "ledger_app"
+"""The login of ``ledger serve`` and every runtime pool."""
+READER_ROLE = "ledger_reader"
+"""A read-only login for reporting and audit."""
 
 
 class IntNumericLoader(Loader):
@@ -28,8 +32,9 @@ class IntNumericLoader(Loader):
         return int(bytes(data))
 
 
+# No SET ROLE: a connection that logged in as the owner and only SET ROLE'd down could RESET
+# ROLE and rewrite history; the login itself must hold no more than the app needs.
 SESSION_SQL = (
-    f"SET ROLE {APP_ROLE}",
     f"SET lock_timeout = {limits.lock_timeout_ms}",
     f"SET statement_timeout = {limits.statement_timeout_ms}",
     "SET idle_in_transaction_session_timeout = 60000",
@@ -68,6 +73,9 @@ def async_pool(url: str, size: int) -> AsyncConnectionPool[psycopg.AsyncConnecti
         max_size=size,
         open=False,
         configure=_configure_async,
+        # A connection checked out is first checked (one empty round trip): after a failover,
+        # those left to the dead primary are dropped here instead of failing a request.
+        check=AsyncConnectionPool.check_connection,
         timeout=limits.pool_timeout_s,
         kwargs={"autocommit": False, "prepare_threshold": 0},
         name="ledger",
@@ -82,6 +90,7 @@ def sync_pool(url: str, size: int) -> ConnectionPool[psycopg.Connection[Any]]:
         max_size=size,
         open=False,
         configure=_configure_sync,
+        check=ConnectionPool.check_connection,
         timeout=limits.pool_timeout_s,
         kwargs={"autocommit": False},
         name="ledger-sync",
@@ -105,6 +114,15 @@ def translate(exc: BaseException) -> errors.LedgerError:
     if isinstance(exc, psycopg.errors.NumericValueOutOfRange):
         return errors.Overflow("a total would exceed 38 digits")
     return errors.Unavailable(f"the database failed: {type(exc).__name__}")
+
+
+def login_as(url: str, role: str) -> str:
+    """The same server and database, logged in as ``role`` (without the URL's password: the
+    embedded server trusts its Unix socket; elsewhere libpq finds the role's in ~/.pgpass or
+    PGPASSWORD)."""
+    params = conninfo_to_dict(url)
+    params.pop("password", None)
+    return make_conninfo("", **{**params, "user": role})
 
 
 def connect(url: str) -> psycopg.Connection[Any]:

@@ -23,7 +23,25 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=PREFIX, extra="forbid")
 
     database_url: str | None = Field(
-        None, description="A libpq URL; without one, an embedded Postgres is started"
+        None,
+        description=(
+            "A libpq URL, logging in as ledger_app (the server's and the CLI's login); without"
+            " one, an embedded Postgres is started"
+        ),
+    )
+    owner_database_url: str | None = Field(
+        None,
+        description=(
+            "A libpq URL logging in as the schema's owner, for `ledger migrate` only"
+            " (default: LEDGER_DATABASE_URL)"
+        ),
+    )
+    insecure_privileged_db_login: bool = Field(
+        False,
+        description=(
+            "Development only: let `ledger serve` log in as a superuser or the schema owner"
+            " (refused otherwise: such a login can rewrite history)"
+        ),
     )
     data_dir: Path = Field(Path(".ledger"), description="Where the embedded Postgres keeps data")
     host: str = "127.0.0.1"

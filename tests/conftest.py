@@ -3,6 +3,7 @@
 With ``LEDGER_DATABASE_URL`` set, the run creates ``ledger_test_<random>`` on that server and
 drops it at the end; without it, an embedded Postgres starts in a temporary directory that is
 removed at the end. Under pytest-xdist each worker has its own database (and server).
+The database is migrated by its owner; tests log in as ``ledger_app``, as the server does.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ledger.embedded import EmbeddedPostgres
 from ledger.migrate import migrate
+from ledger.postgres import APP_ROLE, login_as
 
 
 @pytest.fixture(scope="session")
@@ -39,8 +41,9 @@ def server_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def database_url(server_url: str) -> Iterator[str]:
-    """A fresh, migrated database for this run (this worker), dropped afterwards."""
+def owner_database_url(server_url: str) -> Iterator[str]:
+    """A fresh database for this run (this worker), migrated and dropped afterwards, logged in
+    as its owner (the server's superuser): only for tests that act as an administrator would."""
     name = f"ledger_test_{secrets.token_hex(4)}"
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
@@ -51,6 +54,12 @@ def database_url(server_url: str) -> Iterator[str]:
     finally:
         with psycopg.connect(server_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def database_url(owner_database_url: str) -> str:
+    """The same database, logged in as ``ledger_app``: what the server uses."""
+    return login_as(owner_database_url, APP_ROLE)
 
 
 @pytest.fixture

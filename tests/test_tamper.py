@@ -217,18 +217,20 @@ def test_a_balance_changed_behind_the_logs_back_is_caught_by_the_replay(
     assert set(report.failed()) == {"balances_match_replay", "entries_match_balances"}
 
 
-def _as_administrator(url: str, statement: str, ledger: str) -> None:
-    with psycopg.connect(url) as conn:
+def _as_administrator(owner_url: str, statement: str, ledger: str) -> None:
+    """Only the owner (a superuser here) can switch the triggers off: ledger_app cannot
+    (tests/test_privileges.py)."""
+    with psycopg.connect(owner_url) as conn:
         conn.execute("SET session_replication_role = replica")  # switches off the triggers
         conn.execute(statement, (ledger,))
 
 
 def test_a_flipped_byte_in_the_database_is_caught_by_the_hash_chain(
-    database_url: str, sealed: tuple[str, list[str]]
+    database_url: str, owner_database_url: str, sealed: tuple[str, list[str]]
 ) -> None:
     ledger, _ = sealed
     _as_administrator(
-        database_url,
+        owner_database_url,
         "UPDATE events SET state = convert_to(replace(convert_from(state, 'UTF8'), '\"103\"',"
         " '\"903\"'), 'UTF8') WHERE ledger_id = (SELECT id FROM ledgers WHERE name = %s)"
         " AND position = 8",
@@ -240,11 +242,11 @@ def test_a_flipped_byte_in_the_database_is_caught_by_the_hash_chain(
 
 
 def test_an_event_deleted_in_the_database_is_caught_by_positions_and_checkpoint(
-    database_url: str, sealed: tuple[str, list[str]]
+    database_url: str, owner_database_url: str, sealed: tuple[str, list[str]]
 ) -> None:
     ledger, _ = sealed
     _as_administrator(
-        database_url,
+        owner_database_url,
         "DELETE FROM events WHERE ledger_id = (SELECT id FROM ledgers WHERE name = %s)"
         " AND position = 6",
         ledger,
@@ -290,17 +292,17 @@ def test_the_cli_verifies_an_export_offline_and_names_the_first_bad_event(
 
 
 def test_a_shifted_recorded_time_or_effective_date_is_caught_against_the_event(
-    database_url: str, sealed: tuple[str, list[str]]
+    database_url: str, owner_database_url: str, sealed: tuple[str, list[str]]
 ) -> None:
     ledger, _ = sealed
     _as_administrator(
-        database_url,
+        owner_database_url,
         "UPDATE events SET recorded_at = recorded_at - interval '40 days'"
         " WHERE ledger_id = (SELECT id FROM ledgers WHERE name = %s) AND position = 9",
         ledger,
     )
     _as_administrator(
-        database_url,
+        owner_database_url,
         "UPDATE entries SET effective_at = effective_at - interval '40 days' WHERE position = 10"
         " AND account_id IN (SELECT a.id FROM accounts a JOIN ledgers l ON l.id = a.ledger_id"
         " WHERE l.name = %s)",
