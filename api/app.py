@@ -10,16 +10,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import structlog
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from api import audit as audit_routes
 from api import errors as api_errors
+from api import keys as key_routes
+from api import ratelimit, routes, ws
 from api import reports as report_routes
-from api import routes, ws
-from api.auth import parse_tokens
+from api.auth import document, principal_of
 from api.middleware import OPENAPI_URL, Guard
-from ledger import limits, postgres
+from ledger import keys, limits, postgres
 from ledger.service import LedgerService
 from ledger.settings import Settings
 
@@ -63,13 +64,18 @@ async def _project(url: str, log_level: str) -> None:
 
 def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    tokens = parse_tokens(settings.api_tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = postgres.async_pool(database_url, settings.pool_size)
         await pool.open(wait=True, timeout=limits.pool_timeout_s)
         app.state.service = LedgerService(pool)
+        app.state.authenticator = keys.Authenticator(pool)
+        if settings.insecure_no_auth:
+            logger.warning(
+                "AUTHENTICATION IS OFF (LEDGER_INSECURE_NO_AUTH): anyone who reaches this server"
+                " may read and move money; never run it like this outside development"
+            )
         app.state.notifier = ws.Notifier(database_url)
         app.state.notifier.start()
         sweeper = asyncio.create_task(_sweep(app.state.service), name="expiry-sweeper")
@@ -106,8 +112,11 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
         # OpenTelemetry hooks would only check for providers on every request.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
-    app.state.tokens = tokens
+    app.state.insecure_no_auth = settings.insecure_no_auth
     app.state.database_url = database_url
+    # The edge (api/middleware.py reads these): rate limits and the body's time bound
+    app.state.rate_limiter = ratelimit.from_settings(settings)
+    app.state.body_timeout_s = settings.body_timeout_s
     app.state.signing_key = None
     app.state.public_key = None
     if settings.signing_key_file is not None:
@@ -115,20 +124,23 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
 
         app.state.signing_key = load_private_key(settings.signing_key_file)
         app.state.public_key = app.state.signing_key.public_key()
-    app.add_middleware(Guard, tokens=tokens)
+    app.add_middleware(Guard)
     api_errors.install(app)
     app.include_router(routes.router)
     app.include_router(audit_routes.router)
     app.include_router(report_routes.router)
     app.include_router(ws.router)
+    app.include_router(key_routes.router)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
 
     @app.get("/metrics", include_in_schema=False)
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        principal_of(request.scope).require("metrics")
 
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
@@ -143,6 +155,8 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
             )
         return Response(b'{"status":"ready"}', media_type="application/json")
 
+    schema = app.openapi
+    app.openapi = lambda: app.openapi_schema or document(schema())  # type: ignore[method-assign]
     return app
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
+from api import auth
 from api.middleware import ParsedBodyRoute
 from api.routes import KeyPath, LedgerPath, _problems, json_response, service
 from ledger import audit, errors, limits, postgres
@@ -48,7 +49,7 @@ async def _in_thread(request: Request, work: Callable[[Any], T]) -> T:
             raise errors.LedgerNotFound(str(exc)) from None
 
 
-@router.get("/ledgers/{ledger}/verify", responses=_problems)
+@router.get("/ledgers/{ledger}/verify", responses=_problems, openapi_extra=auth.scope("audit"))
 async def verify(ledger: LedgerPath, request: Request) -> Response:
     """Every check of `ledger verify`: the log (positions, hash chain, transfers, trial balance,
     checkpoints) and the tables derived from it against a replay. 200 either way; `ok` says."""
@@ -57,7 +58,10 @@ async def verify(ledger: LedgerPath, request: Request) -> Response:
     return json_response(report.as_json())
 
 
-@router.post("/ledgers/{ledger}/checkpoints", status_code=201, responses=_problems)
+@router.post(
+    "/ledgers/{ledger}/checkpoints", status_code=201, responses=_problems,
+    openapi_extra=auth.scope("audit"),
+)
 async def seal(ledger: LedgerPath, request: Request) -> Response:
     """Signs the tree head of the log as it is now."""
     key = request.app.state.signing_key
@@ -67,7 +71,7 @@ async def seal(ledger: LedgerPath, request: Request) -> Response:
     return json_response(checkpoint.as_json(), 201)
 
 
-@router.get("/ledgers/{ledger}/checkpoints", responses=_problems)
+@router.get("/ledgers/{ledger}/checkpoints", responses=_problems, openapi_extra=auth.scope("audit"))
 async def list_checkpoints(ledger: LedgerPath, request: Request) -> Response:
     found = await _in_thread(request, lambda conn: audit.checkpoints(conn, ledger))
     public = request.app.state.public_key
@@ -87,7 +91,10 @@ async def _checkpoint(request: Request, ledger: str, size: int | None) -> audit.
     return chosen[-1]
 
 
-@router.get("/ledgers/{ledger}/transfers/{key}/proof", responses=_problems)
+@router.get(
+    "/ledgers/{ledger}/transfers/{key}/proof", responses=_problems,
+    openapi_extra=auth.scope("audit"),
+)
 async def inclusion_proof(
     ledger: LedgerPath,
     key: KeyPath,
@@ -119,7 +126,7 @@ async def inclusion_proof(
     )
 
 
-@router.get("/ledgers/{ledger}/consistency", responses=_problems)
+@router.get("/ledgers/{ledger}/consistency", responses=_problems, openapi_extra=auth.scope("audit"))
 async def consistency_proof(
     ledger: LedgerPath,
     request: Request,

@@ -28,6 +28,8 @@ def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> Re
         **extra,
     }
     headers = {"Retry-After": "1"} if status in (429, 503) else None
+    if status == 401:  # RFC 9110: a 401 names the scheme that would work
+        headers = {"WWW-Authenticate": 'Bearer realm="ledger"'}
     return Response(orjson.dumps(body), status_code=status, media_type=PROBLEM, headers=headers)
 
 

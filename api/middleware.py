@@ -8,6 +8,7 @@ handler.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -16,15 +17,17 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog
+from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.auth import Unauthorized, actor_for
+from api.auth import authenticate, authorize
 from api.errors import from_ledger_error, problem
-from ledger import limits, metrics
+from api.ratelimit import RateLimiter, retry_after
+from ledger import errors, limits, metrics
 
 logger = structlog.get_logger("api.access")
 OPENAPI_URL = "/v1/openapi.json"
@@ -37,9 +40,8 @@ class Guard:
     check. (One layer, not several: every await inside the app resumes through each middleware
     frame, and FastAPI's dependencies cost more per request than a check here.)"""
 
-    def __init__(self, app: ASGIApp, tokens: dict[str, str]) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.tokens = tokens
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -64,12 +66,18 @@ class Guard:
             await send(message)
 
         try:
-            if scope["path"].startswith("/v1/") and scope["path"] != OPENAPI_URL:
-                try:
-                    scope["state"]["actor"] = actor_for(self.tokens, headers.get("authorization"))
-                except Unauthorized as exc:  # before the body is even read
-                    await from_ledger_error(exc)(scope, receive, send_with_id)
+            if _needs_key(scope["path"]):
+                try:  # before the body is even read
+                    principal = await authenticate(scope, headers.get("authorization"))
+                except errors.LedgerError as exc:
+                    refusal = _over_rate(scope, None) or from_ledger_error(exc)
+                    await refusal(scope, receive, send_with_id)
                     return
+                structlog.contextvars.bind_contextvars(actor=principal.actor)
+            refusal = _over_rate(scope, _key_id(scope))
+            if refusal is not None:
+                await refusal(scope, receive, send_with_id)
+                return
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 replay = await self._read_body(scope, receive, send_with_id)
                 if replay is None:
@@ -93,25 +101,52 @@ class Guard:
                 )
 
     async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
-        """The whole body, bounded and checked; None when the request was answered here."""
-        declared = Headers(scope=scope).get("content-length")
+        """The whole body, bounded in size and time and checked; None when the request was
+        answered here."""
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limits.request_body_bytes_max:
             await _too_large(scope, receive, send)
             return None
+        has_body = (declared is not None and declared.strip("0") != "") or (
+            "transfer-encoding" in headers
+        )
+        if has_body and not _is_json(headers.get("content-type")):
+            # Refused before it is read: otherwise FastAPI takes a body that is not declared as
+            # JSON for a string, and answers "Input should be a valid dictionary".
+            error = errors.UnsupportedMediaType(
+                f"got Content-Type {(headers.get('content-type') or 'none')[:100]!r};"
+                " send application/json"
+            )
+            await from_ledger_error(error)(scope, receive, send)
+            return None
+        timeout_s = _app_state(scope, "body_timeout_s", limits.body_timeout_s)
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limits.request_body_bytes_max:
-                await _too_large(scope, receive, send)
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            # A client sending its body a byte at a time holds a connection and a task; past
+            # this it gets 408 and the connection is closed (api/server.py closes it anyway a
+            # moment later, for bodies no handler reads).
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limits.request_body_bytes_max:
+                        await _too_large(scope, receive, send)
+                        return None
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            response = from_ledger_error(
+                errors.RequestTimeout(f"the body did not arrive within {timeout_s:g} s")
+            )
+            response.headers["Connection"] = "close"
+            await response(scope, receive, send)
+            return None
         body = b"".join(chunks)
         if body:
             parsed, reason = _strict_json(body)
@@ -130,6 +165,50 @@ class Guard:
             return await receive()
 
         return replay
+
+
+def _app_state(scope: Scope, name: str, default: Any) -> Any:
+    """A setting that create_app put on ``app.state`` (absent when the Guard runs alone)."""
+    return getattr(getattr(scope.get("app"), "state", None), name, default)
+
+
+def _key_id(scope: Scope) -> str | None:
+    return getattr(scope["state"].get("principal"), "key_id", None)
+
+
+def _over_rate(scope: Scope, key_id: str | None) -> Response | None:
+    """429 with ``Retry-After`` when the key (or, without one, the client's address) has used
+    up its rate; None when the request may go ahead. Checked right after authentication, so
+    that a key's requests count against the key wherever they come from."""
+    limiter: RateLimiter | None = _app_state(scope, "rate_limiter", None)
+    if limiter is None:
+        return None
+    client = scope.get("client")
+    wait_s = limiter.take(key_id, client[0] if client else None)
+    if not wait_s:
+        return None
+    whom = "this API key" if key_id is not None else "this address without a valid key"
+    response = from_ledger_error(
+        errors.RateLimited(f"too many requests for {whom}; retry in {wait_s:.3f} s")
+    )
+    response.headers["Retry-After"] = retry_after(wait_s)
+    return response
+
+
+def _is_json(content_type: str | None) -> bool:
+    """``application/json``, with no parameter but ``charset=utf-8`` (JSON is UTF-8)."""
+    if content_type is None:
+        return False
+    media, *params = (part.strip().lower() for part in content_type.split(";"))
+    return media == "application/json" and all(
+        p.replace(" ", "") in ("charset=utf-8", "charset=\"utf-8\"", "") for p in params
+    )
+
+
+def _needs_key(path: str) -> bool:
+    """Every /v1 route but the OpenAPI document, and the metrics (deny by default: a new
+    route under /v1 is covered without anyone remembering to)."""
+    return (path.startswith("/v1/") and path != OPENAPI_URL) or path == "/metrics"
 
 
 async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
@@ -180,14 +259,36 @@ class _ParsedBodyRequest(Request):
         return await super().json()
 
 
+def _query_names(dependant: Dependant) -> frozenset[str]:
+    """The query parameters a route declares, with those of its dependencies."""
+    names = {str(getattr(f, "validation_alias", None) or f.alias) for f in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return frozenset(names)
+
+
 class ParsedBodyRoute(APIRoute):
-    """FastAPI's own extension point for the request a route sees: the JSON body is the one
-    :class:`Guard` already parsed (strictly), not parsed a second time."""
+    """FastAPI's own extension point for the request a route sees: the caller's key is checked
+    against the route's scope and ledger (:func:`api.auth.authorize`), and the JSON body is the
+    one :class:`Guard` already parsed (strictly), not parsed a second time."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        extra = self.openapi_extra
+        # The query parameters the route declares: any other is refused (400), so that a
+        # filter the route does not have (``balances?metadata.tier=``) is never silently
+        # ignored, leaving a reader with unfiltered figures they believe filtered.
+        known = _query_names(self.dependant)
 
         async def handle(request: Request) -> Response:
+            authorize(request.scope, extra, request.path_params)
+            unknown = sorted(set(request.query_params.keys()) - known)
+            if unknown:
+                raise errors.UnknownQueryParameter(
+                    f"unknown query parameter {unknown[0][:64]!r}; this route takes "
+                    + (", ".join(sorted(known)) or "none"),
+                    parameters=[name[:64] for name in unknown[:10]],
+                )
             return await handler(_ParsedBodyRequest(request.scope, request.receive))
 
         return handle

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Path, Query, Request
 from pydantic import AwareDatetime
 from starlette.responses import Response
 
+from api import auth
 from api.middleware import ParsedBodyRoute
 from api.routes import AccountPath, LedgerPath, _problems, json_response, service
 from ledger import errors
@@ -42,7 +43,10 @@ REPORTS = {
 }
 
 
-@router.get("/ledgers/{ledger}/reports/{report}", responses=_problems)
+@router.get(
+    "/ledgers/{ledger}/reports/{report}", responses=_problems,
+    openapi_extra=auth.scope("read"),
+)
 async def report(
     ledger: LedgerPath,
     report: Annotated[Literal["trial-balance", "balance-sheet", "income-statement"], Path()],
@@ -70,7 +74,10 @@ async def report(
     )
 
 
-@router.get("/ledgers/{ledger}/accounts/{name}/statement", responses=_problems)
+@router.get(
+    "/ledgers/{ledger}/accounts/{name}/statement", responses=_problems,
+    openapi_extra=auth.scope("read"),
+)
 async def account_statement(
     ledger: LedgerPath,
     name: AccountPath,
@@ -91,7 +98,7 @@ async def account_statement(
     )
 
 
-@router.get("/ledgers/{ledger}/positions", responses=_problems)
+@router.get("/ledgers/{ledger}/positions", responses=_problems, openapi_extra=auth.scope("read"))
 async def positions(
     ledger: LedgerPath,
     request: Request,
@@ -141,7 +148,7 @@ async def positions(
     )
 
 
-@router.get("/ledgers/{ledger}/projections", responses=_problems)
+@router.get("/ledgers/{ledger}/projections", responses=_problems, openapi_extra=auth.scope("read"))
 async def projection_status(ledger: LedgerPath, request: Request) -> Response:
     """Each projection's tracked position and its lag behind the head."""
     svc = service(request)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Path, Query, Request
 from pydantic import AwareDatetime, TypeAdapter, ValidationError
 from starlette.responses import Response
 
-from api import schemas
+from api import auth, schemas
 from api.errors import PROBLEM
 from api.middleware import ParsedBodyRoute
 from ledger import domain, errors, limits
@@ -92,6 +92,7 @@ async def _keyed(
     status_code=201,
     response_model=schemas.TransferOut,
     responses=_problems,
+    openapi_extra=auth.scope("transfers"),
 )
 async def post_transfer(
     ledger: LedgerPath,
@@ -109,6 +110,7 @@ async def post_transfer(
     status_code=201,
     response_model=schemas.TransferOut,
     responses=_problems,
+    openapi_extra=auth.scope("transfers"),
 )
 async def post_pending(
     ledger: LedgerPath,
@@ -131,6 +133,7 @@ async def post_pending(
     status_code=201,
     response_model=schemas.TransferOut,
     responses=_problems,
+    openapi_extra=auth.scope("transfers"),
 )
 async def void_pending(
     ledger: LedgerPath,
@@ -153,6 +156,7 @@ async def void_pending(
     status_code=201,
     response_model=schemas.TransferOut,
     responses=_problems,
+    openapi_extra=auth.scope("transfers"),
 )
 async def reverse(
     ledger: LedgerPath,
@@ -172,7 +176,8 @@ async def reverse(
 
 
 @router.post(
-    "/ledgers/{ledger}/transfers/batch", response_model=schemas.BatchOut, responses=_problems
+    "/ledgers/{ledger}/transfers/batch", response_model=schemas.BatchOut, responses=_problems,
+    openapi_extra=auth.scope("transfers"),
 )
 async def post_batch(ledger: LedgerPath, body: schemas.BatchIn, request: Request) -> Response:
     """Up to the batch limit of items, each with its own `id` (idempotency key) and its own
@@ -225,21 +230,31 @@ def _batch_items(raws: list[dict[str, Any]]) -> list[tuple[Any, bool]]:
     return items
 
 
-@router.post("/ledgers", status_code=201, response_model=schemas.LedgerOut, responses=_problems)
+@router.post(
+    "/ledgers", status_code=201, response_model=schemas.LedgerOut, responses=_problems,
+    openapi_extra=auth.scope("ledgers", checked_in_handler=True),
+)
 async def create_ledger(body: schemas.CreateLedger, request: Request) -> Response:
     """Creates a ledger; the same request again returns it unchanged."""
+    auth.principal_of(request.scope).require("ledgers", body.name)
     svc = service(request)
     m = meta(request)
     return created(await svc.create_ledger(body.name, body.parsed_assets(), m))
 
 
-@router.get("/ledgers/{ledger}", response_model=schemas.LedgerOut, responses=_problems)
+@router.get(
+    "/ledgers/{ledger}", response_model=schemas.LedgerOut, responses=_problems,
+    openapi_extra=auth.scope("read"),
+)
 async def get_ledger(ledger: LedgerPath, request: Request) -> Response:
     svc = service(request)
     return json_response(await svc.get_ledger(ledger))
 
 
-@router.post("/ledgers/{ledger}/assets", status_code=201, responses=_problems)
+@router.post(
+    "/ledgers/{ledger}/assets", status_code=201, responses=_problems,
+    openapi_extra=auth.scope("ledgers"),
+)
 async def define_asset(ledger: LedgerPath, body: schemas.DefineAsset, request: Request) -> Response:
     svc = service(request)
     m = meta(request)
@@ -251,6 +266,7 @@ async def define_asset(ledger: LedgerPath, body: schemas.DefineAsset, request: R
     status_code=201,
     response_model=schemas.AccountOut,
     responses=_problems,
+    openapi_extra=auth.scope("accounts"),
 )
 async def open_account(ledger: LedgerPath, body: schemas.OpenAccount, request: Request) -> Response:
     """Opens an account; the same request again returns it (Idempotent-Replayed: true)."""
@@ -260,7 +276,8 @@ async def open_account(ledger: LedgerPath, body: schemas.OpenAccount, request: R
 
 
 @router.get(
-    "/ledgers/{ledger}/accounts/{name}", response_model=schemas.AccountOut, responses=_problems
+    "/ledgers/{ledger}/accounts/{name}", response_model=schemas.AccountOut, responses=_problems,
+    openapi_extra=auth.scope("read"),
 )
 async def get_account(
     ledger: LedgerPath,
@@ -282,6 +299,7 @@ async def get_account(
     "/ledgers/{ledger}/accounts/{name}/guard",
     response_model=schemas.AccountOut,
     responses=_problems,
+    openapi_extra=auth.scope("accounts"),
 )
 async def set_guard(
     ledger: LedgerPath, name: AccountPath, body: schemas.GuardIn, request: Request
@@ -296,6 +314,7 @@ async def set_guard(
     "/ledgers/{ledger}/accounts/{name}/metadata",
     response_model=schemas.AccountOut,
     responses=_problems,
+    openapi_extra=auth.scope("accounts"),
 )
 async def set_metadata(
     ledger: LedgerPath, name: AccountPath, body: schemas.MetadataIn, request: Request
@@ -311,6 +330,7 @@ async def set_metadata(
     "/ledgers/{ledger}/accounts/{name}/{action}",
     response_model=schemas.AccountOut,
     responses=_problems,
+    openapi_extra=auth.scope("accounts"),
 )
 async def account_lifecycle(
     ledger: LedgerPath,
@@ -330,7 +350,10 @@ async def account_lifecycle(
     return json_response((await svc.change_account(ledger, command, m)).body)
 
 
-@router.get("/ledgers/{ledger}/accounts/{name}/postings", responses=_problems)
+@router.get(
+    "/ledgers/{ledger}/accounts/{name}/postings", responses=_problems,
+    openapi_extra=auth.scope("read"),
+)
 async def list_postings(
     ledger: LedgerPath,
     name: AccountPath,
@@ -344,7 +367,8 @@ async def list_postings(
 
 
 @router.get(
-    "/ledgers/{ledger}/transfers/{key}", response_model=schemas.TransferOut, responses=_problems
+    "/ledgers/{ledger}/transfers/{key}", response_model=schemas.TransferOut, responses=_problems,
+    openapi_extra=auth.scope("read"),
 )
 async def get_transfer(ledger: LedgerPath, key: KeyPath, request: Request) -> Response:
     """The transfer as first answered, with its current status and what was reversed."""
@@ -352,7 +376,7 @@ async def get_transfer(ledger: LedgerPath, key: KeyPath, request: Request) -> Re
     return json_response(await svc.transfer(ledger, key))
 
 
-@router.get("/ledgers/{ledger}/events", responses=_problems)
+@router.get("/ledgers/{ledger}/events", responses=_problems, openapi_extra=auth.scope("events"))
 async def list_events(
     ledger: LedgerPath,
     request: Request,
@@ -364,7 +388,7 @@ async def list_events(
     return json_response(await svc.events(ledger, after, limit))
 
 
-@router.get("/ledgers/{ledger}/balances", responses=_problems)
+@router.get("/ledgers/{ledger}/balances", responses=_problems, openapi_extra=auth.scope("read"))
 async def list_balances(
     ledger: LedgerPath,
     request: Request,

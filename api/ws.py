@@ -17,7 +17,7 @@ import psycopg
 import structlog
 from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 
-from api.auth import ws_actor
+from api.auth import ws_principal
 from ledger import errors, limits
 from ledger.log import NOTIFY_CHANNEL
 from ledger.service import LedgerService
@@ -85,7 +85,7 @@ async def stream(websocket: WebSocket, ledger: str, after: int = Query(0, ge=0))
     svc: LedgerService = websocket.app.state.service
     notifier: Notifier = websocket.app.state.notifier
     try:
-        ws_actor(websocket)
+        await ws_principal(websocket, "events", ledger)
         await svc.ledger_ref(ledger)
         wake = notifier.register(ledger)
     except errors.LedgerError as error:

@@ -74,6 +74,7 @@ def serve(
             # No DDL here: the schema must be current, and the login must not be able to
             # rewrite history (the embedded default migrated as its superuser just above).
             check_before_serving(url, settings.insecure_privileged_db_login)
+            _keys_at_start(url, settings, host or settings.host)
             uvicorn.run(
                 create_app(url, settings),
                 host=host or settings.host,
@@ -84,6 +85,65 @@ def serve(
             )
 
     _run(action)
+
+
+def _keys_at_start(url: str, settings: Settings, host: str) -> None:
+    """Deny by default. Without keys off, refuse a non-loopback address; on the embedded
+    default's first start, create an admin key, print it once and keep it beside the data, in a
+    file only its owner can read (the README's walk-through uses it)."""
+    import asyncio
+    import ipaddress
+    import os
+
+    import structlog
+
+    from ledger import keys
+
+    log = structlog.get_logger("ledger.serve")
+    if settings.insecure_no_auth:
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise LedgerError(
+                f"LEDGER_INSECURE_NO_AUTH is refused on {host}: without API keys, serve only on"
+                " a loopback address (127.0.0.1, ::1)"
+            )
+        return
+
+    async def count() -> tuple[int, int]:
+        async with await psycopg.AsyncConnection.connect(url) as conn:
+            cur = await conn.execute("SELECT count(*) FROM api_keys")
+            ever = await cur.fetchone()
+            assert ever is not None
+            return int(ever[0]), await keys.count_active(conn)
+
+    async def create() -> dict[str, Any]:
+        async with await psycopg.AsyncConnection.connect(url) as conn:
+            key = await keys.create(conn, "admin (first start)", ["*"], [], "ledger serve")
+            await conn.commit()
+            return key
+
+    ever, active = asyncio.run(count())
+    path = settings.data_dir / "admin.key"
+    if ever == 0 and settings.database_url is None:
+        key = asyncio.run(create())
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key["token"] + "\n")
+        print(
+            f"Created an admin API key (all scopes), shown once: {key['token']}\n"
+            f"It is kept in {path} (readable only by you). Make narrower keys with"
+            " `ledger keys create`.",
+            flush=True,
+        )
+    elif active == 0:
+        log.warning(
+            "no active API key: every request will be refused; create one with"
+            " `ledger keys create --name admin --scope '*'`"
+        )
 
 
 @app.command()
@@ -109,20 +169,33 @@ def _fail(message: str) -> None:
 def verify(
     ledger: LedgerOption,
     public_key: Annotated[
-        str | None, typer.Option(help="Hex, or a file; checks signatures")
+        list[str] | None,
+        typer.Option(help="Hex, or a file; checks signatures (repeat for rotated keys)"),
+    ] = None,
+    checkpoint: Annotated[
+        list[Path] | None,
+        typer.Option(help="Checkpoints kept outside the database (JSON, as `ledger seal` prints)"),
     ] = None,
 ) -> None:
-    """Checks a live ledger against its own log; prints a JSON report, exits 1 on any failure."""
+    """Checks a live ledger against its own log, and against checkpoints kept outside it (a
+    restore that lost signed history fails with signed_history_lost); prints a JSON report,
+    exits 1 on any failure."""
     from ledger import audit, postgres
 
     def action(settings: Settings) -> None:
-        key = audit.load_public_key(public_key) if public_key else None
+        try:
+            keys = [audit.load_public_key(k) for k in public_key or ()]
+            kept = [c for path in checkpoint or () for c in audit.load_checkpoints(path)]
+        except (OSError, ValueError, KeyError) as exc:
+            _fail(f"cannot read a key or checkpoint: {exc}")
         with database_url(settings) as url, postgres.connect(url) as conn:
             try:
-                report = audit.verify(conn, ledger, key)
+                report = audit.verify(conn, ledger, keys or None, kept)
             except LookupError as exc:
                 _fail(str(exc))
         audit.write_json(report, sys.stdout)
+        for code, detail in report.errors():
+            print(f"ledger: {code}: {detail}", file=sys.stderr)
         if not report.ok:
             raise typer.Exit(1)
 
@@ -239,6 +312,32 @@ def export(
         with database_url(settings) as url, postgres.connect(url) as conn, out.open("w") as f:
             count = audit.export(conn, ledger, f)
         print(f"{count} events written to {out}", file=sys.stderr)
+
+    _run(action)
+
+
+@app.command("import")
+def import_(
+    export_file: Annotated[Path, typer.Argument(help="A file written by `ledger export`")],
+    public_key: Annotated[
+        list[str], typer.Option(help="The signer's public key: hex, or a file (repeatable)")
+    ],
+) -> None:
+    """Rebuilds a ledger from an export, under its own name, in this database: verified before
+    (chain, Merkle roots, signatures, every event decided again) and after (ledger verify);
+    never over an existing ledger. Prints a JSON summary."""
+    from ledger import audit, importer, postgres
+
+    def action(settings: Settings) -> None:
+        try:
+            keys = [audit.load_public_key(k) for k in public_key]
+        except (OSError, ValueError) as exc:
+            _fail(f"cannot read the public key: {exc}")
+        if not export_file.is_file():
+            _fail(f"{export_file}: no such file")
+        with database_url(settings) as url, postgres.connect(url) as conn:
+            done = importer.import_file(conn, export_file, keys)
+        print(json.dumps(done.as_json(), indent=2))
 
     _run(action)
 
@@ -673,6 +772,114 @@ def audit_verify(
     audit.write_json(report, sys.stdout)
     if not report.ok:
         raise typer.Exit(1)
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys: create, list, rotate, revoke.")
+app.add_typer(keys_app, name="keys")
+
+
+def _parse_expiry(expires_in: str | None) -> Any:
+    """``90d``, ``12h`` or ``30m`` from now; None for a key that never expires."""
+    import re
+    from datetime import UTC, timedelta
+
+    if expires_in is None:
+        return None
+    match = re.fullmatch(r"([1-9][0-9]{0,4})([dhm])", expires_in)
+    if match is None:
+        raise LedgerError(f"--expires-in {expires_in!r}: a number and d, h or m (such as 90d)")
+    unit = {"d": "days", "h": "hours", "m": "minutes"}[match.group(2)]
+    return datetime.now(UTC) + timedelta(**{unit: int(match.group(1))})
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="Who or what the key is for")],
+    scope: Annotated[
+        list[str], typer.Option(help="read, events, transfers, accounts, ledgers, audit, keys,"
+                                     " metrics or * (repeat the option for several)")
+    ],
+    ledger: Annotated[
+        list[str] | None,
+        typer.Option(help="A ledger name, or a prefix ending in * (repeat; none: every ledger)"),
+    ] = None,
+    expires_in: Annotated[str | None, typer.Option(help="Such as 90d, 12h, 30m")] = None,
+) -> None:
+    """Creates a key and prints it once, as JSON with its token: store the token now."""
+    from ledger import keys
+
+    def action(settings: Settings) -> None:
+        keys.check_grant(keys.ANONYMOUS, scope, ledger or [])  # scopes and patterns known
+        expires = _parse_expiry(expires_in)
+
+        async def work(pool: Any) -> Any:
+            async with pool.connection() as conn:
+                return await keys.create(
+                    conn, name, scope, ledger or [], _meta()["actor"], expires
+                )
+
+        _print(_with_pool(settings, work))
+
+    _run(action)
+
+
+@keys_app.command("list")
+def keys_list(
+    revoked: Annotated[bool, typer.Option(help="Include revoked keys")] = False,
+) -> None:
+    """Every key (never a secret), as JSON."""
+    from ledger import keys
+
+    def action(settings: Settings) -> None:
+        async def work(pool: Any) -> Any:
+            async with pool.connection() as conn:
+                return await keys.list_keys(conn, revoked)
+
+        _print(_with_pool(settings, work))
+
+    _run(action)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="lk_ and 12 hex digits")]) -> None:
+    """Revokes a key: every server refuses it within a second."""
+    from ledger import keys
+
+    def action(settings: Settings) -> None:
+        async def work(pool: Any) -> Any:
+            async with pool.connection() as conn:
+                return await keys.revoke(conn, key_id, _meta()["actor"])
+
+        _print(_with_pool(settings, work))
+
+    _run(action)
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    key_id: Annotated[str, typer.Argument(help="lk_ and 12 hex digits")],
+    grace: Annotated[
+        int, typer.Option(help="Seconds the old key keeps working (0: revoked at once)")
+    ] = 0,
+) -> None:
+    """A new key with the old one's name, scopes and ledgers, printed once."""
+    from datetime import timedelta
+
+    from ledger import keys, limits
+
+    def action(settings: Settings) -> None:
+        if not 0 <= grace <= limits.key_rotation_grace_s_max:
+            raise LedgerError(f"--grace: 0 to {limits.key_rotation_grace_s_max} seconds")
+
+        async def work(pool: Any) -> Any:
+            async with pool.connection() as conn:
+                return await keys.rotate(
+                    conn, key_id, _meta()["actor"], timedelta(seconds=grace)
+                )
+
+        _print(_with_pool(settings, work))
+
+    _run(action)
 
 
 def main() -> None:

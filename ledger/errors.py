@@ -27,6 +27,60 @@ class LedgerError(Exception):
         return {"code": self.code, "detail": self.detail, **self.extra}
 
 
+# --- Access (checked first, before the request's body is read) ---------------------------
+
+
+class Unauthorized(LedgerError):
+    code = "unauthorized"
+    title = "A valid API key is required"
+    status = 401
+
+
+class Forbidden(LedgerError):
+    code = "forbidden"
+    title = "The API key does not allow this (scope or ledger)"
+    status = 403
+
+
+class KeyNotFound(LedgerError):
+    code = "key_not_found"
+    title = "No such API key"
+    status = 404
+
+
+# --- At the edge (checked before the route runs, in this order) -------------------------------
+
+
+class RateLimited(LedgerError):
+    code = "rate_limited"
+    title = "Too many requests for this API key (or, without one, this address)"
+    status = 429
+
+
+class RequestTimeout(LedgerError):
+    code = "request_timeout"
+    title = "The request's headers or body took too long to arrive"
+    status = 408
+
+
+class HeadersTooLarge(LedgerError):
+    code = "headers_too_large"
+    title = "The request line and headers are larger than the limit"
+    status = 431
+
+
+class UnsupportedMediaType(LedgerError):
+    code = "unsupported_media_type"
+    title = "A request body must be sent as Content-Type: application/json"
+    status = 415
+
+
+class UnknownQueryParameter(LedgerError):
+    code = "unknown_query_parameter"
+    title = "The route does not take this query parameter"
+    status = 400
+
+
 # --- Request shape (checked first, before anything is read from the database) -------------
 
 
@@ -258,6 +312,27 @@ class InvalidCursor(LedgerError):
     status = 400
 
 
+# --- Moving and restoring a ledger (`ledger import`, `ledger verify --checkpoint`) -----------
+
+
+class ExportInvalid(LedgerError):
+    code = "export_invalid"
+    title = "The export does not verify (chain, Merkle roots, signatures, rules): nothing imported"
+    status = 422
+
+
+class ImportTargetExists(LedgerError):
+    code = "import_target_exists"
+    title = "The target database already has a ledger of that name; import never writes over one"
+    status = 409
+
+
+class SignedHistoryLost(LedgerError):
+    code = "signed_history_lost"
+    title = "The log ends before a checkpoint that was signed: a restore lost signed history"
+    status = 409
+
+
 # --- Transient: the outcome is unknown or nothing happened; retry with the same key ----------
 
 
@@ -296,10 +371,16 @@ def all_error_classes() -> list[type[LedgerError]]:
 
 _ADVICE = {
     400: "Fix the request; do not resend it as is.",
+    401: "Send `Authorization: Bearer lk_<id>_<secret>` with a valid, unexpired key.",
+    403: "Use a key with the scope and ledger this needs (docs/security.md).",
     404: "Check the name or key.",
+    408: "Send the whole request promptly (the connection is closed).",
     409: "The resource's state forbids it: read it, then decide.",
     413: "Split the request.",
+    415: "Send `Content-Type: application/json`.",
     422: "Fix the request; do not resend it as is.",
+    429: "Wait `Retry-After` seconds, then resend (with the same Idempotency-Key).",
+    431: "Send shorter headers and URL.",
     503: "Retry with the same Idempotency-Key (after Retry-After).",
 }
 
@@ -310,12 +391,6 @@ _OTHERS = (
         "The body is not JSON, or JSON that means two things (a duplicate key,"
         " NaN or Infinity, nesting too deep)",
         "Send plain JSON.",
-    ),
-    (
-        "unauthorized",
-        401,
-        "`LEDGER_API_TOKENS` is set and no valid bearer token was sent",
-        "Send `Authorization: Bearer <token>`.",
     ),
     ("not_found", 404, "No such route", "Check the path (the API is under `/v1`)."),
     ("method_not_allowed", 405, "The route exists with another method", "Check the method."),

@@ -52,8 +52,53 @@ replica_wait_ms: Final = 2_000
 """How long a read with ``min_position`` waits for the replica to replay that position before
 answering 503 ``replica_behind``."""
 
+# Access
+key_cache_s: Final = 1.0
+"""How long a server trusts what it read of an API key: a revoked key stops working this soon."""
+key_used_interval_s: Final = 60.0
+"""How often a key's last-used time is written (at most), per server process."""
+keys_cached_max: Final = 10_000
+"""API keys a server process remembers; past this it forgets them all and re-reads."""
+keys_listed_max: Final = 1_000
+"""API keys one listing returns."""
+key_rotation_grace_s_max: Final = 7 * 24 * 3600
+"""Longest a rotated key keeps working beside its replacement."""
+
 # Connections
 pool_timeout_s: Final = 10.0
+read_pool_size: Final = 4
+"""Database connections per server process for reads, reports and replays: a pool of their own,
+so that they can never take the writer's connections."""
+read_statement_timeout_ms: Final = 10_000
+"""Longest a statement on the read pool may run (a report, a page, a replay's query)."""
+replay_timeout_s: Final = 20.0
+"""Longest a ``positions?as_of`` replay may take before it answers 503."""
+replays_concurrent_max: Final = 1
+"""``positions?as_of`` replays (each reads the log up to a position) at once per server process."""
+
+# Edge (the HTTP server)
+connections_max: Final = 1_000
+"""Open HTTP connections per server process; past this, new ones are closed at once."""
+header_timeout_s: Final = 10.0
+"""How long a client may take to send a request's line and headers before 408 and a close."""
+body_timeout_s: Final = 30.0
+"""How long a client may take to send a request's body before 408 and a close."""
+header_bytes_max: Final = 65_536
+"""Largest request line plus headers; bigger ones get 431 and a close."""
+keep_alive_s: Final = 5.0
+"""How long an idle kept-alive connection stays open."""
+rate_per_s: Final = 5_000.0
+"""Requests per second one API key may make on average (token bucket refill rate); a backstop
+above one process's capacity (~2,600 transfers/s), lower it per deployment."""
+rate_burst: Final = 10_000
+"""Requests one API key may make at once (token bucket size)."""
+rate_address_per_s: Final = 100.0
+"""Requests per second one client address may make without a valid key."""
+rate_address_burst: Final = 200
+"""Requests one client address may make at once without a valid key."""
+rate_buckets_max: Final = 100_000
+"""Keys and addresses whose rate a server process tracks; past this the least recently seen is
+forgotten (and starts again with a full bucket)."""
 
 # Streams
 stream_clients_max: Final = 1_000
@@ -87,3 +132,31 @@ projection_retry_pause_s: Final = 5.0
 server restarts a projection process that exited at most this often."""
 embedded_start_wait_s: Final = 120.0
 """How long a process waits for another one's start of an embedded Postgres before giving up."""
+
+# Events out: the relay (JetStream publisher and webhooks)
+relay_interval_s: Final = 1.0
+"""Longest the relay sleeps when no NOTIFY wakes it."""
+relay_retry_pause_s: Final = 2.0
+"""After the broker or the database failed, the relay waits this long before trying again."""
+relay_ledgers_per_pass_max: Final = 64
+"""Ledgers (and, separately, webhook subscriptions) the relay serves in one pass."""
+publish_page_events: Final = 500
+"""Events published (or queued for a webhook) before the position is saved: at most this many
+are republished after a crash."""
+publish_ack_timeout_s: Final = 5.0
+"""How long the publisher waits for the broker to acknowledge a message (and to connect)."""
+publish_duplicate_window_s: Final = 600.0
+"""The duplicate window of the JetStream stream the publisher creates: a message republished
+within it (same Nats-Msg-Id) is dropped by the broker."""
+webhooks_per_ledger_max: Final = 16
+"""Live webhook subscriptions per ledger."""
+webhook_attempts_max: Final = 10
+"""Attempts to deliver one event to one subscription before it is dead-lettered."""
+webhook_backoff_first_ms: Final = 1_000
+"""Pause after a delivery's first failure; it doubles after each further one."""
+webhook_backoff_max_ms: Final = 600_000
+"""Longest pause between two attempts of one delivery."""
+webhook_timeout_ms: Final = 10_000
+"""How long the receiver has to answer one delivery."""
+webhook_deliveries_per_pass_max: Final = 64
+"""Deliveries sent at once by one relay."""

@@ -9,8 +9,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ledger import limits
 
 PREFIX = "LEDGER_"
 
@@ -48,7 +50,13 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     pool_size: int = Field(8, ge=1, le=64, description="Database connections per server process")
-    api_tokens: str = Field("", description="name:token,name:token; empty turns auth off")
+    insecure_no_auth: bool = Field(
+        False,
+        description=(
+            "Development only: serve without API keys (everyone may do everything); refused on"
+            " any address but loopback, and warned about at every start"
+        ),
+    )
     projections: bool = Field(
         True,
         description=(
@@ -60,15 +68,43 @@ class Settings(BaseSettings):
         None,
         description="Ed25519 private key (PEM) that signs checkpoints; kept outside the database",
     )
-
-    @field_validator("api_tokens")
-    @classmethod
-    def _tokens(cls, value: str) -> str:
-        for part in filter(None, (p.strip() for p in value.split(","))):
-            name, sep, token = part.partition(":")
-            if not (sep and name and len(token) >= 8):
-                raise ValueError("expected name:token pairs, tokens of 8 characters or more")
-        return value
+    publish_nats_url: str | None = Field(
+        None,
+        description=(
+            "A NATS server with JetStream (nats://host:4222): the server's relay publishes every"
+            " event to it (or run `ledger publish`)"
+        ),
+    )
+    relay: bool = Field(
+        True,
+        description=(
+            "Run the relay (webhooks, and JetStream with LEDGER_PUBLISH_NATS_URL) in a child"
+            " process of the server; false to run `ledger publish` elsewhere"
+        ),
+    )
+    # The edge (api/server.py, api/ratelimit.py); defaults in ledger/limits.py
+    read_pool_size: int = Field(
+        limits.read_pool_size, ge=1, le=64, description="Connections for reads, reports, replays"
+    )
+    connections_max: int = Field(limits.connections_max, ge=1, description="Open HTTP connections")
+    header_timeout_s: float = Field(limits.header_timeout_s, gt=0, le=600)
+    body_timeout_s: float = Field(limits.body_timeout_s, gt=0, le=3600)
+    keep_alive_s: float = Field(limits.keep_alive_s, gt=0, le=600)
+    rate_per_s: float = Field(limits.rate_per_s, gt=0, description="Requests/s per API key")
+    rate_burst: int = Field(limits.rate_burst, ge=1)
+    rate_address_per_s: float = Field(
+        limits.rate_address_per_s, gt=0, description="Requests/s per address without a valid key"
+    )
+    rate_address_burst: int = Field(limits.rate_address_burst, ge=1)
+    tls_cert_file: Path | None = Field(None, description="PEM certificate (chain): serve HTTPS")
+    tls_key_file: Path | None = Field(None, description="PEM private key; not readable by others")
+    forwarded_allow_ips: str = Field(
+        "",
+        description=(
+            "Proxies (comma-separated IPs or CIDRs) whose X-Forwarded-For/-Proto are trusted;"
+            " empty trusts none"
+        ),
+    )
 
 
 def load_settings() -> Settings:

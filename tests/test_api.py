@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
@@ -14,13 +16,14 @@ from hypothesis import strategies as st
 from api.app import create_app
 from ledger import limits
 from ledger.settings import Settings
+from tests.support import api_client, bearer, make_key, make_key_record, run_async
 
 PROBLEM = "application/problem+json"
 
 
 @pytest.fixture(scope="module")
 def client(database_url: str) -> Iterator[TestClient]:
-    with TestClient(create_app(database_url, Settings())) as c:
+    with api_client(database_url) as c:
         yield c
 
 
@@ -281,30 +284,52 @@ def test_metrics_count_requests_by_route_template_and_writer_groups(
     assert "ledger_writer_group_commands_count" in text
 
 
-def test_with_tokens_every_v1_request_needs_one_and_its_name_is_the_actor(
+def test_every_v1_request_needs_a_valid_key_and_its_id_is_the_actor(
     database_url: str,
 ) -> None:
-    settings = Settings(api_tokens="ops:s3cret-ops-token,billing:s3cret-billing")
-    ops = {"Authorization": "Bearer s3cret-ops-token"}
+    ops_key = make_key_record(database_url)
+    ops = bearer(ops_key["token"])
+    revoked = make_key(database_url)
+    run_async(_revoke(database_url, revoked))
+    expired = make_key(database_url, expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    wrong_secret = ops_key["token"][:-4] + "AAAA"
     name = "a" + secrets.token_hex(6)
-    with TestClient(create_app(database_url, settings)) as c:
+    with TestClient(create_app(database_url, Settings())) as c:
         for request in (
             lambda h: c.post("/v1/ledgers", json={"name": name}, headers=h),
             lambda h: c.get(f"/v1/ledgers/{name}", headers=h),
             # Refused before the body is read: not 422 for a body that is not JSON.
             lambda h: c.post(f"/v1/ledgers/{name}/transfers", content=b"{nope", headers=h),
         ):
-            for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": "x"}):
+            for headers in (
+                {},
+                {"Authorization": "Bearer wrong-token"},
+                {"Authorization": "x"},
+                {"Authorization": ops_key["token"]},  # no scheme
+                bearer(wrong_secret),
+                bearer(revoked),
+                bearer(expired),
+            ):
                 r = request(headers)
-                assert r.status_code == 401, r.text
+                assert r.status_code == 401, (headers, r.text)
                 assert r.headers["content-type"] == PROBLEM
+                assert r.headers["www-authenticate"].startswith("Bearer")
                 assert r.json()["code"] == "unauthorized"
         # Documentation and health stay public.
         assert c.get("/v1/openapi.json").status_code == 200
         assert c.get("/healthz").status_code == 200
         assert c.post("/v1/ledgers", json={"name": name}, headers=ops).status_code == 201
         events = c.get(f"/v1/ledgers/{name}/events", headers=ops).json()["items"]
-        assert events[0]["meta"]["actor"] == "ops"
+        assert events[0]["meta"]["actor"] == ops_key["id"]  # the key's id, never its secret
+        assert ops_key["token"].split("_")[-1] not in str(events)
+
+
+async def _revoke(database_url: str, token: str) -> None:
+    from ledger import keys
+
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        await keys.revoke(conn, token[: len("lk_") + 12], "tests")
+        await conn.commit()
 
 
 @pytest.mark.parametrize("invalid", [False, True])

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from api.app import create_app
 from ledger import audit, merkle
 from ledger.settings import Settings
+from tests.support import api_client
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def signed_client(
 ) -> Iterator[TestClient]:
     key_file: Path = tmp_path_factory.mktemp("keys") / "signing.pem"
     audit.generate_key(key_file)
-    with TestClient(create_app(database_url, Settings(signing_key_file=key_file))) as c:
+    with api_client(database_url, Settings(signing_key_file=key_file)) as c:
         yield c
 
 
@@ -77,7 +77,7 @@ def test_a_sealed_transfer_has_an_inclusion_proof_a_client_can_check(
 
 
 def test_sealing_without_a_key_is_a_clear_conflict(database_url: str) -> None:
-    with TestClient(create_app(database_url, Settings())) as c:
+    with api_client(database_url) as c:
         name = "n" + secrets.token_hex(5)
         c.post("/v1/ledgers", json={"name": name})
         r = c.post(f"/v1/ledgers/{name}/checkpoints")

@@ -8,16 +8,14 @@ import time
 from typing import Any
 
 import psycopg
-from fastapi.testclient import TestClient
 
-from api.app import create_app
 from ledger import audit, domain, postgres
 from ledger.events import AccountOpened, TransferPosted
 from ledger.money import Asset
 from ledger.service import LedgerService
-from ledger.settings import Settings
 from projections.positions import Position, Positions, holder_of
 from projections.runner import Runner, check, positions_at, rebuild
+from tests.support import api_client
 
 BTC, USD = Asset("BTC", 8), Asset("USD", 2)
 
@@ -206,7 +204,7 @@ def test_a_rebuild_swaps_in_the_same_rows_and_a_tampered_row_is_caught(
 def test_positions_and_lag_over_http(database_url: str) -> None:
     ledger = "q" + secrets.token_hex(5)
     _trade_ledger(database_url, ledger, 5)
-    with TestClient(create_app(database_url, Settings())) as c:
+    with api_client(database_url) as c:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             status = c.get(f"/v1/ledgers/{ledger}/projections").json()["items"][0]

@@ -12,14 +12,13 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from api.app import create_app
-from ledger.settings import Settings
+from tests.support import api_client
 
 
 @pytest.fixture(scope="module")
 def books(database_url: str) -> Iterator[tuple[TestClient, str, dict[str, int]]]:
     """A small company: capital paid in 20 days ago, a customer deposit, a fee, the rent."""
-    with TestClient(create_app(database_url, Settings())) as c:
+    with api_client(database_url) as c:
         name = "r" + secrets.token_hex(5)
         c.post("/v1/ledgers", json={"name": name})
         for account, kind in (
