@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import orjson
 import psycopg
+import structlog
 from eventsourcing.persistence import StoredEvent
 
 from ledger import domain, errors, limits
@@ -36,6 +37,8 @@ from ledger.events import (
     TransferPosted,
 )
 from ledger.money import Asset
+
+logger = structlog.get_logger(__name__)
 
 NOTIFY_CHANNEL = "ledger_events"
 
@@ -138,6 +141,9 @@ class Cache:
     wrote, or a transaction failed) it is emptied and the group reads everything."""
 
     position: int = 0
+    hash: bytes = b""
+    """The head hash at ``position``: a head at the same position with another hash is another
+    history (a failover that lost a commit, then new appends), not the one cached."""
     assets: dict[str, tuple[int, int]] = field(default_factory=dict)
     """Code → (scale, position of its definition)."""
     accounts: dict[str, domain.Account] = field(default_factory=dict)
@@ -149,11 +155,18 @@ class Cache:
 
     def clear(self) -> None:
         self.position = 0
+        self.hash = b""
         self.assets = {}
         self.accounts = {}
         self.balances = {}
 
-    def keep(self, position: int, state: domain.LedgerState, assets: dict[str, int]) -> None:
+    def keep(
+        self,
+        position: int,
+        state: domain.LedgerState,
+        assets: dict[str, int],
+        head_hash: bytes = b"",
+    ) -> None:
         """After a commit at ``position``: remember what the group read and wrote."""
         if (
             len(self.accounts) + len(state.accounts) > limits.writer_cache_entries_max
@@ -168,6 +181,7 @@ class Cache:
             if known is None or known[4] != b.version:  # every change moves the version
                 balances[key] = b.fields()
         self.position = position
+        self.hash = head_hash
 
 
 async def write(
@@ -187,7 +201,7 @@ async def write(
     except BaseException:
         cache.clear()
         raise
-    cache.keep(group.position, group.state, group.asset_positions)
+    cache.keep(group.position, group.state, group.asset_positions, group.hash)
     return outcomes
 
 
@@ -335,7 +349,28 @@ async def _load(
             )
         }
         due = [found[k] for k in due_keys]
-    if cache.position and cache.position != int(head[0]):
+    if cache.position and (cache.position != int(head[0]) or cache.hash != bytes(head[1])):
+        head_position = int(head[0])
+        ours = bytes(head[1]) if head_position == cache.position else None
+        if head_position > cache.position:  # the slow path already: one more indexed read
+            at = await (
+                await q(
+                    "SELECT hash FROM events WHERE ledger_id = %s AND position = %s",
+                    (ledger.id, cache.position),
+                )
+            ).fetchone()
+            ours = bytes(at[0]) if at else None
+        if ours != cache.hash:
+            # Under synchronous replication a committed head cannot move back, even across a
+            # failover (ADR 0012); if it did, commits this writer saw were lost: say so loudly.
+            logger.error(
+                "ledger head moved back or forked: history this writer committed is gone",
+                ledger=ledger.name,
+                cached_position=cache.position,
+                cached_hash=cache.hash.hex(),
+                head_position=int(head[0]),
+                head_hash=bytes(head[1]).hex(),
+            )
         cache.clear()  # another process wrote since: read everything (the lock is held)
         return await _load(conn, ledger, items, cache)
 

@@ -7,7 +7,12 @@ assets as ``CODE/SCALE``, hashes as hex.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import contextvars
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -42,9 +47,27 @@ class Result:
     replayed: bool
 
 
+_ON_PRIMARY: contextvars.ContextVar[bool] = contextvars.ContextVar("on_primary", default=False)
+"""Set while a command renders its answer: it reads what it just wrote, from the primary."""
+
+
+@contextlib.contextmanager
+def _on_primary() -> Iterator[None]:
+    token = _ON_PRIMARY.set(True)
+    try:
+        yield
+    finally:
+        _ON_PRIMARY.reset(token)
+
+
 class LedgerService:
-    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+    def __init__(
+        self, pool: AsyncConnectionPool[Any], read_pool: AsyncConnectionPool[Any] | None = None
+    ) -> None:
+        """``pool`` reaches the writable primary; queries go to ``read_pool`` (a replica,
+        ``LEDGER_READ_DATABASE_URL``) when there is one."""
         self.pool = pool
+        self.read_pool = read_pool if read_pool is not None else pool
         self.writers = Writers(pool)
         self._ledgers: dict[str, log.LedgerRef] = {}
 
@@ -67,7 +90,8 @@ class LedgerService:
                 committed = await log.create_ledger(conn, name, chosen, meta)
         except psycopg.Error as exc:
             raise translate(exc) from exc
-        return Result(await self._ledger_body(name), committed.replayed)
+        with _on_primary():
+            return Result(await self._ledger_body(name), committed.replayed)
 
     async def define_asset(self, ledger: str, asset: Asset, meta: dict[str, Any]) -> Result:
         committed = await self._submit_one(ledger, domain.DefineAsset(asset), meta)
@@ -80,7 +104,8 @@ class LedgerService:
         self, ledger: str, command: domain.OpenAccount, meta: dict[str, Any]
     ) -> Result:
         committed = await self._submit_one(ledger, command, meta)
-        return Result(await self.account(ledger, command.name), committed.replayed)
+        with _on_primary():
+            return Result(await self.account(ledger, command.name), committed.replayed)
 
     async def post_transfer(
         self, ledger: str, command: domain.KeyedCommand, meta: dict[str, Any]
@@ -94,7 +119,8 @@ class LedgerService:
         self, ledger: str, command: domain.AccountCommand, meta: dict[str, Any]
     ) -> Result:
         await self._submit_one(ledger, command, meta)
-        return Result(await self.account(ledger, command.account), False)
+        with _on_primary():
+            return Result(await self.account(ledger, command.account), False)
 
     async def post_batch(
         self,
@@ -158,11 +184,12 @@ class LedgerService:
     async def expire_due(self) -> int:
         """Wakes the writer of every ledger with pending transfers past their timeout; the
         writer expires them (at most ``expiries_per_group_max`` per transaction)."""
-        rows = await self._all(
-            "SELECT DISTINCT l.name FROM transfer_status s JOIN ledgers l ON l.id = s.ledger_id"
-            " WHERE s.status = 'pending' AND s.expires_at <= now() LIMIT 100",
-            (),
-        )
+        with _on_primary():
+            rows = await self._all(
+                "SELECT DISTINCT l.name FROM transfer_status s JOIN ledgers l ON l.id = s.ledger_id"
+                " WHERE s.status = 'pending' AND s.expires_at <= now() LIMIT 100",
+                (),
+            )
         for (name,) in rows:
             await self.writers.get(await self.ledger_ref(name)).submit([])
         return len(rows)
@@ -181,7 +208,11 @@ class LedgerService:
     async def ledger_ref(self, name: str) -> log.LedgerRef:
         ref = self._ledgers.get(name)
         if ref is None:
-            row = await self._one("SELECT id FROM ledgers WHERE name = %s", (name,))
+            sql = "SELECT id FROM ledgers WHERE name = %s"
+            row = await self._one(sql, (name,))
+            if row is None and self.read_pool is not self.pool:  # the replica may be behind
+                with _on_primary():
+                    row = await self._one(sql, (name,))
             if row is None:
                 raise errors.LedgerNotFound(f"ledger {name!r} does not exist")
             ref = self._ledgers[name] = log.LedgerRef(int(row[0]), name)
@@ -192,7 +223,8 @@ class LedgerService:
         row = await self._one(
             "SELECT head_position, head_hash, created_at FROM ledgers WHERE id = %s", (ref.id,)
         )
-        assert row is not None
+        if row is None:  # only on a replica that has not replayed its creation yet
+            raise errors.LedgerNotFound(f"ledger {name!r} does not exist (yet) on this replica")
         assets = await self._all(
             "SELECT code, scale FROM assets WHERE ledger_id = %s ORDER BY code", (ref.id,)
         )
@@ -209,8 +241,31 @@ class LedgerService:
     async def head(self, ledger: str) -> int:
         ref = await self.ledger_ref(ledger)
         row = await self._one("SELECT head_position FROM ledgers WHERE id = %s", (ref.id,))
-        assert row is not None
+        if row is None:  # only on a replica that has not replayed its creation yet
+            raise errors.LedgerNotFound(f"ledger {ledger!r} does not exist (yet) on this replica")
         return int(row[0])
+
+    async def wait_for_position(self, ledger: str, position: int) -> None:
+        """Returns once the database reads are served from has the ledger's log up to
+        ``position`` (a write's answer names it), waiting at most ``replica_wait_ms``; past that,
+        503 ``replica_behind``. Without a replica, the primary has every acknowledged position."""
+        ref = await self.ledger_ref(ledger)
+        deadline = time.monotonic() + limits.replica_wait_ms / 1000
+        pause = 0.002
+        while True:
+            row = await self._one("SELECT head_position FROM ledgers WHERE id = %s", (ref.id,))
+            head = int(row[0]) if row else 0
+            if head >= position:
+                return
+            if time.monotonic() >= deadline:
+                raise errors.ReplicaBehind(
+                    f"the replica has ledger {ledger!r} up to position {head}, not {position}"
+                    " yet; retry, or read without min_position",
+                    position=head,
+                    min_position=position,
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     async def account(
         self,
@@ -431,7 +486,8 @@ class LedgerService:
     async def _all(self, sql: str, params: Any) -> list[Any]:
         for attempt in range(1, limits.write_retries_max + 1):
             try:
-                async with self.pool.connection() as conn:
+                pool = self.pool if _ON_PRIMARY.get() else self.read_pool
+                async with pool.connection() as conn:
                     cur = await conn.execute(sql, params)
                     rows: list[Any] = await cur.fetchall()
                     return rows
