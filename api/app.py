@@ -69,7 +69,11 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = postgres.async_pool(database_url, settings.pool_size)
         await pool.open(wait=True, timeout=limits.pool_timeout_s)
-        app.state.service = LedgerService(pool)
+        read_pool = None
+        if settings.read_database_url:  # a replica: queries are served from it
+            read_pool = postgres.async_pool(settings.read_database_url, settings.read_pool_size)
+            await read_pool.open(wait=False)  # a replica down at start must not stop writes
+        app.state.service = LedgerService(pool, read_pool)
         app.state.authenticator = keys.Authenticator(pool)
         if settings.insecure_no_auth:
             logger.warning(
@@ -99,6 +103,8 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
             await app.state.notifier.stop()
             await app.state.service.close()
             await pool.close()
+            if read_pool is not None:
+                await read_pool.close()
 
     app = FastAPI(
         title="ledger",
@@ -148,10 +154,15 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
     async def readyz() -> Response:
         try:
             async with app.state.service.pool.connection(timeout=2.0) as conn:
-                await conn.execute("SELECT 1")
+                cursor = await conn.execute("SELECT pg_is_in_recovery()")
+                row = await cursor.fetchone()
         except Exception as exc:
             return api_errors.problem(
                 503, "not_ready", "Not ready", f"database: {type(exc).__name__}"
+            )
+        if row is None or row[0]:  # a standby (a failover under way): writes cannot succeed
+            return api_errors.problem(
+                503, "not_ready", "Not ready", "database: no writable primary (in recovery)"
             )
         return Response(b'{"status":"ready"}', media_type="application/json")
 

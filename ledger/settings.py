@@ -31,6 +31,13 @@ class Settings(BaseSettings):
             " one, an embedded Postgres is started"
         ),
     )
+    read_database_url: str | None = Field(
+        None,
+        description=(
+            "A libpq URL of a read replica (a standby): queries are served from it; a read may"
+            " pass min_position=N to wait until it has replayed N (docs/operations.md)"
+        ),
+    )
     owner_database_url: str | None = Field(
         None,
         description=(
