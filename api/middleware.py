@@ -74,9 +74,9 @@ class Guard:
                     await refusal(scope, receive, send_with_id)
                     return
                 structlog.contextvars.bind_contextvars(actor=principal.actor)
-            refusal = _over_rate(scope, _key_id(scope))
-            if refusal is not None:
-                await refusal(scope, receive, send_with_id)
+            limited = _over_rate(scope, _key_id(scope))
+            if limited is not None:
+                await limited(scope, receive, send_with_id)
                 return
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 replay = await self._read_body(scope, receive, send_with_id)

@@ -61,8 +61,7 @@ def serve(
     """Serves the HTTP API (on an embedded Postgres unless LEDGER_DATABASE_URL is set)."""
 
     def action(settings: Settings) -> None:
-        import uvicorn
-
+        from api import server
         from api.app import create_app
         from ledger.logging import configure_logging
 
@@ -75,14 +74,9 @@ def serve(
             # rewrite history (the embedded default migrated as its superuser just above).
             check_before_serving(url, settings.insecure_privileged_db_login)
             _keys_at_start(url, settings, host or settings.host)
-            uvicorn.run(
-                create_app(url, settings),
-                host=host or settings.host,
-                port=port or settings.port,
-                log_config=None,
-                access_log=False,
-                timeout_graceful_shutdown=10,
-            )
+            # uvicorn with connection, header, body and TLS settings (api/server.py)
+            app = create_app(url, settings)
+            server.build(app, settings, host or settings.host, port or settings.port).run()
 
     _run(action)
 
