@@ -120,6 +120,7 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
     )
     app.state.insecure_no_auth = settings.insecure_no_auth
     app.state.database_url = database_url
+    app.state.read_database_url = settings.read_database_url or database_url
     # The edge (api/middleware.py reads these): rate limits and the body's time bound
     app.state.rate_limiter = ratelimit.from_settings(settings)
     app.state.body_timeout_s = settings.body_timeout_s

@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from api import auth
 from api.middleware import ParsedBodyRoute
+from api.replica import FRESH
 from api.routes import AccountPath, LedgerPath, _problems, json_response, service
 from ledger import errors
 from projections import reports
@@ -25,7 +26,7 @@ Format = Annotated[Literal["json", "csv"], Query()]
 async def _answer(
     svc: Any, work: Callable[[Any], Awaitable[dict[str, Any]]], fmt: str, name: str
 ) -> Response:
-    async with svc.pool.connection() as conn:
+    async with svc.read_pool.connection() as conn:
         report = await work(conn)
     if fmt == "csv":
         return Response(
@@ -45,7 +46,7 @@ REPORTS = {
 
 @router.get(
     "/ledgers/{ledger}/reports/{report}", responses=_problems,
-    openapi_extra=auth.scope("read"),
+    openapi_extra=auth.scope("read"), dependencies=[FRESH],
 )
 async def report(
     ledger: LedgerPath,
@@ -76,7 +77,7 @@ async def report(
 
 @router.get(
     "/ledgers/{ledger}/accounts/{name}/statement", responses=_problems,
-    openapi_extra=auth.scope("read"),
+    openapi_extra=auth.scope("read"), dependencies=[FRESH],
 )
 async def account_statement(
     ledger: LedgerPath,
@@ -98,7 +99,10 @@ async def account_statement(
     )
 
 
-@router.get("/ledgers/{ledger}/positions", responses=_problems, openapi_extra=auth.scope("read"))
+@router.get(
+    "/ledgers/{ledger}/positions", responses=_problems, openapi_extra=auth.scope("read"),
+    dependencies=[FRESH],
+)
 async def positions(
     ledger: LedgerPath,
     request: Request,
@@ -116,7 +120,7 @@ async def positions(
 
     ref = await svc.ledger_ref(ledger)
     if as_of is None:
-        async with svc.pool.connection() as conn:
+        async with svc.read_pool.connection() as conn:
             rows = await (
                 await conn.execute(
                     "SELECT holder, asset, quantity, pending, quote, cost_average, pnl_average,"
@@ -138,7 +142,7 @@ async def positions(
             raise errors.PositionOutOfRange(f"as_of {as_of} is beyond the head {head}", head=head)
 
         def replay() -> list[tuple[Any, ...]]:
-            with postgres.connect(request.app.state.database_url) as conn:
+            with postgres.connect(request.app.state.read_database_url) as conn:
                 state = runner.positions_at(conn, ledger, as_of)
             return [r for r in state.rows() if holder is None or r[0] == holder]
 

@@ -13,6 +13,7 @@ from starlette.responses import Response
 from api import auth, schemas
 from api.errors import PROBLEM
 from api.middleware import ParsedBodyRoute
+from api.replica import FRESH
 from ledger import domain, errors, limits
 from ledger.money import parse_asset
 from ledger.service import LedgerService, Result
@@ -244,7 +245,7 @@ async def create_ledger(body: schemas.CreateLedger, request: Request) -> Respons
 
 @router.get(
     "/ledgers/{ledger}", response_model=schemas.LedgerOut, responses=_problems,
-    openapi_extra=auth.scope("read"),
+    openapi_extra=auth.scope("read"), dependencies=[FRESH],
 )
 async def get_ledger(ledger: LedgerPath, request: Request) -> Response:
     svc = service(request)
@@ -277,7 +278,7 @@ async def open_account(ledger: LedgerPath, body: schemas.OpenAccount, request: R
 
 @router.get(
     "/ledgers/{ledger}/accounts/{name}", response_model=schemas.AccountOut, responses=_problems,
-    openapi_extra=auth.scope("read"),
+    openapi_extra=auth.scope("read"), dependencies=[FRESH],
 )
 async def get_account(
     ledger: LedgerPath,
@@ -352,7 +353,7 @@ async def account_lifecycle(
 
 @router.get(
     "/ledgers/{ledger}/accounts/{name}/postings", responses=_problems,
-    openapi_extra=auth.scope("read"),
+    openapi_extra=auth.scope("read"), dependencies=[FRESH],
 )
 async def list_postings(
     ledger: LedgerPath,
@@ -368,7 +369,7 @@ async def list_postings(
 
 @router.get(
     "/ledgers/{ledger}/transfers/{key}", response_model=schemas.TransferOut, responses=_problems,
-    openapi_extra=auth.scope("read"),
+    openapi_extra=auth.scope("read"), dependencies=[FRESH],
 )
 async def get_transfer(ledger: LedgerPath, key: KeyPath, request: Request) -> Response:
     """The transfer as first answered, with its current status and what was reversed."""
@@ -376,7 +377,10 @@ async def get_transfer(ledger: LedgerPath, key: KeyPath, request: Request) -> Re
     return json_response(await svc.transfer(ledger, key))
 
 
-@router.get("/ledgers/{ledger}/events", responses=_problems, openapi_extra=auth.scope("events"))
+@router.get(
+    "/ledgers/{ledger}/events", responses=_problems, openapi_extra=auth.scope("events"),
+    dependencies=[FRESH],
+)
 async def list_events(
     ledger: LedgerPath,
     request: Request,
@@ -388,7 +392,10 @@ async def list_events(
     return json_response(await svc.events(ledger, after, limit))
 
 
-@router.get("/ledgers/{ledger}/balances", responses=_problems, openapi_extra=auth.scope("read"))
+@router.get(
+    "/ledgers/{ledger}/balances", responses=_problems, openapi_extra=auth.scope("read"),
+    dependencies=[FRESH],
+)
 async def list_balances(
     ledger: LedgerPath,
     request: Request,

@@ -89,7 +89,13 @@ async def stream(websocket: WebSocket, ledger: str, after: int = Query(0, ge=0))
         await svc.ledger_ref(ledger)
         wake = notifier.register(ledger)
     except errors.LedgerError as error:
-        await websocket.close(code=1008 if error.status < 500 else 1013, reason=error.code)
+        # Accepted, then closed with 4000 + the HTTP status and the error's code as reason: a
+        # refusal before accept reaches a client (a browser above all) as a bare failed
+        # handshake, every cause alike. 1013 (try again later) for 5xx.
+        await websocket.accept()
+        await websocket.close(
+            code=4000 + error.status if error.status < 500 else 1013, reason=error.code
+        )
         return
     await websocket.accept()
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from ledger import merkle
+from ledger import errors, merkle
 from ledger.log import chain_hash, genesis_hash
 from ledger.replay import Replay
 
@@ -66,6 +66,19 @@ def load_public_key(text: str) -> Ed25519PublicKey:
 
 def key_id(key: Ed25519PublicKey) -> str:
     return hashlib.sha256(key.public_bytes(Encoding.Raw, PublicFormat.Raw)).hexdigest()[:16]
+
+
+Keys = Ed25519PublicKey | Sequence[Ed25519PublicKey] | None
+"""The public keys a verifier trusts: one, several (the current key and those it replaced,
+found by each checkpoint's ``key_id``), or none (signatures not checked)."""
+
+
+def keyring(keys: Keys) -> dict[str, Ed25519PublicKey]:
+    if keys is None:
+        return {}
+    if isinstance(keys, Ed25519PublicKey):
+        keys = [keys]
+    return {key_id(k): k for k in keys}
 
 
 def tree_head(ledger: str, size: int, root: bytes, signed_at: str) -> bytes:
@@ -112,6 +125,18 @@ class Checkpoint:
         except InvalidSignature:
             return False
         return True
+
+
+def load_checkpoints(path: Path) -> list[Checkpoint]:
+    """Checkpoints an auditor kept: a file holding one (as `ledger seal` prints it), a JSON
+    array of them, or JSON lines (bare, or ``{"checkpoint": ...}`` as in an export)."""
+    text = path.read_text().strip()
+    try:
+        data: Any = json.loads(text)
+        items = data if isinstance(data, list) else [data]
+    except ValueError:
+        items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [Checkpoint.from_json(i.get("checkpoint", i)) for i in items]
 
 
 # --- Reading the log ---------------------------------------------------------------------------
@@ -213,13 +238,26 @@ class Report:
     checks: list[dict[str, Any]] = field(default_factory=list)
     head: int = 0
 
-    def add(self, name: str, ok: bool, detail: str = "", position: int | None = None) -> None:
+    def add(
+        self,
+        name: str,
+        ok: bool,
+        detail: str = "",
+        position: int | None = None,
+        error: str = "",
+    ) -> None:
         entry: dict[str, Any] = {"check": name, "ok": ok}
         if detail:
             entry["detail"] = detail
         if position is not None:
             entry["first_bad_position"] = position
+        if error:
+            entry["error"] = error  # a stable code from ledger/errors.py
         self.checks.append(entry)
+
+    def errors(self) -> list[tuple[str, str]]:
+        """(stable code, detail) of the failed checks that carry a code."""
+        return [(c["error"], c.get("detail", "")) for c in self.checks if c.get("error")]
 
     @property
     def ok(self) -> bool:
@@ -266,8 +304,9 @@ class _LogCheck:
                 self.unbalanced = position
 
     def report_into(
-        self, report: Report, checkpoints: Iterable[Checkpoint], key: Ed25519PublicKey | None
+        self, report: Report, checkpoints: Iterable[Checkpoint], keys: Keys
     ) -> None:
+        ring = keyring(keys)
         report.add(
             "positions_gapless",
             self.gap is None,
@@ -314,15 +353,55 @@ class _LogCheck:
                     False,
                     f"{where}: the events up to it are not those that were signed",
                 )
-            elif key is not None and not c.signed_by(key):
+            elif ring and c.key_id not in ring:
+                report.add(
+                    "checkpoints", False, f"{where}: signed by key {c.key_id}, not one given"
+                )
+            elif ring and not c.signed_by(ring[c.key_id]):
                 report.add("checkpoints", False, f"{where}: the signature does not verify")
             else:
                 report.add(
                     "checkpoints",
                     True,
-                    f"{where} verifies"
-                    + ("" if key is not None else " (signature not checked: no key)"),
+                    f"{where} verifies" + ("" if ring else " (signature not checked: no key)"),
                 )
+
+
+def check_kept(
+    report: Report, leaves: Sequence[bytes], kept: Iterable[Checkpoint], keys: Keys
+) -> None:
+    """Checkpoints kept outside the database against the log as it is now (after a restore,
+    say): each must have been signed by one of ``keys`` and be a prefix of the log, which a
+    consistency proof from it to the whole log shows (RFC 9162 §2.1.4). A checkpoint past the
+    log's end means a restore lost history that was signed: ``signed_history_lost``."""
+    ring = keyring(keys)
+    size = len(leaves)
+    whole = merkle.root(leaves)
+    for c in sorted(kept, key=lambda c: c.tree_size):
+        where = f"kept checkpoint {c.tree_size:,} (signed {c.signed_at})"
+        if c.ledger != report.ledger:
+            report.add("signed_history", False, f"{where} is for ledger {c.ledger!r}")
+        elif ring and (c.key_id not in ring or not c.signed_by(ring[c.key_id])):
+            report.add("signed_history", False, f"{where}: not signed by a key given")
+        elif c.tree_size > size:
+            report.add(
+                "signed_history",
+                False,
+                f"log ends at {size:,}, checkpoint {c.tree_size:,} was signed"
+                f" ({c.signed_at}): signed history was lost",
+                error=errors.SignedHistoryLost.code,
+            )
+        else:
+            proof = merkle.consistency_proof(c.tree_size, leaves)
+            ok = merkle.verify_consistency(c.tree_size, size, c.root, whole, proof)
+            report.add(
+                "signed_history",
+                ok,
+                f"{where} is a prefix of the log of {size:,}: consistency proof of"
+                f" {len(proof)} hashes verified" + ("" if ring else " (signature not checked)")
+                if ok
+                else f"{where}: the log up to it is not what was signed",
+            )
 
 
 def _postings_balance(state: bytes) -> bool:
@@ -344,10 +423,17 @@ def _postings_balance(state: bytes) -> bool:
 
 
 def verify(
-    conn: psycopg.Connection[Any], ledger: str, key: Ed25519PublicKey | None = None
+    conn: psycopg.Connection[Any],
+    ledger: str,
+    key: Keys = None,
+    kept: Sequence[Checkpoint] = (),
 ) -> Report:
     """Every check on a live ledger: the log (positions, chain, transfers, trial balance,
-    signed checkpoints), and the tables derived from it against a replay of the log."""
+    signed checkpoints), and the tables derived from it against a replay of the log.
+
+    ``kept`` are checkpoints kept outside the database (by an auditor, or before a restore):
+    each must be signed by one of the keys and be a prefix of the log, shown by a consistency
+    proof; one past the log's end is signed history lost (``signed_history_lost``)."""
     report = Report(ledger)
     ledger_id, head, head_hash = _ledger(conn, ledger)
     report.head = head
@@ -356,6 +442,7 @@ def verify(
         for position, topic, state, digest in _events(conn, ledger_id, 2**62):
             check.feed(int(position), topic, bytes(state), bytes(digest))
     check.report_into(report, checkpoints(conn, ledger), key)
+    check_kept(report, check.leaves, kept, key)
     report.add(
         "head_matches_log",
         check.position == head and check.previous == head_hash,
@@ -453,14 +540,25 @@ def export(conn: psycopg.Connection[Any], ledger: str, out: IO[str]) -> int:
     header = {"format": EXPORT_FORMAT, "ledger": ledger, "genesis": genesis_hash(ledger).hex()}
     out.write(json.dumps(header) + "\n")
     count = 0
-    with conn.transaction():
-        for position, topic, state, digest in _events(conn, ledger_id, head):
+    with conn.transaction(), conn.cursor(name="export_events") as cur:
+        cur.itersize = 10_000
+        # The request hash of a keyed command is not in its event (it only tells a retry from
+        # a different request); exported so that `ledger import` keeps idempotency exact.
+        cur.execute(
+            "SELECT e.position, e.topic, e.state, e.hash, t.request_hash FROM events e"
+            " LEFT JOIN transfers t ON t.ledger_id = e.ledger_id AND t.position = e.position"
+            " WHERE e.ledger_id = %s AND e.position <= %s ORDER BY e.position",
+            (ledger_id, head),
+        )
+        for position, topic, state, digest, request_hash in cur:
             line = {
                 "position": position,
                 "topic": topic,
                 "state": bytes(state).decode(),
                 "hash": bytes(digest).hex(),
             }
+            if request_hash is not None:
+                line["request_hash"] = bytes(request_hash).hex()
             out.write(json.dumps(line, ensure_ascii=False) + "\n")
             count += 1
     for c in checkpoints(conn, ledger):
@@ -471,7 +569,7 @@ def export(conn: psycopg.Connection[Any], ledger: str, out: IO[str]) -> int:
 
 def verify_export(
     lines: Iterable[str],
-    key: Ed25519PublicKey,
+    key: Keys,
     ledger: str | None = None,
     trusted: Checkpoint | None = None,
 ) -> Report:
