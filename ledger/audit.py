@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,6 +31,7 @@ from cryptography.hazmat.primitives.serialization import (
 from ledger import errors, merkle
 from ledger.log import chain_hash, genesis_hash
 from ledger.replay import Replay
+from ledger.settings import SettingsError
 
 EXPORT_FORMAT = "ledger-export/1"
 
@@ -37,18 +40,34 @@ EXPORT_FORMAT = "ledger-export/1"
 
 
 def generate_key(path: Path) -> str:
-    """Writes a new Ed25519 private key (PEM, mode 0600); returns its public key, hex."""
+    """Writes a new Ed25519 private key (PEM, mode 0600 whatever the umask); returns its public
+    key, hex. Refuses to overwrite a file."""
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-    path.touch(mode=0o600, exist_ok=False)
-    path.write_bytes(pem)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        os.fchmod(fd, 0o600)  # the mode given to open() is narrowed by the umask, never widened
+        out.write(pem)
     return public_hex(key.public_key())
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
-    key = load_pem_private_key(path.read_bytes(), password=None)
+    """The checkpoint signing key; refused (one line) if group or others may read or write
+    the file, as ssh refuses such a private key: whoever can read it can forge checkpoints."""
+    try:
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            raise SettingsError(
+                f"LEDGER_SIGNING_KEY_FILE: {path} is open to group or others"
+                f" (mode {stat.S_IMODE(mode):04o}): chmod 600 it"
+            )
+        key = load_pem_private_key(path.read_bytes(), password=None)
+    except OSError as exc:
+        raise SettingsError(f"LEDGER_SIGNING_KEY_FILE: {path}: {exc.strerror}") from None
+    except ValueError:
+        raise SettingsError(f"LEDGER_SIGNING_KEY_FILE: {path}: not a PEM private key") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{path}: not an Ed25519 private key")
+        raise SettingsError(f"LEDGER_SIGNING_KEY_FILE: {path}: not an Ed25519 private key")
     return key
 
 
