@@ -1,0 +1,231 @@
+"""`ledger import`: a ledger moved to another database through its export comes out the same
+(log, hashes, balances, idempotency keys, checkpoints), and a tampered export moves nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from ledger import audit, domain, postgres
+from ledger.migrate import migrate
+from ledger.money import Asset
+from ledger.service import LedgerService
+from tests.test_cli import ledger
+from tests.test_tamper import KEY, PUBLIC, rechain
+
+USD, GBP = Asset("USD", 2), Asset("GBP", 2)
+HOUR_AGO = datetime.now(UTC) - timedelta(hours=1)
+
+
+def build_every_kind_of_event(url: str, name: str) -> None:
+    """A ledger with an event of each kind a client can cause, and an expiry."""
+
+    def t(key: str, debit: str, credit: str, amount: int, **kw: Any) -> domain.PostTransfer:
+        return domain.PostTransfer(key, (domain.Posting(debit, credit, USD, amount),), **kw)
+
+    async def body() -> None:
+        pool = postgres.async_pool(url, 2)
+        await pool.open()
+        svc = LedgerService(pool)
+        meta = {"actor": "test", "request_id": ""}
+        post = svc.post_transfer
+        try:
+            await svc.create_ledger(name, [USD], meta)
+            await svc.define_asset(name, GBP, meta)
+            for acct, kind in (("bank", "asset"), ("alice", "liability"), ("bob", "liability")):
+                await svc.open_account(name, domain.OpenAccount(acct, kind, {"k": acct}), meta)
+            await svc.open_account(name, domain.OpenAccount("spare", "equity"), meta)
+            guard = domain.SetGuard("alice", "debits_must_not_exceed_credits", {"USD": 50})
+            await svc.change_account(name, guard, meta)
+            await post(name, t("d1", "bank", "alice", 10_000), meta)
+            await post(name, t("d2", "bank", "bob", 777, effective_at=HOUR_AGO), meta)
+            two = (
+                domain.Posting("alice", "bob", USD, 300),
+                domain.Posting("bank", "bob", GBP, 5),
+            )
+            await post(name, domain.PostTransfer("multi", two, {"why": "both"}), meta)
+            await post(name, t("hold1", "alice", "bob", 1_000, pending=True), meta)
+            await post(name, domain.PostPending("cap1", "hold1", 400), meta)
+            await post(name, t("hold2", "alice", "bob", 200, pending=True, timeout_s=3600), meta)
+            await post(name, domain.PostPending("cap2", "hold2", 200), meta)  # all, said so
+            await post(name, t("hold3", "bob", "alice", 50, pending=True), meta)
+            await post(name, domain.VoidPending("void3", "hold3"), meta)
+            await post(name, domain.ReverseTransfer("rev1", "d1", 1_000), meta)
+            await post(name, domain.ReverseTransfer("rev2", "multi"), meta)
+            await post(name, t("hold4", "bob", "alice", 60, pending=True, timeout_s=1), meta)
+            await svc.change_account(name, domain.SetFrozen("bob", True), meta)
+            await svc.change_account(name, domain.SetFrozen("bob", False), meta)
+            await svc.change_account(name, domain.UpdateAccountMetadata("alice", {"v": 2}), meta)
+            await svc.change_account(name, domain.CloseAccount("spare"), meta)
+            await asyncio.sleep(1.1)
+            await post(name, t("after", "bank", "alice", 1), meta)  # expires hold4 first
+        finally:
+            await svc.close()
+            await pool.close()
+
+    asyncio.run(body())
+
+
+@pytest.fixture
+def second_database(server_url: str) -> Iterator[str]:
+    """Another, empty, migrated database on the same server: the cluster a ledger moves to."""
+    db = f"ledger_import_{secrets.token_hex(4)}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{db}"')
+    url = make_conninfo(**{**conninfo_to_dict(server_url), "dbname": db})
+    try:
+        migrate(url)
+        yield url
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+def tables(url: str, name: str) -> dict[str, Any]:
+    """What a ledger is, without its database ids: every row of every table, by name."""
+    with postgres.connect(url) as conn:
+        lid = conn.execute("SELECT id FROM ledgers WHERE name = %s", (name,)).fetchone()
+        assert lid is not None
+        q = lambda sql: [tuple(r) for r in conn.execute(sql, {"l": lid[0]})]  # noqa: E731
+        return {
+            table: q(sql)
+            for table, sql in {
+                "head": "SELECT head_position, head_hash, head_recorded_at FROM ledgers"
+                " WHERE id = %(l)s",
+                "events": "SELECT position, topic, state, recorded_at, hash FROM events"
+                " WHERE ledger_id = %(l)s ORDER BY position",
+                "accounts": "SELECT name, type, metadata, position, guard, guard_limits, frozen,"
+                " closed FROM accounts WHERE ledger_id = %(l)s ORDER BY name",
+                "balances": "SELECT a.name, b.asset, b.debits_posted, b.credits_posted,"
+                " b.debits_pending, b.credits_pending, b.version, b.position FROM balances b"
+                " JOIN accounts a ON a.id = b.account_id WHERE a.ledger_id = %(l)s"
+                " ORDER BY 1, 2",
+                "entries": "SELECT a.name, e.asset, e.position, e.leg, e.debit, e.posted,"
+                " e.amount, e.effective_at, e.debits_posted, e.credits_posted,"
+                " e.debits_pending, e.credits_pending FROM entries e"
+                " JOIN accounts a ON a.id = e.account_id WHERE a.ledger_id = %(l)s"
+                " ORDER BY 3, 4, 5",
+                "keys": "SELECT key, position, request_hash FROM transfers"
+                " WHERE ledger_id = %(l)s ORDER BY key",
+                "status": "SELECT key, status, expires_at, amounts, reversed FROM"
+                " transfer_status WHERE ledger_id = %(l)s ORDER BY key",
+                "assets": "SELECT code, scale, position FROM assets WHERE ledger_id = %(l)s"
+                " ORDER BY code",
+                "checkpoints": "SELECT tree_size, root, signed_at, key_id, signature FROM"
+                " checkpoints WHERE ledger_id = %(l)s ORDER BY tree_size",
+            }.items()
+        }
+
+
+def line_of(export: str, key: str) -> int:
+    """The line number of the event with this idempotency key."""
+    for n, line in enumerate(export.splitlines()):
+        item = json.loads(line)
+        if "state" in item and json.loads(item["state"]).get("key") == key:
+            return n
+    raise LookupError(key)
+
+
+@pytest.fixture
+def exported(database_url: str, ledger_name: str, tmp_path: Path) -> tuple[str, Path]:
+    build_every_kind_of_event(database_url, ledger_name)
+    with postgres.connect(database_url) as conn:
+        audit.seal(conn, ledger_name, KEY)
+    path = tmp_path / "export.jsonl"
+    assert ledger(database_url, "export", "-l", ledger_name, "--out", str(path)).returncode == 0
+    return ledger_name, path
+
+
+def test_an_imported_ledger_is_the_exported_one_row_for_row_and_verifies(
+    database_url: str, second_database: str, exported: tuple[str, Path], tmp_path: Path
+) -> None:
+    name, path = exported
+    key = PUBLIC.public_bytes_raw().hex()
+    done = ledger(second_database, "import", str(path), "--public-key", key)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["ledger"] == name and summary["verified"] and summary["checkpoints"] == 1
+    kinds = {json.loads(line).get("topic", "").rpartition(":")[2] for line in path.open()}
+    assert {"PendingTransferExpired", "TransferReversed", "AccountClosed"} <= kinds
+    assert tables(second_database, name) == tables(database_url, name)
+
+    checked = ledger(second_database, "verify", "-l", name, "--public-key", key)
+    assert checked.returncode == 0, checked.stdout
+    # Idempotency survives the move: a retry replays, a different request under a key is refused.
+    d1 = json.loads(path.read_text().splitlines()[line_of(path.read_text(), "d1")])["position"]
+    post = ("transfer", "post", "-l", name, "-k", "d1", "--debit", "bank", "--credit", "alice")
+    retry = ledger(second_database, *post, "--amount", "10000", "--asset", "USD/2")
+    assert retry.returncode == 0 and json.loads(retry.stdout)["position"] == d1
+    other = ledger(second_database, *post, "--amount", "1", "--asset", "USD/2")
+    assert other.returncode == 2 and "different request" in other.stderr
+
+    again = ledger(second_database, "import", str(path), "--public-key", key)
+    assert again.returncode == 2
+    assert again.stderr.count("\n") == 1 and "exists in this database" in again.stderr
+
+
+def test_a_tampered_export_is_refused_and_nothing_is_imported(
+    second_database: str, exported: tuple[str, Path], tmp_path: Path
+) -> None:
+    name, path = exported
+    key = PUBLIC.public_bytes_raw().hex()
+    lines = path.read_text().splitlines()
+    i = line_of(path.read_text(), "d2")
+    lines[i] = lines[i].replace('"amount\\":\\"777\\"', '"amount\\":\\"7770\\"')
+    assert "7770" in lines[i]
+    for variant, expected in ((lines, "hash_chain"), (rechain(lines, name), "checkpoints")):
+        tampered = tmp_path / f"{expected}.jsonl"
+        tampered.write_text("\n".join(variant) + "\n")
+        refused = ledger(second_database, "import", str(tampered), "--public-key", key)
+        assert refused.returncode == 2
+        assert refused.stderr.startswith("ledger: ") and refused.stderr.count("\n") == 1
+        assert expected in refused.stderr and "nothing was imported" in refused.stderr
+    with postgres.connect(second_database) as conn:
+        assert conn.execute("SELECT count(*) FROM ledgers").fetchone() == (0,)
+
+
+def test_an_event_the_rules_would_refuse_is_refused_even_when_signed(
+    database_url: str, second_database: str, ledger_name: str, tmp_path: Path
+) -> None:
+    """The signer (or a bug) may have signed a log that breaks the rules: the import decides
+    every event again, so an overdraft of a guarded account does not move."""
+    build_every_kind_of_event(database_url, ledger_name)
+    path = tmp_path / "export.jsonl"
+    assert ledger(database_url, "export", "-l", ledger_name, "--out", str(path)).returncode == 0
+    lines = path.read_text().splitlines()
+    i = line_of(path.read_text(), "multi")
+    lines[i] = lines[i].replace('"amount\\":\\"300\\"', '"amount\\":\\"300000\\"')
+    forged = rechain(lines, ledger_name)
+    # ... and sealed by the key holder, so the chain, the roots and the signature all verify.
+    leaves = [json.loads(line) for line in forged[1:]]
+    from ledger import merkle
+
+    hashes = [
+        merkle.leaf_hash(merkle.leaf_data(e["position"], e["topic"], e["state"].encode()))
+        for e in leaves
+    ]
+    root = merkle.root(hashes)
+    at = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+    signature = KEY.sign(audit.tree_head(ledger_name, len(hashes), root, at))
+    head = audit.Checkpoint(ledger_name, len(hashes), root, at, audit.key_id(PUBLIC), signature)
+    forged.append(json.dumps({"checkpoint": head.as_json()}))
+    (tmp_path / "forged.jsonl").write_text("\n".join(forged) + "\n")
+    key = PUBLIC.public_bytes_raw().hex()
+    offline = ledger(
+        database_url, "audit", "verify", str(tmp_path / "forged.jsonl"), "--public-key", key
+    )
+    assert offline.returncode == 0  # chain, roots, signature and sums all hold: only rules break
+    refused = ledger(second_database, "import", str(tmp_path / "forged.jsonl"), "--public-key", key)
+    assert "insufficient_funds" in refused.stderr
+    assert refused.returncode == 2, refused.stdout
+    assert "nothing was imported" in refused.stderr
