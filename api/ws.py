@@ -32,6 +32,8 @@ class Notifier:
     def __init__(self, url: str) -> None:
         self.url = url
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self.heads: dict[str, int] = {}
+        """The last position NOTIFY announced, per ledger followed (a replica may lag it)."""
         self._task: asyncio.Task[None] | None = None
         self.count = 0
 
@@ -65,7 +67,10 @@ class Notifier:
                     self._wake_all()  # anything committed while we were not listening
                     delay = 0.1
                     async for note in conn.notifies():
-                        for event in self._waiters.get(note.payload.rpartition(":")[0], ()):
+                        name, _, position = note.payload.rpartition(":")
+                        if name in self._waiters:
+                            self.heads[name] = int(position)
+                        for event in self._waiters.get(name, ()):
                             event.set()
             except asyncio.CancelledError:
                 raise
@@ -101,6 +106,11 @@ async def stream(websocket: WebSocket, ledger: str, after: int = Query(0, ge=0))
     try:
         while True:
             wake.clear()
+            announced = notifier.heads.get(ledger, 0)
+            if announced > after and svc.read_pool is not svc.pool:
+                # Reads come from a replica, NOTIFY from the primary: let it replay that far.
+                with contextlib.suppress(errors.ReplicaBehind):
+                    await svc.wait_for_position(ledger, announced)
             page: dict[str, Any] = await svc.events(ledger, after, limits.stream_page_events)
             for item in page["items"]:
                 await websocket.send_text(orjson.dumps(item).decode())
