@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable, Coroutine
@@ -30,6 +31,9 @@ from api.ratelimit import RateLimiter, retry_after
 from ledger import errors, limits, metrics
 
 logger = structlog.get_logger("api.access")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}", re.ASCII)
+"""A client's X-Request-ID, kept only if it matches this (it goes into the signed log and
+every log line: no spaces, quotes, control or non-ASCII characters); else one is generated."""
 OPENAPI_URL = "/v1/openapi.json"
 _stdlib = logging.getLogger("api.access")
 
@@ -49,7 +53,7 @@ class Guard:
             return
         headers = Headers(scope=scope)
         request_id = headers.get("x-request-id")
-        if not request_id or len(request_id) > 128 or not request_id.isprintable():
+        if not request_id or not _REQUEST_ID.fullmatch(request_id):  # it is stored, signed
             request_id = secrets.token_hex(16)
         scope.setdefault("state", {})["request_id"] = request_id
         structlog.contextvars.clear_contextvars()

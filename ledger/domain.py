@@ -89,6 +89,23 @@ def _check_json(value: Any, where: str, depth: int) -> None:
         raise ValueError(f"{where} holds a {type(value).__name__}, which is not JSON")
 
 
+def holder_allowed(account: str, holder: Any) -> bool:
+    """The rule for ``metadata.holder`` (the name positions are kept under): the account's own
+    name or a prefix of it on ``:`` boundaries. ``users:alice:btc`` may say ``users:alice``,
+    never ``users:bob``: a holder's positions gather only accounts under its own name, so no
+    account can claim (or pollute) another holder's positions."""
+    return isinstance(holder, str) and (account == holder or account.startswith(holder + ":"))
+
+
+def check_holder(account: str, metadata: dict[str, Any]) -> None:
+    if "holder" in metadata and not holder_allowed(account, metadata["holder"]):
+        raise errors.HolderNotInAccountName(
+            f"metadata.holder of {account!r} must be its name or a prefix of it ending before"
+            f" a ':', not {str(metadata['holder'])[:60]!r}",
+            account=account,
+        )
+
+
 # --- Commands ----------------------------------------------------------------------------------
 
 
@@ -224,6 +241,9 @@ class OpenAccount:
     type: AccountType
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        check_holder(self.name, self.metadata)
+
 
 @dataclass(frozen=True, slots=True)
 class SetGuard:
@@ -248,6 +268,9 @@ class CloseAccount:
 class UpdateAccountMetadata:
     account: str
     metadata: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        check_holder(self.account, self.metadata)
 
 
 @dataclass(frozen=True, slots=True)

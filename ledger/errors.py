@@ -114,6 +114,12 @@ class TimeoutRequiresPending(LedgerError):
     status = 422
 
 
+class HolderNotInAccountName(LedgerError):
+    code = "holder_not_in_account_name"
+    title = "metadata.holder must be the account's name or a prefix of it (users:alice)"
+    status = 422
+
+
 class LinkedChainOpen(LedgerError):
     code = "linked_chain_open"
     title = "The last item of a batch cannot be linked to a next one"
@@ -228,6 +234,12 @@ class AssetNotFound(LedgerError):
 class AssetScaleMismatch(LedgerError):
     code = "asset_scale_mismatch"
     title = "The asset is defined in this ledger with another scale"
+    status = 422
+
+
+class AmountExceedsAssetMax(LedgerError):
+    code = "amount_exceeds_asset_max"
+    title = "A posting's amount is more than its asset allows in one posting"
     status = 422
 
 

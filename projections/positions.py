@@ -1,6 +1,7 @@
 """Positions: per holder and asset, what is held, what is pending, and what it cost.
 
-A holder is the account's ``holder`` metadata, else the first two segments of its name
+A holder is the account's ``holder`` metadata (only its own name or a prefix of it:
+:func:`ledger.domain.holder_allowed`), else the first two segments of its name
 (``users:alice:btc`` → ``users:alice``). Quantity is on the account type's normal side (credits
 for liabilities, debits for assets). A transfer in which a holder receives one asset and gives
 another is a trade: what was given is the cost (in that *quote* asset) of what was received,
@@ -20,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from ledger.domain import holder_allowed
 from ledger.events import (
     AccountOpened,
     LedgerEvent,
@@ -35,9 +37,12 @@ NORMAL_DEBIT = ("asset", "expense")
 
 
 def holder_of(name: str, metadata: dict[str, Any]) -> str:
+    """The account's ``holder`` metadata if the ledger's rule allows it (its name or a prefix
+    of it: :func:`ledger.domain.holder_allowed`), else the first two segments of its name. The
+    rule is applied here too, for accounts opened before the API refused other holders."""
     explicit = metadata.get("holder")
-    if isinstance(explicit, str) and explicit:
-        return explicit
+    if explicit and holder_allowed(name, explicit):
+        return str(explicit)
     return ":".join(name.split(":")[:2])
 
 

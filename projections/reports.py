@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -343,10 +344,35 @@ async def account_statement(
     }
 
 
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?", re.ASCII)
+
+
+def csv_cell(value: Any) -> Any:
+    """A cell a spreadsheet shows as text, never runs: one that begins like a formula (``=``,
+    ``+``, ``-``, ``@``, tab, carriage return) gets a leading ``'``, as OWASP advises against
+    CSV injection (a holder name ``=HYPERLINK(...)`` reached a finance user's spreadsheet).
+    Numbers, such as ``-10.50``, are not formulas and stay numbers."""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return value if _NUMBER.fullmatch(value) else "'" + value
+    return value
+
+
+class _Writer:
+    """``csv.writer`` whose every cell goes through :func:`csv_cell`: the only way this module
+    writes CSV, so no report can forget it."""
+
+    def __init__(self, out: io.StringIO) -> None:
+        self._writer = csv.writer(out)
+
+    def writerow(self, row: list[Any]) -> None:
+        self._writer.writerow([csv_cell(cell) for cell in row])
+
+
 def to_csv(report: dict[str, Any]) -> str:
     """One table per report, with a decimal column beside every amount in minor units."""
     out = io.StringIO()
-    w = csv.writer(out)
+    w = _Writer(out)
     kind = report["report"]
 
     def money(amount: str, asset: str) -> str:
@@ -466,7 +492,7 @@ def to_csv(report: dict[str, Any]) -> str:
 def month_end_csv(trial: dict[str, Any], positions: list[dict[str, Any]]) -> str:
     """Balances (from a trial balance) and positions at the same point, in one CSV table."""
     out = io.StringIO()
-    w = csv.writer(out)
+    w = _Writer(out)
     w.writerow(
         [
             "section",

@@ -6,6 +6,9 @@ an account bricked by one huge posting, account commands applied twice on a retr
 
 from __future__ import annotations
 
+import csv
+import io
+import re
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +16,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from projections import reports
+from projections.positions import holder_of
 from tests.support import api_client
 
 PROBLEM = "application/problem+json"
@@ -137,3 +142,118 @@ def test_the_largest_position_postgres_holds_is_accepted(client: TestClient, led
     r = client.get(f"/v1/ledgers/{ledger}/events?after={BIGINT_MAX}")
     assert r.status_code == 200, r.text
     assert r.json()["items"] == []
+
+
+# --- CSV cells a spreadsheet would run ---------------------------------------------------------
+
+
+def test_a_csv_cell_that_begins_like_a_formula_is_text_and_numbers_stay_numbers() -> None:
+    for formula in ('=HYPERLINK("x")', "+1+1", "-cmd|x", "@SUM(A1)", "\tx", "\rx", "-", "+5"):
+        assert reports.csv_cell(formula) == "'" + formula
+    for kept in ("-10.50", "-1050", "0", "12.345", "users:alice", "", 7, None):
+        assert reports.csv_cell(kept) == kept
+
+
+def test_the_month_end_csv_escapes_holders_and_accounts_but_not_negative_amounts() -> None:
+    trial = {"lines": [{"account": "@evil:x", "asset": "USD/2", "balance": "-1050"}]}
+    position = {
+        "holder": '=HYPERLINK("http://x")',
+        "asset": "USD/2",
+        "quantity": "-1050",
+        "pending": "0",
+        "quote": None,
+        "average_cost": {"cost_basis": "0", "realised_pnl": "-3"},
+        "fifo": {"cost_basis": "0", "realised_pnl": "-3"},
+    }
+    rows = list(csv.reader(io.StringIO(reports.month_end_csv(trial, [position]))))
+    assert rows[1][1:5] == ["'@evil:x", "USD/2", "-1050", "-10.50"]
+    assert rows[2][1] == '\'=HYPERLINK("http://x")'
+    assert rows[2][3:5] == ["-1050", "-10.50"] and rows[2][8] == "-3"
+
+
+def test_a_report_csv_over_http_escapes_an_account_name_that_starts_with_at(
+    client: TestClient, ledger: str
+) -> None:
+    r = client.post(f"/v1/ledgers/{ledger}/accounts", json={"name": "@evil", "type": "expense"})
+    assert r.status_code == 201, r.text
+    body = {"postings": [{"debit": "@evil", "credit": "bank", "amount": "1050", "asset": "USD/2"}]}
+    url = f"/v1/ledgers/{ledger}/transfers"
+    assert client.post(url, json=body, headers={"Idempotency-Key": "evil"}).status_code == 201
+    report = client.get(f"/v1/ledgers/{ledger}/reports/trial-balance", params={"format": "csv"})
+    rows = {row["account"]: row for row in csv.DictReader(io.StringIO(report.text))}
+    assert "@evil" not in rows and rows["'@evil"]["balance"] == "10.50"
+    assert rows["bank"]["balance"] == "-10.50"
+
+
+# --- Holders -----------------------------------------------------------------------------------
+
+
+def test_an_account_may_name_itself_or_a_prefix_of_its_name_as_holder(
+    client: TestClient, ledger: str
+) -> None:
+    url = f"/v1/ledgers/{ledger}/accounts"
+    for name, holder in (("users:carol:btc", "users:carol"), ("fund:7", "fund:7"), ("f:8", "f")):
+        r = client.post(
+            url, json={"name": name, "type": "liability", "metadata": {"holder": holder}}
+        )
+        assert r.status_code == 201, r.text
+
+
+@pytest.mark.parametrize("holder", ["users:alice", "users:carol:btc:x", "users:caro", "", 7])
+def test_an_account_cannot_claim_another_holder(
+    client: TestClient, ledger: str, holder: Any
+) -> None:
+    before = head(client, ledger)
+    body = {"name": "users:carol:btc", "type": "liability", "metadata": {"holder": holder}}
+    r = client.post(f"/v1/ledgers/{ledger}/accounts", json=body)
+    assert refused(r)["code"] == "holder_not_in_account_name"
+    r = client.put(
+        f"/v1/ledgers/{ledger}/accounts/bank/metadata",
+        json={"metadata": {"holder": holder}},
+        headers={"Idempotency-Key": "claim"},
+    )
+    assert refused(r)["code"] == "holder_not_in_account_name"
+    assert head(client, ledger) == before
+
+
+def test_positions_ignore_a_foreign_holder_in_a_log_written_before_the_rule() -> None:
+    assert holder_of("users:mallory:usd", {"holder": "users:alice"}) == "users:mallory"
+    assert holder_of("users:alice:usd", {"holder": "users:alice"}) == "users:alice"
+
+
+# --- Request ids ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        ("req-1:a.b_C", True),
+        ("x" * 64, True),
+        ("x" * 65, False),
+        ("has space", False),
+        ('"quoted"', False),
+        ("<script>", False),
+        ("a;b", False),
+        ("../etc", False),
+    ],
+)
+def test_a_request_id_is_stored_only_if_short_and_plain(
+    client: TestClient, ledger: str, sent: str, kept: bool
+) -> None:
+    r = client.post(
+        f"/v1/ledgers/{ledger}/transfers",
+        json={
+            "postings": [
+                {"debit": "bank", "credit": "users:alice", "amount": "1", "asset": "USD/2"}
+            ]
+        },
+        headers={"Idempotency-Key": "rid-" + secrets.token_hex(4), "X-Request-ID": sent},
+    )
+    assert r.status_code == 201, r.text
+    position = r.json()["position"]
+    event = client.get(f"/v1/ledgers/{ledger}/events?after={position - 1}&limit=1").json()
+    stored = event["items"][0]["meta"]["request_id"]
+    assert (stored == sent) is kept
+    assert r.headers["x-request-id"] == stored
+    if not kept:
+        assert re.fullmatch(r"[0-9a-f]{32}", stored)

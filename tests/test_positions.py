@@ -23,7 +23,10 @@ BTC, USD = Asset("BTC", 8), Asset("USD", 2)
 def test_a_holder_is_its_metadata_or_the_first_two_name_segments() -> None:
     assert holder_of("users:alice:btc", {}) == "users:alice"
     assert holder_of("bank", {}) == "bank"
-    assert holder_of("x:y:z", {"holder": "fund-7"}) == "fund-7"
+    assert holder_of("fund-7:x:y", {"holder": "fund-7"}) == "fund-7"
+    assert holder_of("x:y:z", {"holder": "x"}) == "x"
+    # Another holder's name is not the account's to claim (docs/reports.md): ignored.
+    assert holder_of("x:y:z", {"holder": "fund-7"}) == "x:y"
 
 
 def test_average_cost_and_fifo_agree_on_quantity_and_differ_on_cost() -> None:
