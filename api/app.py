@@ -9,6 +9,7 @@ import multiprocessing
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import psycopg
 import structlog
 from fastapi import FastAPI, Request
 from starlette.responses import Response
@@ -18,6 +19,7 @@ from api import errors as api_errors
 from api import keys as key_routes
 from api import ratelimit, routes, ws
 from api import reports as report_routes
+from api import webhooks as webhook_routes
 from api.auth import document, principal_of
 from api.middleware import OPENAPI_URL, Guard
 from ledger import keys, limits, postgres
@@ -62,6 +64,46 @@ async def _project(url: str, log_level: str) -> None:
                 process.kill()
 
 
+async def _relay(url: str, nats_url: str | None, log_level: str) -> None:
+    """Runs the relay (projections/publisher.py) in a child process, restarted if it exits:
+    from the start with a NATS URL, else once a webhook subscription exists."""
+    from projections.publisher import relay_from
+
+    context = multiprocessing.get_context("spawn")
+    process = None
+    try:
+        while True:
+            if process is None or not process.is_alive():
+                if process is not None:
+                    logger.error("relay process exited", exitcode=process.exitcode)
+                    process = None
+                if nats_url or await _webhooks_exist(url):
+                    process = context.Process(
+                        target=relay_from, args=(url, nats_url, log_level), name="ledger-relay"
+                    )
+                    process.start()
+            await asyncio.sleep(limits.projection_retry_pause_s)
+    finally:
+        if process is not None and process.is_alive():
+            process.terminate()  # a delivery cut short is sent again: at least once
+            await asyncio.to_thread(process.join, 5)
+            if process.is_alive():
+                process.kill()
+
+
+async def _webhooks_exist(url: str) -> bool:
+    try:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            cursor = await conn.execute(
+                "SELECT EXISTS (SELECT FROM webhook_subscriptions WHERE deleted_at IS NULL)"
+            )
+            row = await cursor.fetchone()
+            return bool(row and row[0])
+    except psycopg.Error as exc:
+        logger.warning("cannot look for webhook subscriptions", error=repr(exc))
+        return False
+
+
 def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -69,10 +111,12 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = postgres.async_pool(database_url, settings.pool_size)
         await pool.open(wait=True, timeout=limits.pool_timeout_s)
-        read_pool = None
-        if settings.read_database_url:  # a replica: queries are served from it
-            read_pool = postgres.async_pool(settings.read_database_url, settings.read_pool_size)
-            await read_pool.open(wait=False)  # a replica down at start must not stop writes
+        # Queries, reports and replays have a pool of their own (on the replica if there is one,
+        # queries are served from it), so that they can never take the writers' connections.
+        read_pool = postgres.read_pool(
+            settings.read_database_url or database_url, settings.read_pool_size
+        )
+        await read_pool.open(wait=False)  # a replica down at start must not stop writes
         app.state.service = LedgerService(pool, read_pool)
         app.state.authenticator = keys.Authenticator(pool)
         if settings.insecure_no_auth:
@@ -87,6 +131,13 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
         if settings.projections:
             background.append(
                 asyncio.create_task(_project(database_url, settings.log_level), name="projections")
+            )
+        if settings.relay:
+            background.append(
+                asyncio.create_task(
+                    _relay(database_url, settings.publish_nats_url, settings.log_level),
+                    name="relay",
+                )
             )
         # Everything made so far (modules, the app, its routes) lives as long as the process:
         # keep it out of the collector's full passes, which otherwise paused every request in
@@ -138,6 +189,7 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
     app.include_router(report_routes.router)
     app.include_router(ws.router)
     app.include_router(key_routes.router)
+    app.include_router(webhook_routes.router)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> Response:

@@ -738,6 +738,26 @@ def projections_rebuild(ledger: LedgerOption) -> None:
     _run(action)
 
 
+@app.command()
+def publish(
+    nats_url: Annotated[
+        str | None,
+        typer.Option(help="NATS with JetStream, nats://host:4222; default LEDGER_PUBLISH_NATS_URL"),
+    ] = None,
+) -> None:
+    """Publishes every committed event to NATS JetStream and delivers webhooks, until stopped
+    (Ctrl-C): for servers run with LEDGER_RELAY=false. Stopped anywhere, it resumes."""
+    import asyncio
+
+    from projections import publisher
+
+    def action(settings: Settings) -> None:
+        with database_url(settings) as url, contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(publisher.relay(url, nats_url or settings.publish_nats_url))
+
+    _run(action)
+
+
 audit_app = typer.Typer(no_args_is_help=True, help="Offline checks, with no database.")
 app.add_typer(audit_app, name="audit")
 

@@ -312,6 +312,18 @@ class AccountNotFoundForRead(LedgerError):
     status = 404
 
 
+class WebhookNotFound(LedgerError):
+    code = "webhook_not_found"
+    title = "No such webhook subscription on this ledger"
+    status = 404
+
+
+class WebhookLimitReached(LedgerError):
+    code = "webhook_limit_reached"
+    title = "The ledger has as many webhook subscriptions as it may (webhooks_per_ledger_max)"
+    status = 409
+
+
 class PositionOutOfRange(LedgerError):
     code = "position_out_of_range"
     title = "The position is beyond the log's head"

@@ -1,0 +1,191 @@
+"""Webhooks: each subscription gets every event of its ledger (of its types), signed, at least
+once, retried with exponential backoff, and dead-lettered after ``webhook_attempts_max``.
+
+Two steps, each safe to stop anywhere:
+
+1. **Queue.** A subscription's ``position`` is its tracking: in one transaction, the events after
+   it become ``webhook_deliveries`` rows (``pending``) and it moves forward. Every event is queued
+   exactly once per subscription.
+2. **Send.** Due rows are claimed (their next attempt moved past the send timeout, so that another
+   relay leaves them alone), sent, and then marked ``delivered``, or given a later attempt, or
+   ``dead`` after the last one. A relay that dies after sending and before marking sends again once
+   the claim lapses: delivery is at least once, and ``webhook-id`` (``<ledger>:<position>``) lets
+   the receiver drop the repeat.
+
+Signatures follow the Standard Webhooks scheme (docs/events.md): ``webhook-signature: v1,<base64
+HMAC-SHA256(key, "<id>.<timestamp>.<body>")>`` where the key is the base64 after ``whsec_``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from psycopg_pool import AsyncConnectionPool
+
+from ledger import limits
+from projections.publisher import message_id, payload
+
+logger = structlog.get_logger("webhooks")
+SECRET_PREFIX = "whsec_"
+
+
+def new_secret() -> str:
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header value of one delivery."""
+    key = base64.b64decode(secret.removeprefix(SECRET_PREFIX))
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+
+
+def backoff_s(attempts: int, first_s: float, max_s: float) -> float:
+    """Pause after the ``attempts``-th failure: first_s, 2·first_s, 4·first_s, … up to max_s."""
+    return float(min(first_s * 2 ** (attempts - 1), max_s))
+
+
+@dataclass
+class Schedule:
+    attempts_max: int = limits.webhook_attempts_max
+    backoff_first_s: float = limits.webhook_backoff_first_ms / 1000
+    backoff_max_s: float = limits.webhook_backoff_max_ms / 1000
+    timeout_s: float = limits.webhook_timeout_ms / 1000
+
+
+class Deliverer:
+    def __init__(self, pool: AsyncConnectionPool[Any], schedule: Schedule | None = None) -> None:
+        import httpx
+
+        self.pool = pool
+        self.schedule = schedule or Schedule()
+        self.client = httpx.AsyncClient(
+            timeout=self.schedule.timeout_s, follow_redirects=False, trust_env=False
+        )
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def step(self) -> int:
+        """Queues new events, then sends what is due; returns how many rows it touched."""
+        return await self.queue() + await self.send()
+
+    async def queue(self) -> int:
+        queued = 0
+        async with self.pool.connection() as conn, conn.transaction():
+            subscriptions = await (
+                await conn.execute(
+                    "SELECT s.id, s.ledger_id, s.position, s.event_types FROM"
+                    " webhook_subscriptions s JOIN ledgers l ON l.id = s.ledger_id"
+                    " WHERE s.deleted_at IS NULL AND s.position < l.head_position"
+                    " ORDER BY s.id LIMIT %s FOR UPDATE OF s SKIP LOCKED",
+                    (limits.relay_ledgers_per_pass_max,),
+                )
+            ).fetchall()
+            for sub_id, ledger_id, position, types in subscriptions:
+                rows = await (
+                    await conn.execute(
+                        "SELECT position, split_part(topic, ':', 2) FROM events"
+                        " WHERE ledger_id = %s AND position > %s ORDER BY position LIMIT %s",
+                        (ledger_id, position, limits.publish_page_events),
+                    )
+                ).fetchall()
+                wanted = [(sub_id, p, t) for p, t in rows if not types or t in types]
+                if wanted:
+                    async with conn.cursor() as cur:
+                        await cur.executemany(
+                            "INSERT INTO webhook_deliveries (subscription_id, position,"
+                            " event_type) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                            wanted,
+                        )
+                await conn.execute(
+                    "UPDATE webhook_subscriptions SET position = %s WHERE id = %s",
+                    (rows[-1][0], sub_id),
+                )
+                queued += len(wanted)
+        return queued
+
+    async def send(self) -> int:
+        lease_s = self.schedule.timeout_s + 1
+        async with self.pool.connection() as conn, conn.transaction():
+            due = await (
+                await conn.execute(
+                    "WITH due AS (SELECT d.subscription_id, d.position FROM webhook_deliveries d"
+                    " JOIN webhook_subscriptions s ON s.id = d.subscription_id"
+                    " WHERE d.state = 'pending' AND d.next_attempt_at <= now()"
+                    " AND s.deleted_at IS NULL ORDER BY d.next_attempt_at, d.position LIMIT %s"
+                    " FOR UPDATE OF d SKIP LOCKED)"
+                    " UPDATE webhook_deliveries d SET next_attempt_at ="
+                    " now() + make_interval(secs => %s)"
+                    " FROM due, webhook_subscriptions s, ledgers l, events e"
+                    " WHERE d.subscription_id = due.subscription_id AND d.position = due.position"
+                    " AND s.id = d.subscription_id AND l.id = s.ledger_id"
+                    " AND e.ledger_id = l.id AND e.position = d.position"
+                    " RETURNING d.subscription_id, d.position, d.attempts, s.url, s.secret,"
+                    " l.name, e.position, e.topic, e.state, e.hash",
+                    (limits.webhook_deliveries_per_pass_max, lease_s),
+                )
+            ).fetchall()
+        if not due:
+            return 0
+        results = await asyncio.gather(*(self._post(row) for row in due))
+        async with self.pool.connection() as conn, conn.transaction():
+            for row, (status, error) in zip(due, results, strict=True):
+                await self._record(conn, row[0], int(row[1]), int(row[2]) + 1, status, error)
+        return len(due)
+
+    async def _post(self, row: Any) -> tuple[int | None, str | None]:
+        _, position, _, url, secret, ledger = row[:6]
+        _, body = payload(ledger, row[6:])
+        msg_id = message_id(ledger, int(position))
+        timestamp = int(time.time())
+        headers = {
+            "content-type": "application/json",
+            "user-agent": "ledger-webhooks/1",
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(secret, msg_id, timestamp, body),
+        }
+        try:
+            response = await self.client.post(url, content=body, headers=headers)
+        except Exception as exc:
+            return None, type(exc).__name__
+        if 200 <= response.status_code < 300:
+            return response.status_code, None
+        return response.status_code, f"HTTP {response.status_code}"
+
+    async def _record(
+        self,
+        conn: Any,
+        sub_id: str,
+        position: int,
+        attempts: int,
+        status: int | None,
+        error: str | None,
+    ) -> None:
+        s = self.schedule
+        if error is None:
+            state, pause = "delivered", 0.0
+        elif attempts >= s.attempts_max:
+            state, pause = "dead", 0.0
+            logger.warning(
+                "webhook dead-lettered", subscription=sub_id, position=position, error=error
+            )
+        else:
+            state, pause = "pending", backoff_s(attempts, s.backoff_first_s, s.backoff_max_s)
+        await conn.execute(
+            "UPDATE webhook_deliveries SET state = %s, attempts = %s, last_status = %s,"
+            " last_error = %s, last_attempt_at = now(),"
+            " next_attempt_at = now() + make_interval(secs => %s),"
+            " delivered_at = CASE WHEN %s = 'delivered' THEN now() END"
+            " WHERE subscription_id = %s AND position = %s",
+            (state, attempts, status, error, pause, state, sub_id, position),
+        )

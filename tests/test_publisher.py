@@ -1,0 +1,254 @@
+"""The JetStream publisher (``ledger publish``) against a nats-server of the test's own: killed
+mid-stream again and again, it leaves every position in the stream exactly once, in order per
+ledger, and a consumer that stops and resumes receives each one exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+
+from ledger import domain, postgres
+from ledger.money import Asset
+from ledger.service import LedgerService
+from projections.publisher import STREAM, message_id, subject
+from tests.support import ROOT, free_port
+
+NATS_SERVER = shutil.which("nats-server")
+needs_nats = pytest.mark.skipif(
+    NATS_SERVER is None,
+    reason="nats-server is not installed (apt-get install -y nats-server; .ci/run does)",
+)
+META: dict[str, Any] = {"actor": "test"}
+USD = Asset("USD", 2)
+
+
+def write_events(url: str, ledgers: list[str], transfers: int, first: int = 0) -> None:
+    """Creates the ledgers (if new) with two accounts, then ``transfers`` transfers on each."""
+
+    async def body() -> None:
+        pool = postgres.async_pool(url, 4)
+        await pool.open(wait=True)
+        svc = LedgerService(pool)
+        try:
+            for ledger in ledgers:
+                if first == 0:
+                    await svc.create_ledger(ledger, None, META)
+                    for name in ("bank", "alice"):
+                        await svc.open_account(ledger, domain.OpenAccount(name, "asset"), META)
+                posting = (domain.Posting("bank", "alice", USD, 1),)
+                await asyncio.gather(
+                    *(
+                        svc.post_transfer(ledger, domain.PostTransfer(f"t{i}", posting), META)
+                        for i in range(first, first + transfers)
+                    )
+                )
+        finally:
+            await svc.close()
+            await pool.close()
+
+    asyncio.run(body())
+
+
+def heads(url: str, ledgers: list[str]) -> dict[str, int]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT name, head_position FROM ledgers WHERE name = ANY(%s)", (ledgers,)
+        ).fetchall()
+    return {r[0]: int(r[1]) for r in rows}
+
+
+def tracked(url: str, ledgers: list[str]) -> int:
+    """The sum of the publisher's tracked positions over the ledgers."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT coalesce(sum(notification_id), 0) FROM tracking WHERE application_name"
+            " = ANY(%s)",
+            ([f"publisher:{name}" for name in ledgers],),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+@pytest.fixture
+def nats_url() -> Iterator[str]:
+    """A nats-server with JetStream on a free loopback port, in a temp dir; gone afterwards."""
+    assert NATS_SERVER is not None
+    port = free_port()
+    store = tempfile.mkdtemp(prefix="ledger-nats-")
+    process = subprocess.Popen(
+        [NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", store],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"nats://127.0.0.1:{port}"
+        deadline = time.monotonic() + 15
+        while not _answers(url):
+            assert process.poll() is None and time.monotonic() < deadline, "nats-server failed"
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def _answers(url: str) -> bool:
+    import nats
+
+    async def probe() -> None:
+        nc = await nats.connect(url, connect_timeout=1, allow_reconnect=False)
+        await nc.close()
+
+    try:
+        asyncio.run(probe())
+        return True
+    except Exception:
+        return False
+
+
+class Publisher:
+    """``ledger publish`` as a child process, its log in a file."""
+
+    def __init__(self, database_url: str, nats_url: str, log: Path) -> None:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")},
+            "LEDGER_DATABASE_URL": database_url,
+        }
+        self.log = log.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ledger", "publish", "--nats-url", nats_url],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+        )
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+        self.log.close()
+
+
+def consume(nats_url: str, ledgers: list[str], stop_after: int | None) -> list[dict[str, Any]]:
+    """Reads with a durable pull consumer (``readers``), acknowledging each message; stops
+    after ``stop_after`` messages, or when 2 s pass without one."""
+    import nats
+    from nats.errors import TimeoutError as NatsTimeout
+
+    async def body() -> list[dict[str, Any]]:
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            sub = await js.pull_subscribe("ledger.>", durable="readers", stream=STREAM)
+            got: list[dict[str, Any]] = []
+            while stop_after is None or len(got) < stop_after:
+                want = 100 if stop_after is None else min(100, stop_after - len(got))
+                try:
+                    batch = await sub.fetch(want, timeout=2)
+                except NatsTimeout:
+                    break
+                for msg in batch:
+                    event = orjson.loads(msg.data)
+                    assert msg.subject == subject(event["ledger"], event["type"])
+                    assert msg.headers["Nats-Msg-Id"] == message_id(
+                        event["ledger"], event["position"]
+                    )
+                    got.append(event)
+                    await msg.ack()
+            return got
+        finally:
+            await nc.close()
+
+    return asyncio.run(body())
+
+
+@needs_nats
+def test_a_publisher_killed_mid_stream_again_and_again_publishes_each_position_exactly_once(
+    database_url: str, nats_url: str, tmp_path: Path
+) -> None:
+    rng = random.Random(14)
+    ledgers = [f"pub{rng.randrange(16**8):08x}", f"pub.{rng.randrange(16**8):08x}"]
+    write_events(database_url, ledgers, 1500)
+    log = tmp_path / "publisher.log"
+    kills = 0
+    for round_ in range(8):
+        before = tracked(database_url, ledgers)
+        publisher = Publisher(database_url, nats_url, log)
+        deadline = time.monotonic() + 30
+        while tracked(database_url, ledgers) == before:  # it is publishing: kill it mid-page
+            assert publisher.process.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "the publisher made no progress in 30 s"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.15))
+        publisher.kill()
+        kills += 1
+        write_events(database_url, ledgers, 20, first=1500 + 20 * round_)  # the log moves on
+    assert tracked(database_url, ledgers) < sum(heads(database_url, ledgers).values()), (
+        "the kills came too late to land mid-stream"
+    )
+    # A reader that stops half-way, then resumes with the same durable name.
+    first_half = consume(nats_url, ledgers, stop_after=700)
+    publisher = Publisher(database_url, nats_url, log)
+    try:
+        deadline = time.monotonic() + 60
+        while tracked(database_url, ledgers) < sum(heads(database_url, ledgers).values()):
+            assert time.monotonic() < deadline, "the publisher did not catch up in 60 s"
+            time.sleep(0.1)
+    finally:
+        publisher.kill()
+    rest = consume(nats_url, ledgers, stop_after=None)
+    received = first_half + rest
+    for ledger, head in heads(database_url, ledgers).items():
+        positions = [e["position"] for e in received if e["ledger"] == ledger]
+        assert positions == list(range(1, head + 1)), f"{ledger}: not each position once, in order"
+    dropped = log.read_text().count("the broker dropped it")
+    assert kills == 8 and dropped > 0, "no kill landed between a publish and its saved position"
+
+
+@needs_nats
+def test_the_stream_holds_the_event_as_the_api_gives_it(
+    database_url: str, nats_url: str, tmp_path: Path
+) -> None:
+    ledger = f"pub{random.Random(7).randrange(16**8):08x}"
+    write_events(database_url, [ledger], 2)
+
+    async def api_events() -> list[dict[str, Any]]:
+        pool = postgres.async_pool(database_url, 1)
+        await pool.open(wait=True)
+        try:
+            page: list[dict[str, Any]] = (await LedgerService(pool).events(ledger, 0, 100))[
+                "items"
+            ]
+            return page
+        finally:
+            await pool.close()
+
+    publisher = Publisher(database_url, nats_url, tmp_path / "publisher.log")
+    try:
+        deadline = time.monotonic() + 30
+        while tracked(database_url, [ledger]) < 5:
+            assert time.monotonic() < deadline, (tmp_path / "publisher.log").read_text()[-2000:]
+            time.sleep(0.1)
+    finally:
+        publisher.kill()
+    received = consume(nats_url, [ledger], stop_after=None)
+    assert received == [{"ledger": ledger, **e} for e in asyncio.run(api_events())]
+    assert [e["type"] for e in received][:3] == ["LedgerCreated", "AccountOpened", "AccountOpened"]
