@@ -1,0 +1,401 @@
+"""Losing the primary: a real ``ledger serve`` on a pg_auto_failover cluster (tests/cluster.py).
+
+Clients post transfers with idempotency keys at a steady rate; the primary's postmaster is
+killed with SIGKILL mid-run; pg_auto_failover promotes the synchronous standby; the server
+follows it through its multi-host URL (``target_session_attrs=read-write``) and clients retry
+every unknown outcome with the same key. Then nothing acknowledged may be missing, nothing may
+be there twice, the books balance, ``ledger verify`` passes and a checkpoint signed before the
+failover is a prefix (consistency proof) of one signed after. Also: a read from the replica with
+``min_position`` sees the write it names, or says ``replica_behind``.
+
+The cluster tests skip when ``pg_autoctl`` is missing (``.ci/run`` installs it); the cache test
+at the end needs only the suite's database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import structlog
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from ledger import audit, domain, log, merkle
+from ledger.migrate import migrate
+from ledger.money import Asset
+from ledger.postgres import APP_ROLE, login_as
+from ledger.service import LedgerService
+from ledger.settings import Settings
+from tests import cluster
+from tests.support import bearer, served
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENTS = 4
+PAUSE_S = 0.02
+"""Each client's pause between transfers: about 4 x 40 = 160 transfers/s offered."""
+BEFORE_KILL_S = 3.0
+AFTER_RECOVERY_S = 3.0
+RUN_MAX_S = 45.0
+SETTLE_MAX_S = 30.0
+
+needs_cluster = pytest.mark.skipif(cluster.missing() is not None, reason=str(cluster.missing()))
+
+
+@pytest.fixture(scope="module")
+def ha() -> Iterator[cluster.Cluster]:
+    with cluster.cluster() as c:
+        migrate(c.app_uri())  # as postgres, the owner; the server logs in as ledger_app
+        yield c
+
+
+def app_url(c: cluster.Cluster) -> str:
+    return login_as(c.app_uri(), APP_ROLE)
+
+
+# --- Read replicas ------------------------------------------------------------------------------
+
+
+@needs_cluster
+def test_a_replica_read_with_min_position_sees_the_write_it_names(ha: cluster.Cluster) -> None:
+    standby = ha.standby()
+    replica = login_as(standby.url, APP_ROLE)
+    name = f"r{random.randrange(10**9)}"
+    env = {"LEDGER_READ_DATABASE_URL": replica}
+    with (
+        served(app_url(ha), env=env) as (base, token),
+        httpx.Client(base_url=base, headers=bearer(token), timeout=10) as client,
+    ):
+        assert client.post("/v1/ledgers", json={"name": name}).status_code == 201
+        for account in ("bank", "alice"):
+            opened = client.post(
+                f"/v1/ledgers/{name}/accounts", json={"name": account, "type": "liability"}
+            )
+            assert opened.status_code == 201, opened.text
+        # The replica stops replaying (synchronous commit waits for its flush, not its replay).
+        with psycopg.connect(standby.url, autocommit=True) as admin:
+            admin.execute("SELECT pg_wal_replay_pause()")
+            try:
+                posted = client.post(
+                    f"/v1/ledgers/{name}/transfers",
+                    headers={"Idempotency-Key": "t1"},
+                    json={"postings": [_posting("bank", "alice", 700)]},
+                )
+                assert posted.status_code == 201, posted.text
+                position = posted.json()["position"]
+                behind = client.get(
+                    f"/v1/ledgers/{name}/accounts/alice", params={"min_position": position}
+                )
+                assert behind.status_code == 503, behind.text
+                assert behind.json()["code"] == "replica_behind"
+                assert behind.headers["Retry-After"]
+                # Without min_position a reader may see the replica as it is: without t1.
+                stale = client.get(f"/v1/ledgers/{name}/accounts/alice").json()
+                assert _net(stale) == 0
+            finally:
+                admin.execute("SELECT pg_wal_replay_resume()")
+        fresh = client.get(f"/v1/ledgers/{name}/accounts/alice", params={"min_position": position})
+        assert fresh.status_code == 200, fresh.text
+        assert _net(fresh.json()) == 700
+        page = client.get(f"/v1/ledgers/{name}/events", params={"min_position": position})
+        assert page.json()["items"][-1]["position"] == position
+
+
+@needs_cluster
+def test_readyz_is_503_on_a_database_in_recovery(ha: cluster.Cluster) -> None:
+    standby = login_as(ha.standby().url, APP_ROLE)
+    with TestClient(create_app(standby, Settings(projections=False, relay=False))) as client:
+        ready = client.get("/readyz")
+    assert ready.status_code == 503 and "recovery" in ready.json()["detail"]
+    assert ready.headers["Retry-After"]
+
+
+# --- Failover under load ---------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    attempted: int = 0
+    acknowledged: dict[str, int] = field(default_factory=dict)
+    """Key → the position its answer named."""
+    amounts: dict[str, int] = field(default_factory=dict)
+    unknown: set[str] = field(default_factory=set)
+    """Keys whose first attempt had no answer (a 503, a timeout, a broken connection)."""
+    replayed_on_retry: set[str] = field(default_factory=set)
+    """Of those, the ones whose retry replayed: the first attempt had been applied."""
+    failed: dict[str, str] = field(default_factory=dict)
+    statuses: Counter[int] = field(default_factory=Counter)
+    missing_retry_after: int = 0
+    ack_times: list[tuple[float, bool]] = field(default_factory=list)
+    """(time, replayed) of every acknowledgement."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _posting(debit: str, credit: str, amount: int) -> dict[str, str]:
+    return {"debit": debit, "credit": credit, "amount": str(amount), "asset": "USD/2"}
+
+
+def _net(account: dict[str, Any]) -> int:
+    return sum(int(b["net_posted"]) for b in account["balances"] if b["asset"] == "USD/2")
+
+
+def _post_until_settled(
+    client: httpx.Client, name: str, key: str, body: dict[str, Any], figures: Figures,
+    deadline: float,
+) -> None:  # fmt: skip
+    """One transfer, retried with the same key until it has an answer (or the deadline)."""
+    first = True
+    while time.monotonic() < deadline:
+        try:
+            answer = client.post(
+                f"/v1/ledgers/{name}/transfers", headers={"Idempotency-Key": key}, json=body
+            )
+        except httpx.HTTPError:
+            answer = None
+        with figures.lock:
+            if answer is not None:
+                figures.statuses[answer.status_code] += 1
+            if answer is not None and answer.status_code in (200, 201):
+                replayed = answer.headers.get("Idempotent-Replayed") == "true"
+                figures.acknowledged[key] = int(answer.json()["position"])
+                figures.ack_times.append((time.monotonic(), replayed))
+                if not first and replayed:
+                    figures.replayed_on_retry.add(key)
+                return
+            if answer is not None and answer.status_code < 500:
+                figures.failed[key] = answer.text
+                return
+            if answer is not None and "Retry-After" not in answer.headers:
+                figures.missing_retry_after += 1
+            if first:
+                figures.unknown.add(key)
+            first = False
+        time.sleep(0.2)
+
+
+def _client_loop(
+    base: str, token: str, name: str, index: int, stop: threading.Event, figures: Figures
+) -> None:
+    rng = random.Random(index)  # seeded: the same amounts each run
+    with httpx.Client(base_url=base, headers=bearer(token), timeout=5.0) as client:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            key = f"c{index}-{n}"
+            amount = rng.randrange(1, 10_000)
+            body = {"postings": [_posting("bank", f"users:{index}", amount)]}
+            with figures.lock:
+                figures.attempted += 1
+                figures.amounts[key] = amount
+            _post_until_settled(client, name, key, body, figures, time.monotonic() + SETTLE_MAX_S)
+            time.sleep(PAUSE_S)
+
+
+def _watch_ready(base: str, stop: threading.Event, seen: list[tuple[float, int]]) -> None:
+    with httpx.Client(base_url=base, timeout=2.0) as client:
+        while not stop.is_set():
+            try:
+                seen.append((time.monotonic(), client.get("/readyz").status_code))
+            except httpx.HTTPError:
+                seen.append((time.monotonic(), 0))
+            time.sleep(0.1)
+
+
+@needs_cluster
+def test_a_failover_under_load_loses_and_duplicates_nothing_acknowledged(
+    ha: cluster.Cluster,
+) -> None:
+    name = f"f{random.randrange(10**9)}"
+    workdir = Path(tempfile.mkdtemp(prefix="ledger-failover-"))
+    public = audit.generate_key(workdir / "signing.pem")
+    env = {"LEDGER_SIGNING_KEY_FILE": str(workdir / "signing.pem")}
+    url = app_url(ha)
+    figures = Figures()
+    ready: list[tuple[float, int]] = []
+    with (
+        served(url, env=env) as (base, token),
+        httpx.Client(base_url=base, headers=bearer(token), timeout=10) as admin,
+    ):
+        assert admin.post("/v1/ledgers", json={"name": name}).status_code == 201
+        for account in ["bank", *(f"users:{i}" for i in range(CLIENTS))]:
+            opened = admin.post(
+                f"/v1/ledgers/{name}/accounts", json={"name": account, "type": "liability"}
+            )
+            assert opened.status_code == 201, opened.text
+
+        stop, stop_ready = threading.Event(), threading.Event()
+        threads = [
+            threading.Thread(target=_client_loop, args=(base, token, name, i, stop, figures))
+            for i in range(CLIENTS)
+        ]
+        watcher = threading.Thread(target=_watch_ready, args=(base, stop_ready, ready))
+        for t in [*threads, watcher]:
+            t.start()
+        try:
+            time.sleep(BEFORE_KILL_S)
+            before = admin.post(f"/v1/ledgers/{name}/checkpoints")
+            assert before.status_code == 201, before.text
+            old_primary = ha.primary()
+            killed_at = time.monotonic()
+            ha.kill_postmaster(old_primary)
+            # Run on until writes have been acknowledged again for a while.
+            deadline = killed_at + RUN_MAX_S
+            while time.monotonic() < deadline:
+                with figures.lock:
+                    fresh = [
+                        t for t, replayed in figures.ack_times if t > killed_at and not replayed
+                    ]
+                if fresh and time.monotonic() - fresh[0] > AFTER_RECOVERY_S:
+                    break
+                time.sleep(0.2)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(SETTLE_MAX_S + 10)
+            stop_ready.set()
+            watcher.join(5)
+        assert fresh, f"no write acknowledged after the failover; {ha.states()}\n{ha.tail()}"
+        new_primary = ha.primary()
+        assert new_primary.name != old_primary.name
+
+        after = admin.post(f"/v1/ledgers/{name}/checkpoints")
+        assert after.status_code == 201, after.text
+        first, second = before.json()["tree_size"], after.json()["tree_size"]
+        proof = admin.get(
+            f"/v1/ledgers/{name}/consistency", params={"first": first, "second": second}
+        ).json()
+        assert merkle.verify_consistency(
+            first,
+            second,
+            bytes.fromhex(proof["first"]["root"]),
+            bytes.fromhex(proof["second"]["root"]),
+            [bytes.fromhex(p) for p in proof["proof"]],
+        ), "the checkpoint signed before the failover is not a prefix of the one after"
+
+        events = _all_events(admin, name)
+        balances = admin.get(f"/v1/ledgers/{name}/balances").json()
+
+    # The log as a client reads it: gapless, each acknowledged key once, nothing else.
+    positions = [e["position"] for e in events]
+    assert positions == list(range(1, len(events) + 1))
+    keys = Counter(e["data"]["key"] for e in events if e["type"] == "TransferPosted")
+    lost = sorted(set(figures.acknowledged) - set(keys))
+    duplicated = sorted(k for k, n in keys.items() if n > 1)
+    unacknowledged = sorted(set(keys) - set(figures.acknowledged))
+    assert not lost and not duplicated and not unacknowledged, (lost, duplicated, unacknowledged)
+    assert not figures.failed, figures.failed  # no 4xx for a transfer that is fine
+    assert set(figures.statuses) <= {200, 201, 503}, figures.statuses
+    assert figures.missing_retry_after == 0
+    for e in events:
+        if e["type"] == "TransferPosted":
+            assert e["position"] == figures.acknowledged[e["data"]["key"]]
+    # The books balance, and hold exactly what was acknowledged.
+    assert all(t["net_posted"] == "0" for t in balances["totals"]), balances["totals"]
+    bank = next(a for a in balances["accounts"] if a["name"] == "bank")
+    assert -_net(bank) == sum(figures.amounts[k] for k in figures.acknowledged)
+    # Every check of `ledger verify` (chain, transfers, balances, checkpoints' signatures).
+    verified = subprocess.run(
+        [sys.executable, "-m", "ledger", "verify", "-l", name, "--public-key", public],
+        cwd=ROOT,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")},
+            "LEDGER_DATABASE_URL": url,
+        },
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert verified.returncode == 0, verified.stdout.decode() + verified.stderr.decode()
+
+    not_ready = [t for t, status in ready if t >= killed_at and status != 200]
+    back = [t for t, status in ready if t >= killed_at and status == 200]
+    assert not_ready, "/readyz never said the primary was gone"
+    assert back and back[-1] > not_ready[-1], "/readyz did not come back"
+    gap = fresh[0] - killed_at
+    report = {
+        "attempted": figures.attempted,
+        "acknowledged": len(figures.acknowledged),
+        "unknown_then_settled": len(figures.unknown & set(figures.acknowledged)),
+        "of_which_already_applied": len(figures.replayed_on_retry),
+        "failed": len(figures.failed),
+        "lost": len(lost),
+        "duplicated": len(duplicated),
+        "seconds_without_acknowledged_write": round(gap, 2),
+        "seconds_readyz_not_ready": round(not_ready[-1] - not_ready[0] + 0.1, 2),
+        "responses": dict(figures.statuses),
+        "log_positions": len(events),
+        "checkpoints": [first, second],
+    }
+    print("\nfailover figures:", json.dumps(report))
+
+
+def _all_events(client: httpx.Client, name: str) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        page = client.get(
+            f"/v1/ledgers/{name}/events", params={"after": after, "limit": 1000}
+        ).json()
+        events.extend(page["items"])
+        if not page["items"]:
+            return events
+        after = page["next_after"]
+
+
+# --- The writer's cache across a failover (no cluster needed) --------------------------------
+
+
+def test_a_cache_whose_head_hash_differs_at_the_same_position_is_dropped_and_logged(
+    database_url: str, ledger_name: str
+) -> None:
+    """What a failover that lost a commit would leave: the head back at the cached position
+    (or past it) with another history. The writer must not trust its cache then."""
+    meta: dict[str, Any] = {"actor": "test"}
+    usd = domain.Posting("alice", "bob", Asset("USD", 2), 5)
+
+    async def body() -> None:
+        from ledger import postgres
+
+        pool = postgres.async_pool(database_url, 2)
+        await pool.open()
+        try:
+            svc = LedgerService(pool)
+            await svc.create_ledger(ledger_name, None, meta)
+            for account in ("alice", "bob"):
+                await svc.open_account(ledger_name, domain.OpenAccount(account, "liability"), meta)
+            ref = await svc.ledger_ref(ledger_name)
+            async with pool.connection() as conn:
+                cache = log.Cache()
+                await log.write(conn, ref, [(domain.PostTransfer("t0", (usd,)), meta)], cache)
+                alice = cache.accounts["alice"]
+                # Same position, another history: a made-up hash and a made-up balance.
+                cache.hash = bytes(32)
+                cache.balances[(alice.id, "USD")] = domain.Balance(debits_posted=10**6).fields()
+                with structlog.testing.capture_logs() as logs:
+                    await log.write(conn, ref, [(domain.PostTransfer("t1", (usd,)), meta)], cache)
+                assert domain.Balance(*cache.balances[(alice.id, "USD")]).debits_posted == 10
+                assert any("moved back or forked" in e["event"] for e in logs), logs
+                # An honest cache (the head is where it says, with its hash) logs nothing.
+                with structlog.testing.capture_logs() as logs:
+                    await log.write(conn, ref, [(domain.PostTransfer("t2", (usd,)), meta)], cache)
+                assert not [e for e in logs if e["log_level"] == "error"], logs
+            await svc.close()
+        finally:
+            await pool.close()
+
+    asyncio.run(body())
