@@ -80,7 +80,7 @@ def document(openapi: dict[str, Any]) -> dict[str, Any]:
     problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
     for operations in openapi.get("paths", {}).values():
         for operation in operations.values():
-            needed = operation.pop(SCOPE_KEY, None)
+            needed = operation.get(SCOPE_KEY)  # kept: clients and the tests read it
             operation.pop(UNSCOPED, None)
             if needed is None:
                 continue

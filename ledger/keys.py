@@ -130,7 +130,7 @@ def new_token() -> tuple[str, str, str]:
 
 _COLUMNS = (
     "id, name, scopes, ledgers, created_at, created_by, expires_at, revoked_at, last_used_at,"
-    " replaces"
+    " replaces, revoked_by"
 )
 
 
@@ -146,6 +146,7 @@ def _row(row: tuple[Any, ...]) -> dict[str, Any]:
         "revoked_at": row[7].isoformat() if row[7] else None,
         "last_used_at": row[8].isoformat() if row[8] else None,
         "replaces": PREFIX + row[9] if row[9] else None,
+        "revoked_by": row[10],
     }
 
 
