@@ -35,7 +35,15 @@ END
 $$;
 
 -- A reader never writes, even where a grant was given by mistake.
-ALTER ROLE ledger_reader SET default_transaction_read_only = on;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole
+                   WHERE r.rolname = 'ledger_reader' AND s.setdatabase = 0
+                     AND 'default_transaction_read_only=on' = ANY (s.setconfig)) THEN
+        ALTER ROLE ledger_reader SET default_transaction_read_only = on;
+    END IF;
+END
+$$;
 
 -- No object of their own: CREATE on the schema was PUBLIC's before Postgres 15 (a database
 -- upgraded from then keeps it), and TEMP is PUBLIC's by default (a temporary table named

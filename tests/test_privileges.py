@@ -238,6 +238,20 @@ def test_the_reader_login_verifies_and_exports_a_ledger(database_url: str, histo
         assert privileges(conn) == []
 
 
+def test_finance_and_auditors_use_the_command_line_with_the_reader_login(
+    database_url: str, history: str, tmp_path: Path
+) -> None:
+    env = {"LEDGER_DATABASE_URL": _reader_url(database_url)}
+    report = _ledger(env, "report", "trial-balance", "-l", history, "--csv")
+    assert report.returncode == 0 and "USD" in report.stdout, report.stderr
+    verified = _ledger(env, "verify", "-l", history)
+    assert verified.returncode == 0, verified.stderr + verified.stdout
+    exported = _ledger(env, "export", "-l", history, "--out", str(tmp_path / "x.jsonl"))
+    assert exported.returncode == 0 and len((tmp_path / "x.jsonl").read_text().splitlines()) > 4
+    opened = _ledger(env, "account", "open", "-l", history, "-n", "carol", "--type", "asset")
+    assert opened.returncode == 2 and "ReadOnlySqlTransaction" in opened.stderr, opened.stderr
+
+
 def test_the_owner_login_is_refused_for_serving_unless_the_development_switch_is_set(
     owner_database_url: str,
 ) -> None:
@@ -340,3 +354,32 @@ def test_a_signing_key_open_to_group_or_others_is_refused_and_keygen_writes_0600
         f"ledger: LEDGER_SIGNING_KEY_FILE: {key} is open to group or others (mode 0644):"
         " chmod 600 it"
     )
+
+
+def test_the_documented_setup_works_with_an_owner_that_is_not_a_superuser(
+    tmp_path: Path,
+) -> None:
+    """docs/operations.md, "Database roles": a superuser creates the owner (CREATEROLE) and its
+    database; the owner migrates, which creates ledger_app and ledger_reader, and sets their
+    passwords; the app login may serve, the owner's may not."""
+    from ledger.embedded import EmbeddedPostgres
+
+    with EmbeddedPostgres(tmp_path / "pgdata") as superuser:
+        with psycopg.connect(superuser, autocommit=True) as conn:
+            conn.execute("CREATE ROLE ledger_owner LOGIN CREATEROLE")
+            conn.execute("CREATE DATABASE ledger OWNER ledger_owner")
+        params = {**conninfo_to_dict(superuser), "dbname": "ledger"}
+        owner = make_conninfo(**{**params, "user": "ledger_owner"})
+        app = postgres.login_as(owner, postgres.APP_ROLE)
+        done = _ledger({"LEDGER_OWNER_DATABASE_URL": owner, "LEDGER_DATABASE_URL": app}, "migrate")
+        assert done.returncode == 0, done.stderr
+        with psycopg.connect(owner, autocommit=True) as conn:
+            row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+            assert row.fetchone() == (False,)
+            conn.execute("ALTER ROLE ledger_app PASSWORD 'app-secret'")
+            conn.execute("ALTER ROLE ledger_reader PASSWORD 'reader-secret'")
+            assert "the schema owner (or a member of it)" in privileges(conn)
+        check_before_serving(app)
+        with pytest.raises(SettingsError, match="could rewrite history"):
+            check_before_serving(owner)
+        assert _post_one(app, "books") == 4
