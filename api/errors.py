@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import psycopg
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from ledger import errors
+from ledger.postgres import translate
 
 logger = structlog.get_logger(__name__)
 
@@ -49,6 +51,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(errors.LedgerError)
     async def _ledger(request: Request, exc: errors.LedgerError) -> Response:
         return from_ledger_error(exc)
+
+    @app.exception_handler(psycopg.OperationalError)
+    async def _database(request: Request, exc: psycopg.OperationalError) -> Response:
+        # The database went away, timed out or the pool had no connection: retryable (503),
+        # never 500, for the routes that read without the service's own translation (reports).
+        logger.warning("database unavailable", error=type(exc).__name__)
+        return from_ledger_error(translate(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:

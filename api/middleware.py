@@ -91,8 +91,10 @@ class Guard:
         finally:
             route = scope.get("route")
             name = getattr(route, "path", "unmatched")
-            metrics.REQUESTS.labels(scope["method"], name, str(status)).inc()
-            metrics.REQUEST_SECONDS.labels(scope["method"], name).observe(
+            # Bounded labels: the route's template (never the raw path), a known method
+            method = scope["method"] if scope["method"] in metrics.METHODS else "OTHER"
+            metrics.REQUESTS.labels(method, name, str(status)).inc()
+            metrics.REQUEST_SECONDS.labels(method, name).observe(
                 time.perf_counter() - started
             )
             if _stdlib.isEnabledFor(logging.INFO):

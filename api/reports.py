@@ -85,15 +85,21 @@ async def account_statement(
     request: Request,
     basis: Annotated[Literal["recorded", "effective"], Query()] = "recorded",
     format: Format = "json",
+    start: Annotated[
+        str | None, Query(alias="from", max_length=64, description="A position or a time")
+    ] = None,
+    end: Annotated[
+        str | None, Query(alias="to", max_length=64, description="A position or a time")
+    ] = None,
 ) -> Response:
     """Opening balance, the period's posted entries, closing balance: `from` and `to` are
     positions or times (`basis` says which clock times are on)."""
     svc = service(request)
-    start = reports.period_start(request.query_params.get("from"), basis)
-    end = reports.parse_point(request.query_params.get("to"), basis)
+    since = reports.period_start(start, basis)
+    until = reports.parse_point(end, basis)
     return await _answer(
         svc,
-        lambda c: reports.account_statement(c, ledger, name, start, end),
+        lambda c: reports.account_statement(c, ledger, name, since, until),
         format,
         f"{ledger}-{name}-statement",
     )
@@ -112,11 +118,7 @@ async def positions(
     """Per holder and asset: quantity, pending, cost basis and realised P&L (average cost and
     FIFO). From the projection; with `as_of`, replayed from the log up to that position."""
     svc = service(request)
-    import asyncio
-
-    from ledger import postgres
     from projections import positions as model
-    from projections import runner
 
     ref = await svc.ledger_ref(ledger)
     if as_of is None:
@@ -141,15 +143,61 @@ async def positions(
         if as_of > head:
             raise errors.PositionOutOfRange(f"as_of {as_of} is beyond the head {head}", head=head)
 
-        def replay() -> list[tuple[Any, ...]]:
-            with postgres.connect(request.app.state.read_database_url) as conn:
-                state = runner.positions_at(conn, ledger, as_of)
-            return [r for r in state.rows() if holder is None or r[0] == holder]
-
-        rows, position = await asyncio.to_thread(replay), as_of
+        rows, position = await _replay_positions(request, ledger, as_of, holder), as_of
     return json_response(
         {"ledger": ledger, "position": position, "items": [model.as_json(tuple(r)) for r in rows]}
     )
+
+
+class _ReplayTooLong(Exception):
+    pass
+
+
+async def _replay_positions(
+    request: Request, ledger: str, as_of: int, holder: str | None
+) -> list[tuple[Any, ...]]:
+    """The positions at ``as_of``, replayed from the log: at most ``replays_concurrent_max`` at
+    once per process, on a read-only connection of their own, and cut off (503, retryable)
+    past ``replay_timeout_s`` (a thread cannot be cancelled: it checks its deadline)."""
+    import asyncio
+    import time
+
+    from ledger import limits, postgres
+    from ledger.log import to_event
+    from ledger.replay import stream
+    from projections.positions import Positions
+
+    state = request.app.state
+    if getattr(state, "replays", None) is None:
+        state.replays = asyncio.Semaphore(limits.replays_concurrent_max)
+    deadline = time.monotonic() + limits.replay_timeout_s
+
+    def replay() -> list[tuple[Any, ...]]:
+        with postgres.connect(state.read_database_url) as conn:
+            conn.execute(f"SET statement_timeout = {limits.read_statement_timeout_ms}")
+            conn.commit()
+            positions = Positions()
+            for n, (position, topic, data) in enumerate(stream(conn, ledger, as_of)):
+                if n % 1_000 == 0 and time.monotonic() > deadline:
+                    raise _ReplayTooLong
+                positions.apply(to_event(ledger, position, topic, bytes(data)))
+        return [r for r in positions.rows() if holder is None or r[0] == holder]
+
+    too_long = errors.Timeout(
+        f"the replay to position {as_of} did not finish within {limits.replay_timeout_s:g} s;"
+        " retry later, or read the current positions (without as_of)"
+    )
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            await state.replays.acquire()  # waiting for another replay counts against the time
+    except TimeoutError:
+        raise too_long from None
+    try:
+        return await asyncio.to_thread(replay)
+    except _ReplayTooLong:
+        raise too_long from None
+    finally:
+        state.replays.release()
 
 
 @router.get("/ledgers/{ledger}/projections", responses=_problems, openapi_extra=auth.scope("read"))

@@ -56,7 +56,8 @@ class EdgeProtocol(HttpToolsProtocol):
     header_bytes_max: ClassVar[int] = limits.header_bytes_max
 
     _deadline: asyncio.TimerHandle | None = None
-    _head_bytes = 0
+    _head_bytes = 0  # bytes received since the head began (with any body in the same read)
+    _head_exact = 0  # bytes of the head's line and complete headers, as parsed
     _reading_head = True
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -72,8 +73,20 @@ class EdgeProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        # uvicorn's own, plus the one branch for a head past its size (raised by a callback,
-        # which httptools wraps in HttpParserCallbackError).
+        # uvicorn's own, plus a head past its size: a complete one is caught by the callbacks
+        # (raised there, wrapped by httptools in HttpParserCallbackError); one still
+        # incomplete (httptools buffers a header until its end) by counting what came in.
+        if self._reading_head:
+            self._head_bytes += len(data)
+        self._parse(data)
+        if (
+            self._reading_head
+            and self._head_bytes > self.header_bytes_max
+            and not self.transport.is_closing()
+        ):
+            self._refuse(errors.HeadersTooLarge(f"over {self.header_bytes_max} bytes"))
+
+    def _parse(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
@@ -112,7 +125,7 @@ class EdgeProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._reading_head = False
+        self._reading_head, self._head_exact = False, 0
         self._arm(self.body_timeout_s + BODY_GRACE_S)
         super().on_headers_complete()
 
@@ -124,8 +137,8 @@ class EdgeProtocol(HttpToolsProtocol):
     # The deadline
 
     def _count(self, size: int) -> None:
-        self._head_bytes += size
-        if self._head_bytes > self.header_bytes_max:
+        self._head_exact += size
+        if self._head_exact > self.header_bytes_max:
             raise _HeadTooLarge
 
     def _arm(self, seconds: float) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""Methods counted by name; any other is counted as ``OTHER`` (labels stay bounded)."""
+
 REQUESTS = Counter("ledger_http_requests_total", "HTTP requests", ["method", "route", "status"])
 REQUEST_SECONDS = Histogram(
     "ledger_http_request_seconds",
@@ -23,6 +26,7 @@ GROUP_SECONDS = Histogram(
 )
 COMMANDS = Counter("ledger_commands_total", "Commands decided", ["outcome"])
 QUEUED = Gauge(
-    "ledger_writer_queued_commands", "Commands waiting for a ledger's writer", ["ledger"]
+    "ledger_writer_queued_commands",
+    "Commands waiting for the writers of this process (all ledgers: labels stay bounded)",
 )
 RETRIES = Counter("ledger_writer_retries_total", "Write transactions retried")

@@ -82,6 +82,33 @@ def async_pool(url: str, size: int) -> AsyncConnectionPool[psycopg.AsyncConnecti
     )
 
 
+async def _configure_read(conn: psycopg.AsyncConnection[Any]) -> None:
+    await _configure_async(conn)
+    for sql in (
+        f"SET statement_timeout = {limits.read_statement_timeout_ms}",
+        "SET default_transaction_read_only = on",
+    ):
+        await conn.execute(sql, prepare=False)
+    await conn.commit()
+
+
+def read_pool(url: str, size: int) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
+    """The pool for queries, reports and replays: separate from the writers' (which keep
+    ``async_pool`` to themselves, so that reads can never starve them), read-only, and with
+    statements bounded by ``read_statement_timeout_ms``."""
+    return AsyncConnectionPool(
+        url,
+        min_size=1,
+        max_size=size,
+        open=False,
+        configure=_configure_read,
+        check=AsyncConnectionPool.check_connection,
+        timeout=limits.pool_timeout_s,
+        kwargs={"autocommit": False, "prepare_threshold": 0},
+        name="ledger-read",
+    )
+
+
 def sync_pool(url: str, size: int) -> ConnectionPool[psycopg.Connection[Any]]:
     """A pool for synchronous readers (the notification log, projections, the CLI)."""
     return ConnectionPool(

@@ -47,6 +47,7 @@ class LedgerWriter:
         self.ledger = ledger
         self._queue: deque[_Unit] = deque()
         self._queued_items = 0
+        self._queued_reported = 0  # this writer's share of metrics.QUEUED
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.cache = log.Cache()
@@ -109,7 +110,9 @@ class LedgerWriter:
 
     async def _write_group(self, conn: psycopg.AsyncConnection[Any], group: list[_Unit]) -> None:
         items = [item for unit in group for item in unit.items]
-        metrics.QUEUED.labels(self.ledger.name).set(self._queued_items)
+        # One series for all ledgers (a label per ledger would grow without bound)
+        metrics.QUEUED.inc(self._queued_items - self._queued_reported)
+        self._queued_reported = self._queued_items
         started = time.perf_counter()
         try:
             outcomes = await self._write(conn, items)
