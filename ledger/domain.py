@@ -472,12 +472,15 @@ def account_of(state: LedgerState, name: str) -> Account:
     return account
 
 
-def check_open(account: Account, releasing: bool = False) -> None:
-    """Closed accounts take nothing; frozen ones take nothing new but may release holds."""
-    if account.closed:
-        raise errors.AccountClosed(f"account {account.name!r} is closed", account=account.name)
-    if account.frozen and not releasing:
-        raise errors.AccountFrozen(f"account {account.name!r} is frozen", account=account.name)
+def check_open(*accounts: Account, releasing: bool = False) -> None:
+    """Closed accounts take nothing; frozen ones take nothing new but may release holds. Every
+    account is checked for closed before any for frozen (the order of docs/errors.md)."""
+    for account in accounts:
+        if account.closed:
+            raise errors.AccountClosed(f"account {account.name!r} is closed", account=account.name)
+    for account in accounts:
+        if account.frozen and not releasing:
+            raise errors.AccountFrozen(f"account {account.name!r} is frozen", account=account.name)
 
 
 def _effective(command_at: datetime | None, now: datetime) -> datetime:
@@ -552,6 +555,7 @@ class _Moves:
     def check_guards(self) -> None:
         """Refuses a command that takes a guarded account past its rule and limit. An account
         already past it (say, the guard came later) may still move back towards it."""
+        crossed = []
         for key, totals in self.touched.items():
             account = self.accounts[key[0]]
             if account.guard == "none":
@@ -562,15 +566,19 @@ class _Moves:
                 _exposure(account.guard, self.before[key]),
             )
             if after > limit and after > before:
-                if account.guard == "debits_must_not_exceed_credits":
-                    raise errors.InsufficientFunds(
-                        f"account {account.name!r} has too little {key[1]} for this transfer",
-                        account=account.name,
-                    )
-                raise errors.ExceedsDebits(
-                    f"credits of account {account.name!r} in {key[1]} would exceed its limit",
+                crossed.append((account, key[1]))
+        # insufficient_funds before exceeds_debits, whatever the legs' order (docs/errors.md).
+        for account, asset in crossed:
+            if account.guard == "debits_must_not_exceed_credits":
+                raise errors.InsufficientFunds(
+                    f"account {account.name!r} has too little {asset} for this transfer",
                     account=account.name,
                 )
+        for account, asset in crossed:
+            raise errors.ExceedsDebits(
+                f"credits of account {account.name!r} in {asset} would exceed its limit",
+                account=account.name,
+            )
 
     def commit(self) -> tuple[list[Entry], dict[tuple[int, str], Balance]]:
         # Double entry: the entries debit exactly as much as they credit, per asset and kind.
@@ -588,6 +596,16 @@ def _exposure(rule: str, b: Balance) -> int:
     return b.credits_posted + b.credits_pending - b.debits_posted
 
 
+def _check_assets(state: LedgerState, postings: tuple[Posting, ...]) -> None:
+    """Every posting's asset is checked for definition, then every one for its scale, before
+    anything else about the postings: a request gets the first code of docs/errors.md."""
+    for posting in postings:
+        if posting.asset.code not in state.assets:
+            check_asset(state, posting.asset)
+    for posting in postings:
+        check_asset(state, posting.asset)
+
+
 def _resolve(state: LedgerState, postings: tuple[Posting, ...]) -> list[tuple[Account, Account]]:
     resolved = []
     for posting in postings:
@@ -603,10 +621,9 @@ def post_transfer(
     this scale and both accounts exist; no account is closed or frozen; no total exceeds 38
     digits; no guard is crossed."""
     effective_at = _effective(command.effective_at, now)
+    _check_assets(state, command.postings)
     resolved = _resolve(state, command.postings)
-    for debit, credit in resolved:
-        check_open(debit)
-        check_open(credit)
+    check_open(*(account for pair in resolved for account in pair))
     moves = _Moves(state, position, effective_at)
     for leg, (posting, (debit, credit)) in enumerate(zip(command.postings, resolved, strict=True)):
         posted, pending = (0, posting.amount) if command.pending else (posting.amount, 0)
@@ -675,10 +692,9 @@ def post_pending(
     posted = [command.amount or record.amounts[0]] if command.amount else list(record.amounts)
     moves = _Moves(state, position, now)
     postings = []
-    for leg, posting in enumerate(record.postings):
-        debit, credit = account_of(state, posting.debit), account_of(state, posting.credit)
-        check_open(debit)
-        check_open(credit)
+    legs = [(account_of(state, p.debit), account_of(state, p.credit)) for p in record.postings]
+    check_open(*(account for pair in legs for account in pair))
+    for leg, (posting, (debit, credit)) in enumerate(zip(record.postings, legs, strict=True)):
         held, amount = record.amounts[leg], posted[leg]
         moves.move(debit, posting.asset.code, leg, debit=True, posted=amount, pending=-held)
         moves.move(credit, posting.asset.code, leg, debit=False, posted=amount, pending=-held)
@@ -707,10 +723,9 @@ def release_pending(
     else:
         record = _pending_of(state, command.pending_key, now)
     moves = _Moves(state, position, now)
-    for leg, posting in enumerate(record.postings):
-        debit, credit = account_of(state, posting.debit), account_of(state, posting.credit)
-        check_open(debit, releasing=True)
-        check_open(credit, releasing=True)
+    legs = [(account_of(state, p.debit), account_of(state, p.credit)) for p in record.postings]
+    check_open(*(account for pair in legs for account in pair), releasing=True)
+    for leg, (posting, (debit, credit)) in enumerate(zip(record.postings, legs, strict=True)):
         held = record.amounts[leg]
         moves.move(debit, posting.asset.code, leg, debit=True, posted=0, pending=-held)
         moves.move(credit, posting.asset.code, leg, debit=False, posted=0, pending=-held)
@@ -750,13 +765,15 @@ def reverse_transfer(
         )
     moves = _Moves(state, position, now)
     postings = []
-    for leg, (posting, amount) in enumerate(zip(record.postings, amounts, strict=True)):
-        if amount == 0:
-            continue
-        back = Posting(posting.credit, posting.debit, posting.asset, amount)
-        debit, credit = account_of(state, back.debit), account_of(state, back.credit)
-        check_open(debit)
-        check_open(credit)
+    backs = [
+        (leg, Posting(p.credit, p.debit, p.asset, amount))
+        for leg, (p, amount) in enumerate(zip(record.postings, amounts, strict=True))
+        if amount
+    ]
+    legs = [(account_of(state, b.debit), account_of(state, b.credit)) for _, b in backs]
+    check_open(*(account for pair in legs for account in pair))
+    for (leg, back), (debit, credit) in zip(backs, legs, strict=True):
+        amount = back.amount
         moves.move(debit, back.asset.code, leg, debit=True, posted=amount, pending=0)
         moves.move(credit, back.asset.code, leg, debit=False, posted=amount, pending=0)
         postings.append(back.as_json())
@@ -786,13 +803,14 @@ def open_account(state: LedgerState, command: OpenAccount, position: int) -> Dec
 
 
 def change_account(state: LedgerState, command: AccountCommand) -> Decision:
+    if isinstance(command, SetGuard):  # assets before accounts, as in docs/errors.md
+        for code in command.limits:
+            if code not in state.assets:
+                raise errors.AssetNotFound(f"asset {code} is not defined in this ledger")
     account = account_of(state, command.account)
     if account.closed:
         raise errors.AccountClosed(f"account {account.name!r} is closed", account=account.name)
     if isinstance(command, SetGuard):
-        for code in command.limits:
-            if code not in state.assets:
-                raise errors.AssetNotFound(f"asset {code} is not defined in this ledger")
         changed = replace(account, guard=command.rule, guard_limits=dict(command.limits))
         limits_json = {f"{c}/{state.assets[c]}": str(v) for c, v in sorted(command.limits.items())}
         decision = Decision("AccountGuardSet", {"rule": command.rule, "limits": limits_json})
