@@ -259,7 +259,8 @@ async def get_ledger(ledger: LedgerPath, request: Request) -> Response:
 async def define_asset(ledger: LedgerPath, body: schemas.DefineAsset, request: Request) -> Response:
     svc = service(request)
     m = meta(request)
-    return created(await svc.define_asset(ledger, parse_asset(body.asset), m))
+    asset = parse_asset(body.asset)
+    return created(await svc.define_asset(ledger, asset, m, body.posting_amount_max))
 
 
 @router.post(

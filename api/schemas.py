@@ -74,6 +74,16 @@ class CreateLedger(Strict):
 
 class DefineAsset(Strict):
     asset: AssetText
+    posting_amount_max: AmountText = Field(
+        None,
+        description="The most one posting of this asset may move, in minor units (a financial"
+        f" control); {limits.posting_amount_max_default} (24 digits) when omitted",
+    )
+
+    @field_validator("posting_amount_max")
+    @classmethod
+    def _most(cls, value: Any) -> int | None:
+        return None if value is None else parse_amount(value)
 
 
 class OpenAccount(Strict):

@@ -276,6 +276,9 @@ class UpdateAccountMetadata:
 @dataclass(frozen=True, slots=True)
 class DefineAsset:
     asset: Asset
+    posting_amount_max: int | None = None
+    """The most one posting may move, in minor units; ``None``: the ledger's default
+    (``limits.posting_amount_max_default``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,6 +386,10 @@ class LedgerState:
     """(account id, asset code) → totals; missing means all zero."""
     transfers: MutableMapping[str, TransferRecord] = field(default_factory=dict)
     """Transfers referred to by the group's commands, and those it created."""
+    posting_max: dict[str, int] = field(default_factory=dict)
+    """Asset code → the most one posting may move, for assets defined with their own maximum
+    (the others have ``limits.posting_amount_max_default``). Only :func:`define_asset`
+    changes it, never inside a linked chain, so snapshots share it."""
 
     def snapshot(self) -> LedgerState:
         """Starts a tentative change (a linked chain): from here on, changes go to overlays
@@ -390,7 +397,9 @@ class LedgerState:
         (forget the changes) or :meth:`keep` (apply them). Nothing is copied, so a chain costs
         the same in a small group as in a large one; :func:`decide` only ever replaces values,
         never mutates them in place, so the maps as they were stay as they were."""
-        saved = LedgerState(self.assets, self.accounts, self.balances, self.transfers)
+        saved = LedgerState(
+            self.assets, self.accounts, self.balances, self.transfers, self.posting_max
+        )
         self.assets = ChainMap({}, saved.assets)
         self.accounts = ChainMap({}, saved.accounts)
         self.balances = ChainMap({}, saved.balances)
@@ -606,10 +615,22 @@ def _check_assets(state: LedgerState, postings: tuple[Posting, ...]) -> None:
         check_asset(state, posting.asset)
 
 
+def posting_max_of(state: LedgerState, code: str) -> int:
+    return state.posting_max.get(code, limits.posting_amount_max_default)
+
+
 def _resolve(state: LedgerState, postings: tuple[Posting, ...]) -> list[tuple[Account, Account]]:
     resolved = []
-    for posting in postings:
+    for index, posting in enumerate(postings):
         check_asset(state, posting.asset)
+        most = posting_max_of(state, posting.asset.code)
+        if posting.amount > most:
+            raise errors.AmountExceedsAssetMax(
+                f"posting {index} moves {posting.amount} {posting.asset}; one posting of this"
+                f" asset moves at most {most}",
+                posting=index,
+                posting_amount_max=str(most),
+            )
         resolved.append((account_of(state, posting.debit), account_of(state, posting.credit)))
     return resolved
 
@@ -618,7 +639,8 @@ def post_transfer(
     state: LedgerState, command: PostTransfer, position: int, now: datetime
 ) -> Decision:
     """Checks, in order: effective_at in range; posting by posting, the asset is defined with
-    this scale and both accounts exist; no account is closed or frozen; no total exceeds 38
+    this scale, the amount is at most the asset's maximum for one posting, and both accounts
+    exist; no account is closed or frozen; no total exceeds 38
     digits; no guard is crossed."""
     effective_at = _effective(command.effective_at, now)
     _check_assets(state, command.postings)
@@ -843,8 +865,19 @@ def define_asset(state: LedgerState, command: DefineAsset) -> Decision:
             f"asset {command.asset.code} is defined with scale {scale}",
             asset=f"{command.asset.code}/{scale}",
         )
+    if command.posting_amount_max is not None:
+        if not 0 < command.posting_amount_max <= limits.amount_max:
+            raise errors.InvalidAmount(
+                f"posting_amount_max must be 1 to {limits.amount_digits_max} digits"
+            )
+        state.posting_max[command.asset.code] = command.posting_amount_max
     state.assets[command.asset.code] = command.asset.scale
-    return Decision("AssetDefined", {"asset": str(command.asset)}, asset=command.asset)
+    most = command.posting_amount_max
+    fields = {
+        "asset": str(command.asset),
+        "posting_amount_max": None if most is None else str(most),
+    }
+    return Decision("AssetDefined", fields, asset=command.asset)
 
 
 def differing_fields(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:

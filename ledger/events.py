@@ -47,6 +47,16 @@ class LedgerCreated(LedgerEvent):
 @dataclass(frozen=True)
 class AssetDefined(LedgerEvent):
     asset: str
+    posting_amount_max: str | None
+    """Version 2: the most one posting of the asset may move (digits), or ``None`` for the
+    ledger's default (``limits.posting_amount_max_default``)."""
+
+    class_version = 2
+
+    @staticmethod
+    def upcast_v1_v2(state: dict[str, Any]) -> None:
+        """Assets defined before the maximum existed have the default."""
+        state["posting_amount_max"] = None
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,10 @@ amount_digits_max: Final = 38
 amount_max: Final = 10**amount_digits_max - 1
 asset_scale_max: Final = 38
 asset_code_length_max: Final = 16
+posting_amount_max_default: Final = 10**24 - 1
+"""The most one posting may move, in minor units, for an asset defined without its own maximum.
+Per-account totals are cumulative NUMERIC(38,0): with postings of at most 24 digits, one side of
+one account needs more than 10^14 postings to reach the 38-digit ceiling (docs/api.md)."""
 
 # Names and free-form data
 ledger_name_length_max: Final = 64

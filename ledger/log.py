@@ -146,6 +146,8 @@ class Cache:
     history (a failover that lost a commit, then new appends), not the one cached."""
     assets: dict[str, tuple[int, int]] = field(default_factory=dict)
     """Code → (scale, position of its definition)."""
+    posting_max: dict[str, int] = field(default_factory=dict)
+    """Code → the most one posting may move, for assets defined with their own maximum."""
     accounts: dict[str, domain.Account] = field(default_factory=dict)
     balances: dict[tuple[int, str], tuple[int, ...]] = field(default_factory=dict)
     """Every (account id, asset) pair known, zero balances included, as the fields of its
@@ -157,6 +159,7 @@ class Cache:
         self.position = 0
         self.hash = b""
         self.assets = {}
+        self.posting_max = {}
         self.accounts = {}
         self.balances = {}
 
@@ -174,6 +177,7 @@ class Cache:
         ):
             self.clear()
         self.assets = {code: (scale, assets[code]) for code, scale in state.assets.items()}
+        self.posting_max = dict(state.posting_max)
         self.accounts.update(state.accounts)
         balances = self.balances
         for key, b in state.balances.items():
@@ -297,7 +301,8 @@ async def _load(
         _ACCOUNT_SQL + " WHERE ledger_id = %s AND name = ANY(%b)", (ledger.id, missing_names)
     )
     assets_cur = (not cache.assets or not cache.position) and await q(
-        "SELECT code, scale, position FROM assets WHERE ledger_id = %s", (ledger.id,)
+        "SELECT code, scale, position, posting_amount_max FROM assets WHERE ledger_id = %s",
+        (ledger.id,),
     )
     balances_cur = missing_pairs and await q(
         _BALANCE_SQL + " unnest(%b::text[], %b::text[]) AS k(name, asset)"
@@ -328,10 +333,14 @@ async def _load(
     new_ids = [int(r[0]) for r in await _rows(ids_cur)]
     known_keys = {k: (int(p), bytes(h)) for k, p, h in await _rows(keys_cur)}
     loaded_accounts = {r[1]: _account(r) for r in await _rows(accounts_cur)}
+    asset_list = await _rows(assets_cur)
     asset_rows = (
-        {code: (int(scale), int(pos)) for code, scale, pos in await _rows(assets_cur)}
+        {r[0]: (int(r[1]), int(r[2])) for r in asset_list} if assets_cur else dict(cache.assets)
+    )
+    posting_max = (
+        {r[0]: int(r[3]) for r in asset_list if r[3] is not None}
         if assets_cur
-        else dict(cache.assets)
+        else dict(cache.posting_max)
     )
     loaded_balances = {(r[0], r[1]): domain.Balance(*r[2:]) for r in await _rows(balances_cur)}
     closing_balances = {(r[0], r[1]): domain.Balance(*r[2:]) for r in await _rows(closing_cur)}
@@ -414,6 +423,7 @@ async def _load(
 
     state = domain.LedgerState(
         assets={code: scale for code, (scale, _) in asset_rows.items()},
+        posting_max=posting_max,
         accounts=state_accounts,
         balances=state_balances,
         transfers={r.key: r for r in records + due},
@@ -550,9 +560,12 @@ class _Group:
                         )
                     return existing.position
             elif isinstance(command, domain.DefineAsset):
-                scale = self.state.assets.get(command.asset.code)
-                if scale == command.asset.scale:
-                    return self.asset_positions[command.asset.code]
+                code = command.asset.code
+                if (self.state.assets.get(code), self.state.posting_max.get(code)) == (
+                    command.asset.scale,
+                    command.posting_amount_max,
+                ):
+                    return self.asset_positions[code]
             decision = domain.decide(self.state, command, self.position + 1, self.recorded)
         except errors.LedgerError as error:
             return error
@@ -687,6 +700,7 @@ async def _append(conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, group: 
     opened: dict[str, domain.Account] = {}
     changed: dict[str, domain.Account] = {}
     new_assets: list[tuple[Asset, int]] = []
+    new_maxima: list[str | None] = []
     for a in accepted:
         d = a.decision
         touched.update(d.balances)
@@ -698,6 +712,7 @@ async def _append(conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, group: 
             ] = d.account
         if d.asset is not None:
             new_assets.append((d.asset, a.event.position))
+            new_maxima.append(d.fields.get("posting_amount_max"))
     if touched:
         keys = list(touched)
         await q(
@@ -759,13 +774,15 @@ async def _append(conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, group: 
         )
     if new_assets:
         await q(
-            "INSERT INTO assets (ledger_id, code, scale, position)"
-            " SELECT %s, c, s, p FROM unnest(%b::text[], %s::int2[], %s::int8[]) AS a(c, s, p)",
+            "INSERT INTO assets (ledger_id, code, scale, position, posting_amount_max)"
+            " SELECT %s, c, s, p, m FROM unnest(%b::text[], %s::int2[], %s::int8[],"
+            " %s::numeric[]) AS a(c, s, p, m)",
             (
                 ledger.id,
                 [a.code for a, _ in new_assets],
                 _ints(a.scale for a, _ in new_assets),
                 _ints(p for _, p in new_assets),
+                new_maxima,
             ),
         )
     await q(

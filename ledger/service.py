@@ -93,12 +93,19 @@ class LedgerService:
         with _on_primary():
             return Result(await self._ledger_body(name), committed.replayed)
 
-    async def define_asset(self, ledger: str, asset: Asset, meta: dict[str, Any]) -> Result:
-        committed = await self._submit_one(ledger, domain.DefineAsset(asset), meta)
+    async def define_asset(
+        self,
+        ledger: str,
+        asset: Asset,
+        meta: dict[str, Any],
+        posting_amount_max: int | None = None,
+    ) -> Result:
+        command = domain.DefineAsset(asset, posting_amount_max)
+        committed = await self._submit_one(ledger, command, meta)
         assert isinstance(committed.event, AssetDefined | LedgerCreated)
-        return Result(
-            {"asset": str(asset), "position": committed.event.position}, committed.replayed
-        )
+        most = posting_amount_max or limits.posting_amount_max_default
+        body = {"asset": str(asset), "position": committed.event.position}
+        return Result({**body, "posting_amount_max": str(most)}, committed.replayed)
 
     async def open_account(
         self, ledger: str, command: domain.OpenAccount, meta: dict[str, Any]
@@ -226,12 +233,18 @@ class LedgerService:
         if row is None:  # only on a replica that has not replayed its creation yet
             raise errors.LedgerNotFound(f"ledger {name!r} does not exist (yet) on this replica")
         assets = await self._all(
-            "SELECT code, scale FROM assets WHERE ledger_id = %s ORDER BY code", (ref.id,)
+            "SELECT code, scale, posting_amount_max FROM assets WHERE ledger_id = %s ORDER BY code",
+            (ref.id,),
         )
+        default = str(limits.posting_amount_max_default)
         return {
             "name": name,
             "head": {"position": row[0], "hash": bytes(row[1]).hex()},
-            "assets": [f"{code}/{scale}" for code, scale in assets],
+            "assets": [f"{code}/{scale}" for code, scale, _ in assets],
+            "posting_amount_max": {
+                f"{code}/{scale}": default if most is None else str(most)
+                for code, scale, most in assets
+            },
             "created_at": row[2].isoformat(),
         }
 

@@ -80,6 +80,7 @@ def test_an_undefined_asset_or_a_wrong_scale_is_refused() -> None:
 
 def test_a_total_past_38_digits_is_an_overflow_and_changes_nothing() -> None:
     s = state("alice", "bob")
+    s.posting_max["USD"] = limits.amount_max  # an asset defined with the largest maximum
     domain.post_transfer(s, transfer(("alice", "bob", limits.amount_max)), 2, NOW)
     before = {k: v.copy() for k, v in s.balances.items()}
     with pytest.raises(errors.Overflow):

@@ -14,8 +14,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from eventsourcing.persistence import StoredEvent
 from fastapi.testclient import TestClient
 
+from ledger import limits
+from ledger.events import MAPPER, TOPICS, AssetDefined
 from projections import reports
 from projections.positions import holder_of
 from tests.support import api_client
@@ -257,3 +260,84 @@ def test_a_request_id_is_stored_only_if_short_and_plain(
     assert r.headers["x-request-id"] == stored
     if not kept:
         assert re.fullmatch(r"[0-9a-f]{32}", stored)
+
+
+# --- A per-asset maximum for one posting ---------------------------------------------------------
+
+
+def post(client: TestClient, ledger: str, amount: int, asset: str = "USD/2", **kw: str) -> Any:
+    posting = {"debit": "bank", "credit": "users:alice", "amount": str(amount), "asset": asset}
+    return client.post(
+        f"/v1/ledgers/{ledger}/transfers",
+        json={"postings": [posting]},
+        headers={"Idempotency-Key": kw.get("key", "p-" + secrets.token_hex(6))},
+    )
+
+
+def test_one_posting_of_the_default_maximum_passes_and_one_more_unit_is_refused(
+    client: TestClient, ledger: str
+) -> None:
+    most = limits.posting_amount_max_default
+    assert most == 10**24 - 1
+    assert post(client, ledger, most).status_code == 201
+    before = head(client, ledger)
+    problem = refused(post(client, ledger, most + 1))
+    assert problem["code"] == "amount_exceeds_asset_max"
+    assert problem["posting_amount_max"] == str(most) and problem["posting"] == 0
+    assert head(client, ledger) == before
+    info = client.get(f"/v1/ledgers/{ledger}").json()
+    assert info["posting_amount_max"]["USD/2"] == str(most)
+
+
+def test_no_single_posting_can_brick_an_unguarded_account(client: TestClient, ledger: str) -> None:
+    # Before: a posting of 10^38 - 1 was accepted, and every later debit of users:alice in USD
+    # failed with `overflow` for good.
+    assert refused(post(client, ledger, 10**38 - 1))["code"] == "amount_exceeds_asset_max"
+    back = {"debit": "users:alice", "credit": "bank", "amount": "5", "asset": "USD/2"}
+    assert post(client, ledger, limits.posting_amount_max_default).status_code == 201
+    r = client.post(
+        f"/v1/ledgers/{ledger}/transfers",
+        json={"postings": [back]},
+        headers={"Idempotency-Key": "debit-after"},
+    )
+    assert r.status_code == 201, r.text
+
+
+def test_an_asset_defined_with_its_own_maximum_holds_to_it_on_both_sides(
+    client: TestClient, ledger: str
+) -> None:
+    url = f"/v1/ledgers/{ledger}/assets"
+    r = client.post(url, json={"asset": "XAU/3", "posting_amount_max": "1000"})
+    assert r.status_code == 201, r.text
+    assert r.json()["posting_amount_max"] == "1000"
+    assert post(client, ledger, 1000, "XAU/3").status_code == 201
+    problem = refused(post(client, ledger, 1001, "XAU/3"))
+    assert problem["code"] == "amount_exceeds_asset_max"
+    # The same definition again replays; another maximum is a conflict, nothing changes.
+    again = client.post(url, json={"asset": "XAU/3", "posting_amount_max": "1000"})
+    assert again.status_code == 201 and again.json()["position"] == r.json()["position"]
+    before = head(client, ledger)
+    other = client.post(url, json={"asset": "XAU/3", "posting_amount_max": "2000"})
+    assert refused(other, 409)["code"] == "asset_exists"
+    assert refused(client.post(url, json={"asset": "XAG/3", "posting_amount_max": "0"}))
+    assert head(client, ledger) == before
+    assert client.get(f"/v1/ledgers/{ledger}").json()["posting_amount_max"]["XAU/3"] == "1000"
+
+
+def test_an_asset_defined_before_the_maximum_reads_as_the_default() -> None:
+    old = StoredEvent(
+        "l", 2, TOPICS[AssetDefined], b'{"asset":"USD/2","meta":{},"recorded_at":"t"}'
+    )
+    event = MAPPER.to_domain_event(old)
+    assert isinstance(event, AssetDefined) and event.posting_amount_max is None
+    new = AssetDefined(
+        originator_id="l",
+        originator_version=2,
+        recorded_at="t",
+        meta={},
+        asset="XAU/3",
+        posting_amount_max="1000",
+    )
+    assert MAPPER.to_stored_event(new).state == (
+        b'{"asset":"XAU/3","class_version":2,"meta":{},"posting_amount_max":"1000","recorded_at":"t"}'
+    )
