@@ -336,6 +336,41 @@ def import_(
     _run(action)
 
 
+@app.command()
+def bank(
+    url: Annotated[str, typer.Option(help="The deployment, such as http://127.0.0.1:8000")],
+    token: Annotated[
+        str | None, typer.Option(help="An API key with the ledgers, accounts, transfers,"
+                                 " read and audit scopes")
+    ] = None,
+    seconds: Annotated[float, typer.Option(min=0.1, help="How long clients post")] = 10.0,
+    clients: Annotated[int, typer.Option(help="Concurrent clients")] = 4,
+    accounts: Annotated[int, typer.Option(help="Accounts money moves among")] = 5,
+    drop_rate: Annotated[
+        float, typer.Option(help="Share of requests whose connection the client drops once sent")
+    ] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="Makes the choices reproducible")] = None,
+) -> None:
+    """The bank workload against a deployment, in a ledger of its own: concurrent transfers
+    with idempotency keys, reads of every balance, unknown outcomes settled by retrying with
+    the same keys; prints the figures as JSON and exits 1 when a check fails."""
+    from ledger.bank import Bank, BankError
+
+    def action(settings: Settings) -> None:
+        try:
+            workload = Bank(url, token, accounts, clients, drop_rate, seed)
+            print(f"ledger bank: ledger {workload.ledger}, seed {workload.seed}", file=sys.stderr)
+            figures = workload.run(seconds)
+        except BankError as exc:
+            _fail(str(exc))
+        print(json.dumps({"ledger": workload.ledger, "seed": workload.seed,
+                          **figures.as_json()}, indent=2))
+        if not figures.ok:
+            raise typer.Exit(1)
+
+    _run(action)
+
+
 report_app = typer.Typer(no_args_is_help=True, help="Finance reports, as JSON or CSV.")
 app.add_typer(report_app, name="report")
 AsOfOption = Annotated[str | None, typer.Option("--as-of", help="A position or a recorded time")]

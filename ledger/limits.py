@@ -164,3 +164,12 @@ webhook_timeout_ms: Final = 10_000
 """How long the receiver has to answer one delivery."""
 webhook_deliveries_per_pass_max: Final = 64
 """Deliveries sent at once by one relay."""
+
+# `ledger bank`: the workload users point at their deployment
+bank_clients_max: Final = 64
+"""Concurrent clients `ledger bank` may run."""
+bank_request_timeout_s: Final = 10.0
+"""How long `ledger bank` waits for an answer before counting the request as unknown."""
+bank_settle_attempts_max: Final = 20
+"""Retries of one unknown request (same key, same body) before `ledger bank` reports it
+unsettled."""
