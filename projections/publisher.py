@@ -22,7 +22,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import psycopg
@@ -32,6 +32,9 @@ from psycopg_pool import AsyncConnectionPool
 from ledger import limits, postgres
 from ledger.log import NOTIFY_CHANNEL
 from ledger.service import event_body
+
+if TYPE_CHECKING:
+    from projections.webhooks import Schedule
 
 logger = structlog.get_logger("publisher")
 
@@ -164,15 +167,21 @@ class Publisher:
         return len(rows)
 
 
-async def relay(url: str, nats_url: str | None, stop: Callable[[], bool] = lambda: False) -> None:
-    """Publishes to JetStream (if ``nats_url``) and delivers webhooks until ``stop()``; woken by
-    the log's ``NOTIFY``, and at least every ``relay_interval_s``."""
+async def relay(
+    url: str,
+    nats_url: str | None,
+    stop: Callable[[], bool] = lambda: False,
+    schedule: Schedule | None = None,
+) -> None:
+    """Publishes to JetStream (if ``nats_url``) and delivers webhooks (retried on ``schedule``,
+    by default the one in ``ledger/limits.py``) until ``stop()``; woken by the log's ``NOTIFY``,
+    and at least every ``relay_interval_s``."""
     from projections.webhooks import Deliverer
 
     pool = postgres.async_pool(url, 2)
     await pool.open(wait=True, timeout=limits.pool_timeout_s)
     publisher = Publisher(pool, nats_url) if nats_url else None
-    deliverer = Deliverer(pool)
+    deliverer = Deliverer(pool, schedule)
     try:
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as listener:
             await listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
@@ -192,7 +201,13 @@ async def relay(url: str, nats_url: str | None, stop: Callable[[], bool] = lambd
                     logger.exception("webhook delivery pass failed")
                     await asyncio.sleep(limits.relay_retry_pause_s)
                 if not busy:
-                    async for _ in listener.notifies(timeout=limits.relay_interval_s, stop_after=1):
+                    due = await deliverer.next_due_s()
+                    wait = (
+                        limits.relay_interval_s
+                        if due is None
+                        else min(due, limits.relay_interval_s)
+                    )
+                    async for _ in listener.notifies(timeout=wait, stop_after=1):
                         pass
     finally:
         if publisher is not None:

@@ -38,7 +38,7 @@ SECRET_PREFIX = "whsec_"
 
 
 def new_secret() -> str:
-    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
@@ -77,6 +77,19 @@ class Deliverer:
     async def step(self) -> int:
         """Queues new events, then sends what is due; returns how many rows it touched."""
         return await self.queue() + await self.send()
+
+    async def next_due_s(self) -> float | None:
+        """Seconds until the earliest pending attempt (None: nothing pending)."""
+        async with self.pool.connection() as conn:
+            row = await (
+                await conn.execute(
+                    "SELECT extract(epoch FROM min(d.next_attempt_at) - now())::float8"
+                    " FROM webhook_deliveries d JOIN webhook_subscriptions s"
+                    " ON s.id = d.subscription_id"
+                    " WHERE d.state = 'pending' AND s.deleted_at IS NULL"
+                )
+            ).fetchone()
+        return None if row is None or row[0] is None else max(0.0, float(row[0]))
 
     async def queue(self) -> int:
         queued = 0

@@ -1,0 +1,300 @@
+"""Webhooks: subscriptions through the API, deliveries by the relay to a local receiver that
+fails on purpose (then recovers, or never does), signed, retried with backoff, at least once
+with the event id for deduplication, across a relay killed mid-delivery; dead letters visible
+through the API."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import itertools
+import json
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from ledger.settings import Settings
+from tests.support import api_client
+
+NO_RELAY = Settings(relay=False, projections=False)  # the test runs its own relay
+
+
+@pytest.fixture(autouse=True)
+def no_subscription_left(database_url: str) -> Iterator[None]:
+    """Later tests of this worker share the database: their servers' relays must find no
+    subscription of ours to deliver."""
+    yield
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "UPDATE webhook_subscriptions SET deleted_at = now(), deleted_by = 'tests'"
+            " WHERE deleted_at IS NULL"
+        )
+
+
+@dataclass
+class Received:
+    id: str
+    timestamp: int
+    signature: str
+    body: bytes
+    at: float
+    answered: int
+
+
+@dataclass
+class Receiver:
+    """A local HTTP endpoint: ``answer(n)`` gives the status of the n-th request (from 0);
+    ``hold`` keeps a request waiting until it is set."""
+
+    answer: Callable[[int], int]
+    hold: threading.Event | None = None
+    got: list[Received] = field(default_factory=list)
+    arrived: threading.Event = field(default_factory=threading.Event)
+    url: str = ""
+
+    def ids(self, status: int | None = None) -> list[str]:
+        return [r.id for r in self.got if status is None or r.answered == status]
+
+
+@contextmanager
+def receiving(receiver: Receiver) -> Iterator[Receiver]:
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["content-length"]))
+            with lock:
+                status = receiver.answer(len(receiver.got))
+                receiver.got.append(
+                    Received(
+                        self.headers["webhook-id"],
+                        int(self.headers["webhook-timestamp"]),
+                        self.headers["webhook-signature"],
+                        body,
+                        time.monotonic(),
+                        status,
+                    )
+                )
+            receiver.arrived.set()
+            if receiver.hold is not None:
+                receiver.hold.wait(30)
+            self.send_response(status)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    receiver.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    try:
+        yield receiver
+    finally:
+        if receiver.hold is not None:
+            receiver.hold.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def verify(secret: str, received: Received, now: float, tolerance_s: int = 300) -> bool:
+    """The receiver's check, written from docs/events.md, not from the relay's code."""
+    key = base64.b64decode(secret.split("_", 1)[1])
+    content = f"{received.id}.{received.timestamp}.".encode() + received.body
+    expected = base64.b64encode(hmac.new(key, content, hashlib.sha256).digest()).decode()
+    given = [s.split(",", 1)[1] for s in received.signature.split() if s.startswith("v1,")]
+    fresh = abs(now - received.timestamp) <= tolerance_s
+    return fresh and any(hmac.compare_digest(expected, g) for g in given)
+
+
+def relay_process(url: str, attempts_max: int, backoff_first_s: float) -> None:
+    """A relay with a quick schedule, in a child process (so that the test can kill it)."""
+    import asyncio
+
+    from projections.publisher import relay
+    from projections.webhooks import Schedule
+
+    schedule = Schedule(attempts_max, backoff_first_s, backoff_first_s * 8, 2.0)
+    asyncio.run(relay(url, None, schedule=schedule))
+
+
+@contextmanager
+def relay_running(url: str, attempts_max: int = 5, backoff_first_s: float = 0.1) -> Iterator[Any]:
+    process = multiprocessing.get_context("spawn").Process(
+        target=relay_process, args=(url, attempts_max, backoff_first_s), daemon=True
+    )
+    process.start()
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.join(10)
+
+
+def setup_ledger(client: TestClient, ledger: str) -> None:
+    assert client.post("/v1/ledgers", json={"name": ledger}).status_code == 201
+    for name, kind in (("bank", "asset"), ("alice", "liability")):
+        r = client.post(f"/v1/ledgers/{ledger}/accounts", json={"name": name, "type": kind})
+        assert r.status_code == 201, r.text
+
+
+def deposit(client: TestClient, ledger: str, key: str) -> None:
+    posting = {"debit": "bank", "credit": "alice", "amount": "100", "asset": "USD/2"}
+    r = client.post(
+        f"/v1/ledgers/{ledger}/transfers",
+        json={"postings": [posting]},
+        headers={"Idempotency-Key": key},
+    )
+    assert r.status_code == 201, r.text
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(0.05)
+
+
+def deliveries(client: TestClient, ledger: str, hook: str, state: str = "") -> list[Any]:
+    query = f"?state={state}" if state else ""
+    r = client.get(f"/v1/ledgers/{ledger}/webhooks/{hook}/deliveries{query}")
+    assert r.status_code == 200, r.text
+    items: list[Any] = r.json()["items"]
+    return items
+
+
+def test_a_receiver_that_fails_then_recovers_gets_every_event_signed_with_its_id(
+    database_url: str, ledger_name: str
+) -> None:
+    flaky = Receiver(answer=lambda n: 503 if n < 4 else 200)
+    with receiving(flaky), api_client(database_url, NO_RELAY) as client:
+        setup_ledger(client, ledger_name)  # positions 1-3, before the subscriptions
+        every = client.post(f"/v1/ledgers/{ledger_name}/webhooks", json={"url": flaky.url})
+        assert every.status_code == 201, every.text
+        hook, secret = every.json()["id"], every.json()["secret"]
+        assert secret.startswith("whsec_") and every.json()["position"] == 3
+        with relay_running(database_url):
+            for i in range(5):
+                deposit(client, ledger_name, f"d{i}")
+            expected = [f"{ledger_name}:{p}" for p in range(4, 9)]
+            wait_until(lambda: sorted(set(flaky.ids(200))) == expected, 30, "every event delivered")
+            wait_until(
+                lambda: (
+                    all(d["state"] == "delivered" for d in deliveries(client, ledger_name, hook))
+                    and len(deliveries(client, ledger_name, hook)) == 5
+                ),
+                10,
+                "deliveries recorded",
+            )
+        listed = client.get(f"/v1/ledgers/{ledger_name}/webhooks").json()["items"]
+        one = client.get(f"/v1/ledgers/{ledger_name}/webhooks/{hook}").json()
+    assert flaky.ids(503), "the receiver failed on purpose"
+    assert len(flaky.got) > len(set(flaky.ids())), "some events were sent more than once"
+    assert all(verify(secret, r, time.time()) for r in flaky.got)
+    forged = Received(**{**vars(flaky.got[-1]), "body": flaky.got[-1].body + b" "})
+    assert not verify(secret, forged, time.time())
+    bodies = {r.id: json.loads(r.body) for r in flaky.got}
+    assert [bodies[i]["position"] for i in expected] == [4, 5, 6, 7, 8]
+    assert {bodies[i]["type"] for i in expected} == {"TransferPosted"}
+    assert all(bodies[i]["ledger"] == ledger_name for i in expected)
+    assert [s["deliveries"] for s in listed if s["id"] == hook] == [
+        {"pending": 0, "delivered": 5, "dead": 0}
+    ]
+    assert "secret" not in one and all("secret" not in s for s in listed), "shown once"
+
+
+def test_a_receiver_that_never_recovers_gets_its_events_dead_lettered_after_backoff(
+    database_url: str, ledger_name: str
+) -> None:
+    down = Receiver(answer=lambda n: 500)
+    with receiving(down), api_client(database_url, NO_RELAY) as client:
+        setup_ledger(client, ledger_name)
+        created = client.post(
+            f"/v1/ledgers/{ledger_name}/webhooks",
+            json={"url": down.url, "event_types": ["TransferPosted"], "after": 0},
+        )
+        assert created.status_code == 201, created.text
+        hook = created.json()["id"]
+        deposit(client, ledger_name, "d0")
+        with relay_running(database_url, attempts_max=3, backoff_first_s=0.3):
+            wait_until(
+                lambda: len(deliveries(client, ledger_name, hook, "dead")) == 1, 30, "dead letter"
+            )
+        dead = deliveries(client, ledger_name, hook, "dead")
+        pending = deliveries(client, ledger_name, hook, "pending")
+    assert dead == [
+        {
+            "position": 4,
+            "id": f"{ledger_name}:4",
+            "event_type": "TransferPosted",
+            "state": "dead",
+            "attempts": 3,
+            "last_status": 500,
+            "last_error": "HTTP 500",
+            "last_attempt_at": dead[0]["last_attempt_at"],
+            "next_attempt_at": None,
+            "delivered_at": None,
+        }
+    ], "only the transfer (the type filter), tried 3 times"
+    assert pending == []
+    attempts = [r.at for r in down.got]
+    assert down.ids() == [f"{ledger_name}:4"] * 3
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert gaps[0] >= 0.3 and gaps[1] >= 0.6, f"exponential backoff: {gaps}"
+
+
+def test_a_relay_killed_while_a_receiver_holds_a_delivery_sends_it_again_with_the_same_id(
+    database_url: str, ledger_name: str
+) -> None:
+    slow = Receiver(answer=lambda n: 200, hold=threading.Event())
+    with receiving(slow), api_client(database_url, NO_RELAY) as client:
+        setup_ledger(client, ledger_name)
+        created = client.post(f"/v1/ledgers/{ledger_name}/webhooks", json={"url": slow.url})
+        hook = created.json()["id"]
+        deposit(client, ledger_name, "d0")
+        with relay_running(database_url):
+            assert slow.arrived.wait(30), "no delivery arrived"
+        # The relay died after sending and before recording the answer.
+        assert deliveries(client, ledger_name, hook)[0]["state"] == "pending"
+        slow.hold.set()  # type: ignore[union-attr]
+        with relay_running(database_url):  # the claim lapses (timeout + 1 s): sent again
+            wait_until(
+                lambda: deliveries(client, ledger_name, hook)[0]["state"] == "delivered",
+                30,
+                "redelivered",
+            )
+    assert slow.ids() == [f"{ledger_name}:4", f"{ledger_name}:4"], "same id: the receiver dedups"
+    assert slow.got[0].body == slow.got[1].body
+
+
+def test_managing_webhooks_needs_the_ledgers_scope_and_listing_them_read(
+    database_url: str, ledger_name: str
+) -> None:
+    with api_client(database_url, NO_RELAY) as admin:
+        setup_ledger(admin, ledger_name)
+    url = f"/v1/ledgers/{ledger_name}/webhooks"
+    body = {"url": "http://127.0.0.1:9/hook"}
+    with api_client(database_url, NO_RELAY, scopes=("read",)) as reader:
+        assert reader.post(url, json=body).json()["code"] == "forbidden"
+        assert reader.get(url).status_code == 200
+    with api_client(database_url, NO_RELAY, scopes=("ledgers",)) as manager:
+        created = manager.post(url, json=body)
+        assert created.status_code == 201, created.text
+        bad = manager.post(url, json={**body, "event_types": ["NoSuchEvent"]})
+        assert bad.status_code == 422 and bad.json()["code"] == "invalid_request", bad.text
+        hook = created.json()["id"]
+        assert manager.delete(f"{url}/{hook}").status_code == 204
+        assert manager.delete(f"{url}/{hook}").json()["code"] == "webhook_not_found"
