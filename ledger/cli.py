@@ -800,7 +800,10 @@ app.add_typer(audit_app, name="audit")
 @audit_app.command("verify")
 def audit_verify(
     export_file: Annotated[Path, typer.Argument(help="A file written by `ledger export`")],
-    public_key: Annotated[str, typer.Option(help="The signer's public key: hex, or a file")],
+    public_key: Annotated[
+        list[str],
+        typer.Option(help="The signer's public key: hex, or a file (repeat for rotated keys)"),
+    ],
     ledger: Annotated[str | None, typer.Option(help="The ledger the export must be")] = None,
     checkpoint: Annotated[
         Path | None, typer.Option(help="A checkpoint (JSON) kept earlier")
@@ -810,7 +813,7 @@ def audit_verify(
     from ledger import audit
 
     try:
-        key = audit.load_public_key(public_key)
+        key = [audit.load_public_key(k) for k in public_key]
         trusted = (
             audit.Checkpoint.from_json(json.loads(checkpoint.read_text())) if checkpoint else None
         )

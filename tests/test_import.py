@@ -229,3 +229,35 @@ def test_an_event_the_rules_would_refuse_is_refused_even_when_signed(
     assert "insufficient_funds" in refused.stderr
     assert refused.returncode == 2, refused.stdout
     assert "nothing was imported" in refused.stderr
+
+
+def test_checkpoints_signed_before_and_after_a_key_rotation_verify_with_both_public_keys(
+    database_url: str, second_database: str, ledger_name: str, tmp_path: Path
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from tests.test_tamper import build
+
+    build(database_url, ledger_name, transfers=3)  # sealed with the old key
+    rotated = Ed25519PrivateKey.generate()
+    more = ("transfer", "post", "-l", ledger_name, "-k", "after-rotation", "--debit", "a",
+             "--credit", "b", "--amount", "7", "--asset", "USD/2")
+    assert ledger(database_url, *more).returncode == 0
+    with postgres.connect(database_url) as conn:
+        audit.seal(conn, ledger_name, rotated)
+    path = tmp_path / "export.jsonl"
+    assert ledger(database_url, "export", "-l", ledger_name, "--out", str(path)).returncode == 0
+    old = PUBLIC.public_bytes_raw().hex()
+    new = rotated.public_key().public_bytes_raw().hex()
+
+    only_new = ledger(database_url, "audit", "verify", str(path), "--public-key", new)
+    assert only_new.returncode == 1
+    assert f"signed by key {audit.key_id(PUBLIC)}, not one given" in only_new.stdout
+    both = ("--public-key", old, "--public-key", new)
+    assert ledger(database_url, "audit", "verify", str(path), *both).returncode == 0
+    live = ledger(database_url, "verify", "-l", ledger_name, *both)
+    assert live.returncode == 0, live.stdout
+    assert ledger(second_database, "import", str(path), "--public-key", new).returncode == 2
+    moved = ledger(second_database, "import", str(path), *both)
+    assert moved.returncode == 0, moved.stderr
+    assert json.loads(moved.stdout)["checkpoints"] == 2
