@@ -70,6 +70,9 @@ key_rotation_grace_s_max: Final = 7 * 24 * 3600
 
 # Connections
 pool_timeout_s: Final = 10.0
+primary_wait_ms: Final = 2_000
+"""How long a write waits for a connection to a writable primary (during a failover, say) before
+it is answered 503 (retry with the same key)."""
 read_pool_size: Final = 4
 """Database connections per server process for reads, reports and replays: a pool of their own,
 so that they can never take the writer's connections."""

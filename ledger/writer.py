@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 import structlog
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ledger import domain, errors, limits, log, metrics
 from ledger.postgres import RETRYABLE, translate
@@ -97,9 +97,17 @@ class LedgerWriter:
                 continue
             try:
                 # One connection for as long as there is work: no pool checkout per group.
-                async with self.pool.connection() as conn:
+                async with self.pool.connection(timeout=limits.primary_wait_ms / 1000) as conn:
                     while self._queue:
                         await self._write_group(conn, self._take_group())
+            except PoolTimeout:
+                # No writable primary (a failover under way): what waits was never sent, so it
+                # is refused now (503, retry) rather than left to time out with an unknown outcome.
+                logger.error("no writable primary", ledger=self.ledger.name)
+                while self._queue:
+                    unit = self._queue.popleft()
+                    self._queued_items -= len(unit.items)
+                    _fail([unit], _no_primary())
             except Exception:
                 logger.exception("writer connection failed", ledger=self.ledger.name)
                 # Commands may still be queued: try again shortly rather than wait for the next
@@ -157,9 +165,15 @@ class LedgerWriter:
         for attempt in range(1, limits.write_retries_max + 1):
             try:
                 if conn.broken or conn.closed:
-                    async with self.pool.connection() as fresh:
+                    async with self.pool.connection(timeout=limits.primary_wait_ms / 1000) as fresh:
                         return await log.write(fresh, self.ledger, items, self.cache)
                 return await log.write(conn, self.ledger, items, self.cache)
+            except PoolTimeout:  # no writable primary: the outcome of the first try is unknown
+                raise errors.Unavailable(
+                    "the database connection was lost and no writable primary answered"
+                    f" within {limits.primary_wait_ms} ms (a failover?); the outcome is unknown,"
+                    " retry with the same key"
+                ) from None
             except RETRYABLE as exc:
                 logger.warning(
                     "write retried",
@@ -173,6 +187,13 @@ class LedgerWriter:
             except psycopg.Error as exc:
                 raise translate(exc) from exc
         raise AssertionError("unreachable")
+
+
+def _no_primary() -> errors.Unavailable:
+    return errors.Unavailable(
+        f"no writable primary answered within {limits.primary_wait_ms} ms (a failover?);"
+        " nothing was written, retry with the same key"
+    )
 
 
 def _fail(group: list[_Unit], error: Exception) -> None:
