@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import psycopg
 import pytest
@@ -25,7 +26,7 @@ from ledger import domain, postgres
 from ledger.money import Asset
 from ledger.service import LedgerService
 from projections.publisher import STREAM, message_id, subject
-from tests.support import ROOT, free_port
+from tests.support import ROOT, free_port, served
 
 NATS_SERVER = shutil.which("nats-server")
 needs_nats = pytest.mark.skipif(
@@ -80,6 +81,19 @@ def tracked(url: str, ledgers: list[str]) -> int:
             ([f"publisher:{name}" for name in ledgers],),
         ).fetchone()
     return int(row[0]) if row else 0
+
+
+def only_these_ledgers(url: str, ledgers: list[str]) -> None:
+    """Marks every other ledger of this worker's database (other tests') as published, so that
+    the publisher spends its time on ours."""
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "INSERT INTO tracking (application_name, notification_id)"
+            " SELECT 'publisher:' || name, head_position FROM ledgers WHERE name <> ALL(%s)"
+            " ON CONFLICT (application_name) DO UPDATE SET notification_id ="
+            " EXCLUDED.notification_id",
+            (ledgers,),
+        )
 
 
 @pytest.fixture
@@ -187,6 +201,7 @@ def test_a_publisher_killed_mid_stream_again_and_again_publishes_each_position_e
     rng = random.Random(14)
     ledgers = [f"pub{rng.randrange(16**8):08x}", f"pub.{rng.randrange(16**8):08x}"]
     write_events(database_url, ledgers, 1500)
+    only_these_ledgers(database_url, ledgers)
     log = tmp_path / "publisher.log"
     kills = 0
     for round_ in range(8):
@@ -229,14 +244,13 @@ def test_the_stream_holds_the_event_as_the_api_gives_it(
 ) -> None:
     ledger = f"pub{random.Random(7).randrange(16**8):08x}"
     write_events(database_url, [ledger], 2)
+    only_these_ledgers(database_url, [ledger])
 
     async def api_events() -> list[dict[str, Any]]:
         pool = postgres.async_pool(database_url, 1)
         await pool.open(wait=True)
         try:
-            page: list[dict[str, Any]] = (await LedgerService(pool).events(ledger, 0, 100))[
-                "items"
-            ]
+            page: list[dict[str, Any]] = (await LedgerService(pool).events(ledger, 0, 100))["items"]
             return page
         finally:
             await pool.close()
@@ -252,3 +266,26 @@ def test_the_stream_holds_the_event_as_the_api_gives_it(
     received = consume(nats_url, [ledger], stop_after=None)
     assert received == [{"ledger": ledger, **e} for e in asyncio.run(api_events())]
     assert [e["type"] for e in received][:3] == ["LedgerCreated", "AccountOpened", "AccountOpened"]
+
+
+@needs_nats
+def test_the_server_publishes_beside_itself_with_LEDGER_PUBLISH_NATS_URL(
+    database_url: str, nats_url: str, ledger_name: str
+) -> None:
+    only_these_ledgers(database_url, [])
+    with served(database_url, env={"LEDGER_PUBLISH_NATS_URL": nats_url}) as (base, token):
+        created = httpx.post(
+            f"{base}/v1/ledgers",
+            json={"name": ledger_name},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        )
+        assert created.status_code == 201, created.text
+        deadline = time.monotonic() + 30
+        while tracked(database_url, [ledger_name]) < 1:
+            assert time.monotonic() < deadline, "the server's relay published nothing in 30 s"
+            time.sleep(0.1)
+    received = consume(nats_url, [ledger_name], stop_after=None)
+    assert [(e["ledger"], e["position"], e["type"]) for e in received] == [
+        (ledger_name, 1, "LedgerCreated")
+    ]

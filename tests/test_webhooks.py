@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
 from ledger.settings import Settings
-from tests.support import api_client
+from tests.support import api_client, served
 
 NO_RELAY = Settings(relay=False, projections=False)  # the test runs its own relay
 
@@ -298,3 +299,23 @@ def test_managing_webhooks_needs_the_ledgers_scope_and_listing_them_read(
         hook = created.json()["id"]
         assert manager.delete(f"{url}/{hook}").status_code == 204
         assert manager.delete(f"{url}/{hook}").json()["code"] == "webhook_not_found"
+
+
+def test_a_real_server_starts_its_relay_once_a_subscription_exists_and_delivers(
+    database_url: str, ledger_name: str
+) -> None:
+    receiver = Receiver(answer=lambda n: 200)
+    with receiving(receiver), served(database_url, env={"LEDGER_RELAY": "true"}) as (base, token):
+        auth = {"Authorization": f"Bearer {token}"}
+        r = httpx.post(f"{base}/v1/ledgers", json={"name": ledger_name}, headers=auth, timeout=30)
+        assert r.status_code == 201, r.text
+        created = httpx.post(
+            f"{base}/v1/ledgers/{ledger_name}/webhooks",
+            json={"url": receiver.url, "after": 0},
+            headers=auth,
+            timeout=30,
+        )
+        assert created.status_code == 201, created.text
+        assert receiver.arrived.wait(30), "the server's relay delivered nothing in 30 s"
+    assert receiver.ids() == [f"{ledger_name}:1"]
+    assert verify(created.json()["secret"], receiver.got[0], time.time())
