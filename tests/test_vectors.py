@@ -307,6 +307,20 @@ def test_every_event_kind_stores_canonical_json_of_its_fields(event: Any) -> Non
     assert stored.topic == f"ledger.events:{type(event).__name__}"
 
 
+def test_canonical_json_writes_exponents_without_leading_zeros_and_escapes_only_controls() -> None:
+    event = AccountOpened(
+        originator_id="m",
+        originator_version=3,
+        recorded_at=AT,
+        meta={},
+        account="a",
+        type="asset",
+        metadata={"f": 1.5e-7, "g": 1e16, "s": '\x1f\u2028/"\\'},
+    )
+    state = MAPPER.to_stored_event(event).state
+    assert b'"metadata":{"f":1.5e-7,"g":1e+16,"s":"\\u001f\xe2\x80\xa8/\\"\\\\"}' in state
+
+
 # --- Idempotency request hashes (ledger/domain.py request_hash) -------------------------------
 
 POSTING = domain.Posting("alice", "bob", USD, 150)
