@@ -232,4 +232,8 @@ def app_from_environment() -> FastAPI:
     settings = load_settings()
     if not settings.database_url:
         raise RuntimeError("LEDGER_DATABASE_URL is required with several workers")
+    # As `ledger serve` does: a current schema, and a login that cannot rewrite history.
+    from ledger.migrate import check_before_serving
+
+    check_before_serving(settings.database_url, settings.insecure_privileged_db_login)
     return create_app(settings.database_url, settings)

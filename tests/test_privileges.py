@@ -284,6 +284,20 @@ def test_serve_refuses_a_superuser_login_in_one_line(owner_database_url: str) ->
     assert "LEDGER_INSECURE_PRIVILEGED_DB_LOGIN=true" in line
 
 
+def test_the_multi_worker_factory_refuses_a_superuser_login_too(
+    owner_database_url: str, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from api.app import app_from_environment
+
+    for name in [k for k in os.environ if k.startswith("LEDGER_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("LEDGER_DATABASE_URL", owner_database_url)
+    with pytest.raises(SettingsError, match="could rewrite history"):
+        app_from_environment()
+    monkeypatch.setenv("LEDGER_DATABASE_URL", database_url)
+    assert app_from_environment() is not None
+
+
 @pytest.fixture
 def empty_database(server_url: str) -> Iterator[str]:
     """A database with no schema yet, as the owner; dropped afterwards."""
