@@ -38,6 +38,9 @@ AsOf = Annotated[int | None, Query(ge=0, le=schemas.POSITION_MAX, description="A
 IdempotencyKey = Annotated[
     str | None, Header(max_length=limits.idempotency_key_length_max, description="Required")
 ]
+OptionalIdempotencyKey = Annotated[
+    str | None, Header(max_length=limits.idempotency_key_length_max, description="Optional")
+]
 
 _problems: dict[int | str, dict[str, Any]] = {
     code: {"model": schemas.Problem, "content": {PROBLEM: {}}}
@@ -270,11 +273,19 @@ async def define_asset(ledger: LedgerPath, body: schemas.DefineAsset, request: R
     responses=_problems,
     openapi_extra=auth.scope("accounts"),
 )
-async def open_account(ledger: LedgerPath, body: schemas.OpenAccount, request: Request) -> Response:
-    """Opens an account; the same request again returns it (Idempotent-Replayed: true)."""
+async def open_account(
+    ledger: LedgerPath,
+    body: schemas.OpenAccount,
+    request: Request,
+    idempotency_key: OptionalIdempotencyKey = None,
+) -> Response:
+    """Opens an account; the same request again returns it (Idempotent-Replayed: true). An
+    Idempotency-Key is optional here (opening is idempotent by its content), and checked like
+    a transfer's when sent."""
+    own = _key(idempotency_key) if idempotency_key is not None else ""
     svc = service(request)
-    m = meta(request)
-    return created(await svc.open_account(ledger, body.command(), m))
+    m = _meta_with_key(request, own)
+    return created(await svc.open_account(ledger, body.command(own), m))
 
 
 @router.get(
@@ -304,12 +315,15 @@ async def get_account(
     openapi_extra=auth.scope("accounts"),
 )
 async def set_guard(
-    ledger: LedgerPath, name: AccountPath, body: schemas.GuardIn, request: Request
+    ledger: LedgerPath,
+    name: AccountPath,
+    body: schemas.GuardIn,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Sets the account's balance guard; an event records when each rule came into force."""
-    svc = service(request)
-    m = meta(request)
-    return json_response((await svc.change_account(ledger, body.command(name), m)).body)
+    own = _key(idempotency_key)
+    return await _account_command(request, ledger, body.command(name, own))
 
 
 @router.put(
@@ -319,13 +333,16 @@ async def set_guard(
     openapi_extra=auth.scope("accounts"),
 )
 async def set_metadata(
-    ledger: LedgerPath, name: AccountPath, body: schemas.MetadataIn, request: Request
+    ledger: LedgerPath,
+    name: AccountPath,
+    body: schemas.MetadataIn,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Replaces the account's metadata; an event records the change."""
-    svc = service(request)
-    m = meta(request)
-    command = domain.UpdateAccountMetadata(name, dict(body.metadata))
-    return json_response((await svc.change_account(ledger, command, m)).body)
+    own = _key(idempotency_key)
+    command = domain.UpdateAccountMetadata(name, dict(body.metadata), own)
+    return await _account_command(request, ledger, command)
 
 
 @router.post(
@@ -339,17 +356,33 @@ async def account_lifecycle(
     name: AccountPath,
     action: Annotated[Literal["freeze", "unfreeze", "close"], Path()],
     request: Request,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Freezes (refuses new postings; holds may still be released), unfreezes, or closes the
     account (only when every balance is zero; a closed account takes nothing)."""
-    svc = service(request)
-    m = meta(request)
+    own = _key(idempotency_key)
     command: domain.AccountCommand = (
-        domain.CloseAccount(name)
+        domain.CloseAccount(name, own)
         if action == "close"
-        else domain.SetFrozen(name, frozen=action == "freeze")
+        else domain.SetFrozen(name, frozen=action == "freeze", key=own)
     )
-    return json_response((await svc.change_account(ledger, command, m)).body)
+    return await _account_command(request, ledger, command)
+
+
+def _meta_with_key(request: Request, key: str) -> dict[str, Any]:
+    return {**meta(request), "idempotency_key": key} if key else meta(request)
+
+
+async def _account_command(
+    request: Request, ledger: str, command: domain.AccountCommand
+) -> Response:
+    """An account command under its idempotency key (required: freezing, guarding or closing
+    twice is not the same as once when something happened in between). The same key and
+    request again answer the account as it is now, with Idempotent-Replayed: true, and apply
+    nothing; another request under the key is 422 idempotency_key_reused."""
+    m = _meta_with_key(request, command.key)
+    result = await service(request).change_account(ledger, command, m)
+    return json_response(result.body, 200, result.replayed)
 
 
 @router.get(
@@ -417,7 +450,9 @@ async def list_balances(
 
 def _key(key: str | None) -> str:
     if not key:
-        raise errors.IdempotencyKeyMissing("send an Idempotency-Key header with every transfer")
+        raise errors.IdempotencyKeyMissing(
+            "send an Idempotency-Key header with every transfer and account command"
+        )
     if not all(0x21 <= ord(c) <= 0x7E for c in key):
         raise errors.InvalidRequest("Idempotency-Key must be printable ASCII without spaces")
     return key

@@ -93,8 +93,8 @@ class OpenAccount(Strict):
 
     _metadata = field_validator("metadata")(check_metadata)
 
-    def command(self) -> domain.OpenAccount:
-        return domain.OpenAccount(self.name, self.type, dict(self.metadata))
+    def command(self, key: str = "") -> domain.OpenAccount:
+        return domain.OpenAccount(self.name, self.type, dict(self.metadata), key)
 
 
 class PostingIn(Strict):
@@ -221,11 +221,12 @@ class GuardIn(Strict):
         " (an overdraft or a credit line)",
     )
 
-    def command(self, account: str) -> domain.SetGuard:
+    def command(self, account: str, key: str = "") -> domain.SetGuard:
         return domain.SetGuard(
             account,
             self.rule,
             {parse_asset(a).code: _limit(v) for a, v in self.limits.items()},
+            key,
         )
 
 

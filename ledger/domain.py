@@ -133,17 +133,33 @@ class Posting:
         )
 
 
-class Keyed:
-    """A command with a client's idempotency key, whose request is hashed and kept forever."""
+class Idempotent:
+    """A command that may carry a client's idempotency key: the key and a hash of the request
+    are kept forever (in the same key space as transfers, ADR 0006), so that the same key with
+    the same request answers the first outcome, and with another request is refused."""
 
     key: str
-    linked: bool
 
     def request_fields(self) -> dict[str, Any]:
         raise NotImplementedError
 
     def request_hash(self) -> bytes:
         return hashlib.sha256(canonical_json(self.request_fields())).digest()
+
+
+class Keyed(Idempotent):
+    """A transfer-like command: its idempotency key is required, and names the transfer."""
+
+    key: str
+    linked: bool
+
+
+def key_of(command: object) -> str | None:
+    """The command's idempotency key, if it has one (account commands may have none: the CLI
+    and internal callers send them without)."""
+    if isinstance(command, Idempotent) and command.key:
+        return command.key
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,41 +252,63 @@ class ReverseTransfer(Keyed):
 
 
 @dataclass(frozen=True, slots=True)
-class OpenAccount:
+class OpenAccount(Idempotent):
     name: str
     type: AccountType
     metadata: dict[str, Any] = field(default_factory=dict)
+    key: str = ""
+    """Optional: opening is idempotent by its content anyway (the same request again replays)."""
 
     def __post_init__(self) -> None:
         check_holder(self.name, self.metadata)
 
+    def request_fields(self) -> dict[str, Any]:
+        return {"open_account": self.name, "type": self.type, "metadata": self.metadata}
+
 
 @dataclass(frozen=True, slots=True)
-class SetGuard:
+class SetGuard(Idempotent):
     account: str
     rule: GuardRule
     limits: dict[str, int] = field(default_factory=dict)
     """Asset code → how far past the rule the account may go."""
+    key: str = ""
+
+    def request_fields(self) -> dict[str, Any]:
+        limits_ = {code: str(v) for code, v in self.limits.items()}
+        return {"set_guard": self.account, "rule": self.rule, "limits": limits_}
 
 
 @dataclass(frozen=True, slots=True)
-class SetFrozen:
+class SetFrozen(Idempotent):
     account: str
     frozen: bool
+    key: str = ""
+
+    def request_fields(self) -> dict[str, Any]:
+        return {"freeze" if self.frozen else "unfreeze": self.account}
 
 
 @dataclass(frozen=True, slots=True)
-class CloseAccount:
+class CloseAccount(Idempotent):
     account: str
+    key: str = ""
+
+    def request_fields(self) -> dict[str, Any]:
+        return {"close": self.account}
 
 
 @dataclass(frozen=True, slots=True)
-class UpdateAccountMetadata:
+class UpdateAccountMetadata(Idempotent):
     account: str
     metadata: dict[str, Any]
+    key: str = ""
 
     def __post_init__(self) -> None:
         check_holder(self.account, self.metadata)
+
+    def request_fields(self) -> dict[str, Any]:
+        return {"set_metadata": self.account, "metadata": self.metadata}
 
 
 @dataclass(frozen=True, slots=True)
@@ -605,24 +643,20 @@ def _exposure(rule: str, b: Balance) -> int:
     return b.credits_posted + b.credits_pending - b.debits_posted
 
 
+def posting_max_of(state: LedgerState, code: str) -> int:
+    return state.posting_max.get(code, limits.posting_amount_max_default)
+
+
 def _check_assets(state: LedgerState, postings: tuple[Posting, ...]) -> None:
-    """Every posting's asset is checked for definition, then every one for its scale, before
-    anything else about the postings: a request gets the first code of docs/errors.md."""
+    """Every posting's asset is checked for definition, then every one for its scale, then
+    every amount against its asset's maximum for one posting, before anything else about the
+    postings: a request gets the first code of docs/errors.md."""
     for posting in postings:
         if posting.asset.code not in state.assets:
             check_asset(state, posting.asset)
     for posting in postings:
         check_asset(state, posting.asset)
-
-
-def posting_max_of(state: LedgerState, code: str) -> int:
-    return state.posting_max.get(code, limits.posting_amount_max_default)
-
-
-def _resolve(state: LedgerState, postings: tuple[Posting, ...]) -> list[tuple[Account, Account]]:
-    resolved = []
     for index, posting in enumerate(postings):
-        check_asset(state, posting.asset)
         most = posting_max_of(state, posting.asset.code)
         if posting.amount > most:
             raise errors.AmountExceedsAssetMax(
@@ -631,17 +665,18 @@ def _resolve(state: LedgerState, postings: tuple[Posting, ...]) -> list[tuple[Ac
                 posting=index,
                 posting_amount_max=str(most),
             )
-        resolved.append((account_of(state, posting.debit), account_of(state, posting.credit)))
-    return resolved
+
+
+def _resolve(state: LedgerState, postings: tuple[Posting, ...]) -> list[tuple[Account, Account]]:
+    return [(account_of(state, p.debit), account_of(state, p.credit)) for p in postings]
 
 
 def post_transfer(
     state: LedgerState, command: PostTransfer, position: int, now: datetime
 ) -> Decision:
-    """Checks, in order: effective_at in range; posting by posting, the asset is defined with
-    this scale, the amount is at most the asset's maximum for one posting, and both accounts
-    exist; no account is closed or frozen; no total exceeds 38
-    digits; no guard is crossed."""
+    """Checks, in order: effective_at in range; every posting's asset is defined, with this
+    scale; every amount is at most its asset's maximum for one posting; every account exists;
+    no account is closed or frozen; no total exceeds 38 digits; no guard is crossed."""
     effective_at = _effective(command.effective_at, now)
     _check_assets(state, command.postings)
     resolved = _resolve(state, command.postings)

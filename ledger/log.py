@@ -272,7 +272,7 @@ async def _load(
     trip, and a second one only when transfers the commands refer to name accounts not loaded
     yet, or when the cache turns out to be stale (then it is emptied and everything read)."""
     commands = [c for c, _ in items]
-    keys = [c.key for c in commands if isinstance(c, domain.Keyed)]
+    keys = [key for c in commands if (key := domain.key_of(c))]
     refs = [
         c.pending_key if isinstance(c, domain.PostPending | domain.VoidPending) else c.original_key
         for c in commands
@@ -520,6 +520,8 @@ class _Accepted:
     stored: StoredEvent
     hash: bytes
     request_hash: bytes | None
+    key: str | None = None
+    """The command's idempotency key (a transfer's, or an account command's if it had one)."""
 
 
 class _Group:
@@ -537,20 +539,22 @@ class _Group:
         self.new_ids = loaded.new_ids
         self.accepted: list[_Accepted] = []
         self.outcomes: list[Outcome | int] = []  # an int: the position of an event to replay
-        self.conflicts: dict[int, domain.Keyed] = {}
+        self.conflicts: dict[int, domain.Idempotent] = {}
 
     def decide(self, command: domain.Command, meta: dict[str, Any]) -> Outcome | int:
         """One command: a replay (the position of its event), a new event, or an error."""
         request_hash = None
+        key = domain.key_of(command)
         try:
-            if isinstance(command, domain.Keyed):
+            if key is not None:
+                assert isinstance(command, domain.Idempotent)
                 request_hash = command.request_hash()
-                known = self.known_keys.get(command.key)
+                known = self.known_keys.get(key)
                 if known is not None:
                     if known[1] != request_hash:
                         self.conflicts[len(self.outcomes)] = command
                     return known[0]
-            elif isinstance(command, domain.OpenAccount):
+            if isinstance(command, domain.OpenAccount):
                 existing = self.state.accounts.get(command.name)
                 if existing is not None:
                     if (existing.type, existing.metadata) != (command.type, command.metadata):
@@ -582,12 +586,12 @@ class _Group:
         )
         stored = MAPPER.to_stored_event(event)
         self.hash = chain_hash(self.hash, self.position, stored.topic, stored.state)
-        if isinstance(command, domain.Keyed):
+        if key is not None:
             assert request_hash is not None
-            self.known_keys[command.key] = (self.position, request_hash)
+            self.known_keys[key] = (self.position, request_hash)
         if decision.asset is not None:
             self.asset_positions[decision.asset.code] = self.position
-        self.accepted.append(_Accepted(decision, event, stored, self.hash, request_hash))
+        self.accepted.append(_Accepted(decision, event, stored, self.hash, request_hash, key))
         return Committed(event, self.hash, replayed=False)
 
     def decide_chain(self, chain: list[tuple[domain.Command, dict[str, Any]]]) -> None:
@@ -680,7 +684,7 @@ async def _append(conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, group: 
             " SELECT %s, k, p, h FROM unnest(%b::text[], %s::int8[], %b::bytea[]) AS t(k, p, h)",
             (
                 ledger.id,
-                [a.decision.fields["key"] for a in keyed],
+                [a.key for a in keyed],
                 _ints(a.event.position for a in keyed),
                 [a.request_hash for a in keyed],
             ),
@@ -864,7 +868,7 @@ def to_event(ledger_name: str, position: int, topic: str, state: bytes) -> Ledge
     return event
 
 
-def _key_reused(original: LedgerEvent, command: domain.Keyed) -> errors.LedgerError:
+def _key_reused(original: LedgerEvent, command: domain.Idempotent) -> errors.LedgerError:
     requested = command.request_fields()
     stored = _request_of(original)
     fields = [
@@ -892,7 +896,29 @@ def _request_of(event: LedgerEvent) -> dict[str, Any]:
     ):
         if type(event).__name__ == ref:
             fields[name] = data.get("pending_key", data.get("original_key"))
+    account = data.get("account")
+    if account is not None:  # an account command's request, as its domain command states it
+        fields = _ACCOUNT_REQUESTS.get(type(event).__name__, lambda d: {})(data)
+        fields = {**fields, _ACCOUNT_ACTIONS[type(event).__name__]: account}
     return fields
+
+
+_ACCOUNT_ACTIONS = {
+    "AccountOpened": "open_account",
+    "AccountGuardSet": "set_guard",
+    "AccountFrozen": "freeze",
+    "AccountUnfrozen": "unfreeze",
+    "AccountClosed": "close",
+    "AccountMetadataUpdated": "set_metadata",
+}
+_ACCOUNT_REQUESTS: dict[str, Any] = {
+    "AccountOpened": lambda d: {"type": d["type"], "metadata": d["metadata"]},
+    "AccountGuardSet": lambda d: {
+        "rule": d["rule"],
+        "limits": {a.partition("/")[0]: v for a, v in d["limits"].items()},
+    },
+    "AccountMetadataUpdated": lambda d: {"metadata": d["metadata"]},
+}
 
 
 def _account_names(commands: list[domain.Command]) -> set[str]:

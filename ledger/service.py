@@ -125,9 +125,9 @@ class LedgerService:
     async def change_account(
         self, ledger: str, command: domain.AccountCommand, meta: dict[str, Any]
     ) -> Result:
-        await self._submit_one(ledger, command, meta)
+        committed = await self._submit_one(ledger, command, meta)
         with _on_primary():
-            return Result(await self.account(ledger, command.account), False)
+            return Result(await self.account(ledger, command.account), committed.replayed)
 
     async def post_batch(
         self,
@@ -355,9 +355,9 @@ class LedgerService:
             " WHERE t.ledger_id = %s AND t.key = %s",
             (ref.id, key),
         )
-        if row is None:
+        event = None if row is None else log.to_event(ledger, row[0], row[1], row[2])
+        if event is None or type(event) not in _TYPES:  # an account command's key is no transfer
             raise errors.TransferNotFound(f"no transfer with key {key!r}")
-        event = log.to_event(ledger, row[0], row[1], row[2])
         body = transfer_body(log.Committed(event, bytes(row[3]), replayed=True))
         status = await self._one(
             "SELECT status, reversed FROM transfer_status WHERE ledger_id = %s AND key = %s",

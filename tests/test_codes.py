@@ -558,7 +558,11 @@ def test_each_family_of_codes_answers_as_problem_json_over_http(
         404,
         "ledger_not_found",
     )
-    r = client.put(f"{base}/accounts/a/guard", json={"rule": "debits_must_not_exceed_credits"})
+    r = client.put(
+        f"{base}/accounts/a/guard",
+        json={"rule": "debits_must_not_exceed_credits"},
+        headers={"Idempotency-Key": "guard-a"},
+    )
     assert r.status_code == 200, r.text
     _problem(
         client.post(f"{base}/transfers", json=body, headers={"Idempotency-Key": "x"}),

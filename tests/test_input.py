@@ -11,6 +11,7 @@ import io
 import re
 import secrets
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -341,3 +342,133 @@ def test_an_asset_defined_before_the_maximum_reads_as_the_default() -> None:
     assert MAPPER.to_stored_event(new).state == (
         b'{"asset":"XAU/3","class_version":2,"meta":{},"posting_amount_max":"1000","recorded_at":"t"}'
     )
+
+
+# --- Account commands under an Idempotency-Key -------------------------------------------------
+
+
+def account_command(
+    client: TestClient, ledger: str, action: str, key: str | None, body: Any = None
+) -> Any:
+    headers = {"Idempotency-Key": key} if key else {}
+    base = f"/v1/ledgers/{ledger}/accounts/users:alice"
+    if action in ("guard", "metadata"):
+        return client.put(f"{base}/{action}", json=body, headers=headers)
+    return client.post(f"{base}/{action}", headers=headers)
+
+
+GUARD = {"rule": "debits_must_not_exceed_credits", "limits": {"USD/2": "100"}}
+
+
+@pytest.mark.parametrize(
+    ("action", "body"),
+    [("guard", GUARD), ("metadata", {"metadata": {"tier": 2}}), ("freeze", None), ("close", None)],
+)
+def test_an_account_command_without_an_idempotency_key_is_400_and_changes_nothing(
+    client: TestClient, ledger: str, action: str, body: Any
+) -> None:
+    before = head(client, ledger)
+    r = account_command(client, ledger, action, None, body)
+    assert refused(r, 400)["code"] == "idempotency_key_missing"
+    assert head(client, ledger) == before
+
+
+def test_a_retried_freeze_after_a_lost_answer_is_not_applied_twice(
+    client: TestClient, ledger: str
+) -> None:
+    first = account_command(client, ledger, "freeze", "freeze-1")
+    assert first.status_code == 200 and first.json()["frozen"] is True
+    assert "idempotent-replayed" not in first.headers
+    assert account_command(client, ledger, "unfreeze", "unfreeze-1").json()["frozen"] is False
+    before = head(client, ledger)
+    retry = account_command(client, ledger, "freeze", "freeze-1")  # the answer was lost
+    assert retry.status_code == 200 and retry.headers["idempotent-replayed"] == "true"
+    assert retry.json()["frozen"] is False  # the account as it is now: not frozen again
+    assert head(client, ledger) == before
+    events = client.get(f"/v1/ledgers/{ledger}/events?after=0&limit=100").json()["items"]
+    frozen = [e for e in events if e["type"] == "AccountFrozen"]
+    assert len(frozen) == 1 and frozen[0]["meta"]["idempotency_key"] == "freeze-1"
+
+
+@pytest.mark.parametrize(
+    ("action", "body", "other"),
+    [
+        ("guard", GUARD, {**GUARD, "limits": {"USD/2": "101"}}),
+        ("metadata", {"metadata": {"tier": 2}}, {"metadata": {"tier": 3}}),
+    ],
+)
+def test_the_same_key_and_body_replay_and_another_body_is_the_typed_conflict(
+    client: TestClient, ledger: str, action: str, body: Any, other: Any
+) -> None:
+    first = account_command(client, ledger, action, "k-" + action, body)
+    assert first.status_code == 200, first.text
+    before = head(client, ledger)
+    again = account_command(client, ledger, action, "k-" + action, body)
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json()
+    conflict = refused(account_command(client, ledger, action, "k-" + action, other))
+    assert conflict["code"] == "idempotency_key_reused"
+    assert conflict["fields"] == (["limits"] if action == "guard" else ["metadata"])
+    # One key space with transfers: a transfer's key is not an account command's, and back.
+    assert refused(account_command(client, ledger, "freeze", "k-" + action))["code"] == (
+        "idempotency_key_reused"
+    )
+    assert refused(post(client, ledger, 5, key="k-" + action))["code"] == "idempotency_key_reused"
+    assert head(client, ledger) == before
+
+
+def test_concurrent_retries_of_one_account_command_apply_it_once(
+    client: TestClient, ledger: str
+) -> None:
+    before = head(client, ledger)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(
+            pool.map(lambda _: account_command(client, ledger, "freeze", "storm"), range(8))
+        )
+    assert all(a.status_code == 200 and a.json()["frozen"] for a in answers)
+    assert sum(a.headers.get("idempotent-replayed") == "true" for a in answers) == 7
+    assert head(client, ledger) == before + 1
+
+
+def test_opening_an_account_with_a_key_replays_and_conflicts_on_another_body(
+    client: TestClient, ledger: str
+) -> None:
+    url = f"/v1/ledgers/{ledger}/accounts"
+    body = {"name": "users:dan", "type": "liability", "metadata": {"tier": 1}}
+    first = client.post(url, json=body, headers={"Idempotency-Key": "open-dan"})
+    assert first.status_code == 201, first.text
+    # The metadata changes in between: the retry still replays (without the key it would be
+    # account_exists), and applies nothing.
+    account_command(client, ledger, "metadata", "m-dan", {"metadata": {}})
+    meta_url = f"{url}/users:dan/metadata"
+    client.put(meta_url, json={"metadata": {"tier": 2}}, headers={"Idempotency-Key": "m2"})
+    before = head(client, ledger)
+    retry = client.post(url, json=body, headers={"Idempotency-Key": "open-dan"})
+    assert retry.status_code == 201 and retry.headers["idempotent-replayed"] == "true"
+    other = {**body, "type": "asset"}
+    r = client.post(url, json=other, headers={"Idempotency-Key": "open-dan"})
+    assert refused(r)["code"] == "idempotency_key_reused" and refused(r)["fields"] == ["type"]
+    assert head(client, ledger) == before
+
+
+def test_an_account_commands_key_names_no_transfer_and_the_ledger_still_verifies(
+    client: TestClient, ledger: str
+) -> None:
+    assert account_command(client, ledger, "freeze", "acct-key").status_code == 200
+    assert refused(client.get(f"/v1/ledgers/{ledger}/transfers/acct-key"), 404)["code"] == (
+        "transfer_not_found"
+    )
+    r = client.post(
+        f"/v1/ledgers/{ledger}/transfers/acct-key/reverse",
+        json={},
+        headers={"Idempotency-Key": "rev-acct"},
+    )
+    assert refused(r, 409)["code"] == "transfer_not_reversible"
+    r = client.post(
+        f"/v1/ledgers/{ledger}/transfers/acct-key/post",
+        json={},
+        headers={"Idempotency-Key": "post-acct"},
+    )
+    assert refused(r)["code"] == "pending_transfer_not_found"
+    report = client.get(f"/v1/ledgers/{ledger}/verify")
+    assert report.status_code == 200 and report.json()["ok"] is True, report.text
