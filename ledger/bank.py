@@ -226,6 +226,7 @@ class Bank:
                 "PUT",
                 f"{root}/accounts/{quote(name, safe='')}/guard",
                 {"rule": "debits_must_not_exceed_credits"},
+                key=f"guard:{name}",
             )
             fund = Transfer(f"fund:{name}", RESERVE, name, FUNDING)
             self._must(c, "POST", root + "/transfers", fund.body(), key=fund.key)
