@@ -370,18 +370,40 @@ def test_a_signing_key_open_to_group_or_others_is_refused_and_keygen_writes_0600
     )
 
 
+# docs/operations.md, "Database roles": the two ways to set up a server, as a superuser.
+OWNER_CREATES_ROLES = [
+    "CREATE ROLE ledger_owner LOGIN CREATEROLE",
+    "CREATE DATABASE ledger OWNER ledger_owner",
+]
+SUPERUSER_CREATES_ROLES = [
+    "CREATE ROLE ledger_owner LOGIN",
+    "CREATE DATABASE ledger OWNER ledger_owner",
+    "CREATE ROLE ledger_app LOGIN PASSWORD 'app-secret'",
+    "CREATE ROLE ledger_reader LOGIN PASSWORD 'reader-secret'",
+    "ALTER ROLE ledger_reader SET default_transaction_read_only = on",
+    "GRANT ledger_app, ledger_reader TO ledger_owner WITH ADMIN OPTION",
+]
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        pytest.param(OWNER_CREATES_ROLES, id="owner_creates_roles"),
+        pytest.param(SUPERUSER_CREATES_ROLES, id="superuser_creates_roles"),
+    ],
+)
 def test_the_documented_setup_works_with_an_owner_that_is_not_a_superuser(
-    tmp_path: Path,
+    tmp_path: Path, setup: list[str]
 ) -> None:
-    """docs/operations.md, "Database roles": a superuser creates the owner (CREATEROLE) and its
-    database; the owner migrates, which creates ledger_app and ledger_reader, and sets their
-    passwords; the app login may serve, the owner's may not."""
+    """A superuser runs ``setup``; the owner migrates (creating ledger_app and ledger_reader if
+    they do not exist) and, if it may, sets their passwords; the app login may serve and post,
+    the reader cannot write, the owner's login may not serve."""
     from ledger.embedded import EmbeddedPostgres
 
     with EmbeddedPostgres(tmp_path / "pgdata") as superuser:
         with psycopg.connect(superuser, autocommit=True) as conn:
-            conn.execute("CREATE ROLE ledger_owner LOGIN CREATEROLE")
-            conn.execute("CREATE DATABASE ledger OWNER ledger_owner")
+            for sql in setup:
+                conn.execute(sql.encode())
         params = {**conninfo_to_dict(superuser), "dbname": "ledger"}
         owner = make_conninfo(**{**params, "user": "ledger_owner"})
         app = postgres.login_as(owner, postgres.APP_ROLE)
@@ -390,10 +412,16 @@ def test_the_documented_setup_works_with_an_owner_that_is_not_a_superuser(
         with psycopg.connect(owner, autocommit=True) as conn:
             row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
             assert row.fetchone() == (False,)
-            conn.execute("ALTER ROLE ledger_app PASSWORD 'app-secret'")
-            conn.execute("ALTER ROLE ledger_reader PASSWORD 'reader-secret'")
+            if setup is OWNER_CREATES_ROLES:
+                conn.execute("ALTER ROLE ledger_app PASSWORD 'app-secret'")
+                conn.execute("ALTER ROLE ledger_reader PASSWORD 'reader-secret'")
             assert "the schema owner (or a member of it)" in privileges(conn)
         check_before_serving(app)
         with pytest.raises(SettingsError, match="could rewrite history"):
             check_before_serving(owner)
         assert _post_one(app, "books") == 4
+        reader = postgres.login_as(owner, postgres.READER_ROLE)
+        with psycopg.connect(reader) as conn:
+            assert conn.execute("SELECT count(*) FROM events").fetchone() == (4,)
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                conn.execute("DELETE FROM tracking")
