@@ -17,12 +17,13 @@ from starlette.responses import Response
 from api import audit as audit_routes
 from api import errors as api_errors
 from api import keys as key_routes
+from api import queries as query_routes
 from api import ratelimit, routes, ws
 from api import reports as report_routes
 from api import webhooks as webhook_routes
 from api.auth import document, principal_of
 from api.middleware import OPENAPI_URL, Guard
-from ledger import keys, limits, postgres
+from ledger import keys, limits, postgres, tracing
 from ledger.service import LedgerService
 from ledger.settings import Settings
 
@@ -166,8 +167,15 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         lifespan=lifespan,
         # Metrics are ours (Prometheus, /metrics) and logs are structlog's; FastAPI's own
-        # OpenTelemetry hooks would only check for providers on every request.
-        telemetry={"tracing": False, "metrics": False, "logs": False},
+        # OpenTelemetry hooks would only check for providers on every request. Its request
+        # spans are on only when our tracing is (ledger/tracing.py), with our provider.
+        telemetry={
+            "tracing": tracing.from_environment(),
+            "tracer_provider": tracing.provider(),
+            "metrics": False,
+            "logs": False,
+            "operation_spans": False,
+        },
     )
     app.state.insecure_no_auth = settings.insecure_no_auth
     app.state.database_url = database_url
@@ -189,6 +197,7 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
     app.include_router(report_routes.router)
     app.include_router(ws.router)
     app.include_router(key_routes.router)
+    app.include_router(query_routes.router)
     app.include_router(webhook_routes.router)
 
     @app.get("/healthz", include_in_schema=False)

@@ -35,6 +35,13 @@ assets_per_ledger_create_max: Final = 64
 # Pages
 page_size_default: Final = 100
 page_size_max: Final = 1_000
+search_scan_events_max: Final = 20_000
+"""Candidates (events, or ledgers) one page of a search examines at most; a page may come back
+short with a cursor to go on, so that no page's cost grows with the log."""
+search_chunk_events: Final = 500
+"""Candidates a search reads from Postgres at a time."""
+aggregate_groups_max: Final = 10_000
+"""Rows (group and asset) one aggregate of balances by prefix answers at most."""
 
 # Write path
 group_transfers_max: Final = 2_000

@@ -369,6 +369,16 @@ class _Writer:
         self._writer.writerow([csv_cell(cell) for cell in row])
 
 
+def rows_to_csv(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    """A table of ``columns`` from dicts, through the same formula-escaping writer."""
+    out = io.StringIO()
+    w = _Writer(out)
+    w.writerow(list(columns))
+    for row in rows:
+        w.writerow([row.get(c, "") for c in columns])
+    return out.getvalue()
+
+
 def to_csv(report: dict[str, Any]) -> str:
     """One table per report, with a decimal column beside every amount in minor units."""
     out = io.StringIO()
