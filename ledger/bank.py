@@ -217,10 +217,13 @@ class Bank:
     def setup(self) -> None:
         c = Client(self.url, self.token, self.timeout_s)
         root = f"/v1/ledgers/{self.ledger}"
-        self._must(c, "POST", "/v1/ledgers", {"name": self.ledger, "assets": [ASSET]})
-        self._must(c, "POST", root + "/accounts", {"name": RESERVE, "type": "equity"})
+        # Every command under a key of its own, so that its retries are safe too.
+        body = {"name": self.ledger, "assets": [ASSET]}
+        self._must(c, "POST", "/v1/ledgers", body, key="create")
+        self._must(c, "POST", root + "/accounts", {"name": RESERVE, "type": "equity"}, key="open")
         for name in self.names:
-            self._must(c, "POST", root + "/accounts", {"name": name, "type": "liability"})
+            body = {"name": name, "type": "liability"}
+            self._must(c, "POST", root + "/accounts", body, key=f"open:{name}")
             self._must(
                 c,
                 "PUT",

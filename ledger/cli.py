@@ -341,7 +341,7 @@ def bank(
     url: Annotated[str, typer.Option(help="The deployment, such as http://127.0.0.1:8000")],
     token: Annotated[
         str | None, typer.Option(help="An API key with the ledgers, accounts, transfers,"
-                                 " read and audit scopes")
+                                 " read, events and audit scopes")
     ] = None,
     seconds: Annotated[float, typer.Option(min=0.1, help="How long clients post")] = 10.0,
     clients: Annotated[int, typer.Option(help="Concurrent clients")] = 4,

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tests.support import served
+from tests.support import make_key, served
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,7 +32,10 @@ def bank(url: str, *args: str, token: str | None = None) -> subprocess.Completed
 def test_against_a_real_server_nothing_acknowledged_is_lost_even_with_dropped_connections(
     database_url: str,
 ) -> None:
-    with served(database_url) as (base, token):
+    # The key docs/operations.md gives it: only the scopes it needs, only ledgers of its own.
+    scopes = ("ledgers", "accounts", "transfers", "read", "events", "audit")
+    token = make_key(database_url, scopes, ledgers=("bank-*",))
+    with served(database_url) as (base, _):
         done = bank(base, "--seconds", "3", "--clients", "4", "--drop-rate", "0.15",
                     "--seed", "7", token=token)
     assert done.returncode == 0, done.stdout + done.stderr

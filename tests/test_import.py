@@ -19,6 +19,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from ledger import audit, domain, postgres
 from ledger.migrate import migrate
 from ledger.money import Asset
+from ledger.postgres import APP_ROLE, login_as
 from ledger.service import LedgerService
 from tests.test_cli import ledger
 from tests.test_tamper import KEY, PUBLIC, rechain
@@ -85,7 +86,7 @@ def second_database(server_url: str) -> Iterator[str]:
     url = make_conninfo(**{**conninfo_to_dict(server_url), "dbname": db})
     try:
         migrate(url)
-        yield url
+        yield login_as(url, APP_ROLE)  # import runs as the server's login, not the owner
     finally:
         with psycopg.connect(server_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
