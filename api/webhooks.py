@@ -214,3 +214,32 @@ async def list_deliveries(
         for r in rows
     ]
     return json_response({"items": items, "next_after": items[-1]["position"] if items else after})
+
+
+@router.post(
+    "/ledgers/{ledger}/webhooks/{webhook_id}/deliveries/{position}/retry",
+    responses=_problems,
+    openapi_extra=auth.scope("ledgers"),
+)
+async def retry_delivery(
+    ledger: LedgerPath,
+    webhook_id: WebhookId,
+    position: Annotated[int, Path(ge=1, le=2**63 - 1)],
+    request: Request,
+) -> Response:
+    """Sends a dead letter again, with a fresh count of attempts (after the receiver is fixed)."""
+    await _find(request, ledger, webhook_id)
+    async with service(request).pool.connection() as conn:
+        row = await (
+            await conn.execute(
+                "UPDATE webhook_deliveries SET state = 'pending', attempts = 0,"
+                " next_attempt_at = now() WHERE subscription_id = %s AND position = %s"
+                " AND state = 'dead' RETURNING position",
+                (webhook_id, position),
+            )
+        ).fetchone()
+    if row is None:
+        raise errors.DeadDeliveryNotFound(
+            f"no dead delivery of position {position} to webhook {webhook_id!r}"
+        )
+    return json_response({"id": f"{ledger}:{position}", "position": position, "state": "pending"})

@@ -318,6 +318,12 @@ class WebhookNotFound(LedgerError):
     status = 404
 
 
+class DeadDeliveryNotFound(LedgerError):
+    code = "dead_delivery_not_found"
+    title = "No dead-lettered delivery of this event to this webhook subscription"
+    status = 404
+
+
 class WebhookLimitReached(LedgerError):
     code = "webhook_limit_reached"
     title = "The ledger has as many webhook subscriptions as it may (webhooks_per_ledger_max)"

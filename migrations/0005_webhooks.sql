@@ -41,3 +41,7 @@ CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
 CREATE INDEX webhook_deliveries_by_state ON webhook_deliveries (subscription_id, state, position);
 
 GRANT SELECT, INSERT, UPDATE ON webhook_subscriptions, webhook_deliveries TO ledger_app;
+-- The read-only login sees subscriptions and deliveries, never a subscription's secret.
+GRANT SELECT (id, ledger_id, url, event_types, position, created_at, created_by, deleted_at,
+    deleted_by) ON webhook_subscriptions TO ledger_reader;
+GRANT SELECT ON webhook_deliveries TO ledger_reader;

@@ -217,7 +217,7 @@ def test_a_receiver_that_fails_then_recovers_gets_every_event_signed_with_its_id
     assert "secret" not in one and all("secret" not in s for s in listed), "shown once"
 
 
-def test_a_receiver_that_never_recovers_gets_its_events_dead_lettered_after_backoff(
+def test_a_receiver_that_never_recovers_gets_its_events_dead_lettered_after_backoff_then_retried(
     database_url: str, ledger_name: str
 ) -> None:
     down = Receiver(answer=lambda n: 500)
@@ -236,6 +236,19 @@ def test_a_receiver_that_never_recovers_gets_its_events_dead_lettered_after_back
             )
         dead = deliveries(client, ledger_name, hook, "dead")
         pending = deliveries(client, ledger_name, hook, "pending")
+        # Once the receiver is fixed, an operator sends the dead letter again.
+        down.answer = lambda n: 200
+        retry = f"/v1/ledgers/{ledger_name}/webhooks/{hook}/deliveries/4/retry"
+        assert client.post(retry).json()["state"] == "pending"
+        with relay_running(database_url, attempts_max=3, backoff_first_s=0.3):
+            wait_until(
+                lambda: (
+                    [d["state"] for d in deliveries(client, ledger_name, hook)] == ["delivered"]
+                ),
+                30,
+                "the retried dead letter delivered",
+            )
+        assert client.post(retry).json()["code"] == "dead_delivery_not_found"
     assert dead == [
         {
             "position": 4,
@@ -251,8 +264,9 @@ def test_a_receiver_that_never_recovers_gets_its_events_dead_lettered_after_back
         }
     ], "only the transfer (the type filter), tried 3 times"
     assert pending == []
-    attempts = [r.at for r in down.got]
-    assert down.ids() == [f"{ledger_name}:4"] * 3
+    attempts = [r.at for r in down.got[:3]]
+    assert down.ids() == [f"{ledger_name}:4"] * 4
+    assert [r.answered for r in down.got] == [500, 500, 500, 200]
     gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert gaps[0] >= 0.3 and gaps[1] >= 0.6, f"exponential backoff: {gaps}"
 
@@ -319,3 +333,15 @@ def test_a_real_server_starts_its_relay_once_a_subscription_exists_and_delivers(
         assert receiver.arrived.wait(30), "the server's relay delivered nothing in 30 s"
     assert receiver.ids() == [f"{ledger_name}:1"]
     assert verify(created.json()["secret"], receiver.got[0], time.time())
+
+
+def test_the_reader_login_sees_subscriptions_and_deliveries_but_no_secret(
+    database_url: str,
+) -> None:
+    from ledger import postgres
+
+    with psycopg.connect(postgres.login_as(database_url, postgres.READER_ROLE)) as conn:
+        conn.execute("SELECT id, url, event_types, position FROM webhook_subscriptions")
+        conn.execute("SELECT * FROM webhook_deliveries")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT secret FROM webhook_subscriptions")
