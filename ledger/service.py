@@ -263,6 +263,13 @@ class LedgerService:
         ``position`` (a write's answer names it), waiting at most ``replica_wait_ms``; past that,
         503 ``replica_behind``. Without a replica, the primary has every acknowledged position."""
         ref = await self.ledger_ref(ledger)
+        with _on_primary():  # a position the primary has not reached is the client's error
+            row = await self._one("SELECT head_position FROM ledgers WHERE id = %s", (ref.id,))
+        if row is None or int(row[0]) < position:
+            head = int(row[0]) if row else 0
+            raise errors.PositionOutOfRange(
+                f"min_position {position} is beyond the head {head}", head=head
+            )
         deadline = time.monotonic() + limits.replica_wait_ms / 1000
         pause = 0.002
         while True:

@@ -607,3 +607,28 @@ def test_a_report_answers_503_not_500_when_its_database_connection_drops(
         assert r.status_code == 503, r.text
         assert r.headers["content-type"] == PROBLEM and "retry-after" in r.headers
         assert c.get(path).status_code == 200  # the pool replaces the dead connection
+
+
+# --- Behind a proxy -------------------------------------------------------------------------
+
+
+def _address_statuses(base: str, forwarded: list[str]) -> list[int]:
+    return [
+        httpx.get(base + "/healthz", headers={"X-Forwarded-For": f}, timeout=5).status_code
+        for f in forwarded
+    ]
+
+
+def test_forwarded_for_is_believed_only_from_the_named_proxies(database_url: str) -> None:
+    rates = {"LEDGER_RATE_ADDRESS_PER_S": "0.01", "LEDGER_RATE_ADDRESS_BURST": "30"}
+    # Not named: every request counts against the peer's address, whatever the header says.
+    with served(database_url, rates) as (base, _):
+        statuses = _address_statuses(base, [f"10.0.0.{i}" for i in range(40)])
+        assert 429 in statuses
+    # Named (loopback is the proxy here): each forwarded client has a bucket of its own, and
+    # what a client wrote itself (left of the proxy's entry) is not believed.
+    env = {**rates, "LEDGER_FORWARDED_ALLOW_IPS": "127.0.0.1"}
+    with served(database_url, env) as (base, _):
+        assert set(_address_statuses(base, [f"10.0.1.{i}" for i in range(40)])) == {200}
+        spoofed = [f"10.9.9.{i}, 10.0.2.1" for i in range(40)]  # one client, varying its own
+        assert 429 in _address_statuses(base, spoofed)
