@@ -82,6 +82,12 @@ class Guard:
             if limited is not None:
                 await limited(scope, receive, send_with_id)
                 return
+            if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
+                # Postgres cannot hold a NUL: refused here for every route, not left to fail
+                # in the database as a 500 or a 503 ("retry") further in.
+                nul = errors.InvalidRequest("a path or query parameter contains a NUL character")
+                await from_ledger_error(nul)(scope, receive, send_with_id)
+                return
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 replay = await self._read_body(scope, receive, send_with_id)
                 if replay is None:

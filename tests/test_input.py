@@ -134,6 +134,9 @@ def test_metadata_at_the_edges_of_the_integer_range_is_kept_exactly(
         "/v1/ledgers/{ledger}/transfers/k%00",
         "/v1/ledgers/{ledger}/balances?cursor=a%00b",
         "/v1/ledgers/{ledger}/accounts/bank/postings?cursor=%00",
+        "/v1/ledgers/{ledger}/positions?holder=a%00b",
+        "/v1/ledgers/{ledger}/accounts/bank/statement?from=a%00",
+        "/v1/ledgers/{ledger}/reports/month-end?as_of=9223372036854775808",
     ],
 )
 def test_query_and_path_values_postgres_cannot_hold_are_422(
