@@ -66,6 +66,9 @@ def serve(
         from ledger.logging import configure_logging
 
         configure_logging(settings.log_level)
+        from ledger import tracing
+
+        tracing.from_environment()  # OTEL_*: off unless an exporter is named (ledger/tracing.py)
         # uvicorn shuts down gracefully on SIGTERM, then raises it again: exit normally
         # instead, so that the embedded Postgres below is stopped too.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

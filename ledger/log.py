@@ -27,7 +27,7 @@ import psycopg
 import structlog
 from eventsourcing.persistence import StoredEvent
 
-from ledger import domain, errors, limits
+from ledger import domain, errors, limits, tracing
 from ledger.events import (
     MAPPER,
     TOPICS,
@@ -199,9 +199,15 @@ async def write(
     With a ``cache``, reads only what it lacks, and updates it once the transaction commits;
     if anything fails, it is emptied."""
     cache = cache if cache is not None else Cache()
+    commit = None
     try:
-        async with conn.pipeline(), conn.transaction():
-            outcomes, group = await _write(conn, ledger, items, cache)
+        with tracing.span("ledger.transaction", **{"db.system.name": "postgresql"}):
+            try:
+                async with conn.pipeline(), conn.transaction():
+                    outcomes, group = await _write(conn, ledger, items, cache)
+                    commit = tracing.commit_started() if tracing.TRACER else None
+            finally:
+                tracing.commit_ended(commit)
     except BaseException:
         cache.clear()
         raise
@@ -215,23 +221,26 @@ async def _write(
     items: list[tuple[domain.Command, dict[str, Any]]],
     cache: Cache,
 ) -> tuple[list[Outcome], _Group]:
-    loaded = await _load(conn, ledger, items, cache)
+    with tracing.span("ledger.load"):  # the head lock and every read: one round trip
+        loaded = await _load(conn, ledger, items, cache)
     group = _Group(ledger, loaded)
-    # Pending transfers past their timeout expire first, deterministically, in order.
-    for record in loaded.due:
-        group.decide(domain.ExpirePending(record.key), {"actor": "ledger"})
-    index = 0
-    while index < len(items):
-        end = index
-        while end < len(items) - 1 and getattr(items[end][0], "linked", False):
-            end += 1
-        if end == index:
-            group.outcomes.append(group.decide(*items[index]))
-        else:
-            group.decide_chain(items[index : end + 1])
-        index = end + 1
+    with tracing.span("ledger.decide"):
+        # Pending transfers past their timeout expire first, deterministically, in order.
+        for record in loaded.due:
+            group.decide(domain.ExpirePending(record.key), {"actor": "ledger"})
+        index = 0
+        while index < len(items):
+            end = index
+            while end < len(items) - 1 and getattr(items[end][0], "linked", False):
+                end += 1
+            if end == index:
+                group.outcomes.append(group.decide(*items[index]))
+            else:
+                group.decide_chain(items[index : end + 1])
+            index = end + 1
     if group.accepted:
-        await _append(conn, ledger, group)
+        with tracing.span("ledger.append"):
+            await _append(conn, ledger, group)
     return await group.results(conn), group
 
 

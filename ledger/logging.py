@@ -7,10 +7,13 @@ import sys
 
 import structlog
 
+from ledger import tracing
+
 
 def configure_logging(level: str = "info", json: bool = True) -> None:
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
+        tracing.add_trace_ids,  # a no-op unless tracing is on
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

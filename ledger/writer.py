@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import psycopg
 import structlog
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from ledger import domain, errors, limits, log, metrics
+from ledger import domain, errors, limits, log, metrics, tracing
 from ledger.postgres import RETRYABLE, translate
 
 logger = structlog.get_logger(__name__)
@@ -39,6 +40,8 @@ class _Unit:
     future: asyncio.Future[list[log.Outcome]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    trace: tracing.Queued | None = None
+    """Its wait in the queue and the request's trace (None when tracing is off)."""
 
 
 class LedgerWriter:
@@ -64,8 +67,11 @@ class LedgerWriter:
                 f"ledger {self.ledger.name!r} has {self._queued_items} commands waiting"
             )
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name=f"writer:{self.ledger.name}")
-        unit = _Unit(items)
+            # A context of its own: not the first submitter's (its request id, its trace).
+            self._task = asyncio.create_task(
+                self._run(), name=f"writer:{self.ledger.name}", context=contextvars.Context()
+            )
+        unit = _Unit(items, trace=tracing.queued(len(items)) if tracing.TRACER else None)
         self._queue.append(unit)
         self._queued_items += len(items)
         self._wakeup.set()
@@ -123,7 +129,8 @@ class LedgerWriter:
         self._queued_reported = self._queued_items
         started = time.perf_counter()
         try:
-            outcomes = await self._write(conn, items)
+            with tracing.group(self.ledger.name, group, len(items)):
+                outcomes = await self._write(conn, items)
         except errors.LedgerError as error:
             _fail(group, error)
             if conn.closed or conn.broken:
