@@ -139,6 +139,50 @@ def test_a_batch_over_the_item_limit_is_batch_too_large() -> None:
         BatchIn(items=[{}] * (limits.batch_items_max + 1))
 
 
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"a": "x\x00y"},
+        {"a\x00": 1},
+        {"a": "\ud800"},
+        {"\udfff": 1},
+        {"a": ["ok", "\x00"]},
+        {"a": {"b": "\x00"}},
+        {"a": float("inf")},
+        {"a": float("nan")},
+        {"a": 2**64},
+        {"a": -(2**63) - 1},
+        {"a": b"bytes"},
+        {"a": (1, 2)},
+        {1: "a"},
+        {"a": {2: "b"}},
+    ],
+)
+def test_metadata_that_postgres_or_canonical_json_cannot_hold_is_refused(
+    metadata: dict[Any, Any],
+) -> None:
+    with pytest.raises(ValueError):
+        domain.check_metadata(metadata)
+
+
+def test_metadata_of_plain_json_is_accepted_as_it_is() -> None:
+    value = {"s": "caf\u00e9 \U0001f600", "i": -(2**63), "j": 2**64 - 1, "f": 1.5, "b": True}
+    plain = {**value, "n": None, "l": [1, "x", {"k": []}], "d": {}}
+    assert domain.check_metadata(plain) is plain
+
+
+def test_an_account_may_only_name_itself_or_a_prefix_on_a_colon_as_holder() -> None:
+    for holder in ("users:alice:btc", "users:alice", "users"):
+        domain.OpenAccount("users:alice:btc", "asset", {"holder": holder})
+        domain.UpdateAccountMetadata("users:alice:btc", {"holder": holder})
+    for holder in ("users:bob", "users:ali", "users:alice:btc:x", "", 5, None, "users:"):
+        with pytest.raises(errors.HolderNotInAccountName):
+            domain.OpenAccount("users:alice:btc", "asset", {"holder": holder})
+        with pytest.raises(errors.HolderNotInAccountName):
+            domain.UpdateAccountMetadata("users:alice:btc", {"holder": holder})
+    domain.OpenAccount("users:alice:btc", "asset", {"owner": "users:bob"})  # only holder counts
+
+
 # --- Against the state, one rule at a time ------------------------------------------------------
 
 
