@@ -22,8 +22,8 @@ from api import ratelimit, routes, ws
 from api import reports as report_routes
 from api import webhooks as webhook_routes
 from api.auth import document, principal_of
-from api.middleware import OPENAPI_URL, Guard
-from ledger import keys, limits, postgres, tracing
+from api.middleware import OPENAPI_URL, BodyBudget, Guard
+from ledger import keys, limits, metrics, postgres, tracing
 from ledger.service import LedgerService
 from ledger.settings import Settings
 
@@ -178,11 +178,13 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
         },
     )
     app.state.insecure_no_auth = settings.insecure_no_auth
+    publishing = settings.publish_nats_url is not None  # else its lag counts once it has run
     app.state.database_url = database_url
     app.state.read_database_url = settings.read_database_url or database_url
     # The edge (api/middleware.py reads these): rate limits and the body's time bound
     app.state.rate_limiter = ratelimit.from_settings(settings)
     app.state.body_timeout_s = settings.body_timeout_s
+    app.state.body_budget = BodyBudget()
     app.state.signing_key = None
     app.state.public_key = None
     if settings.signing_key_file is not None:
@@ -209,6 +211,10 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         principal_of(request.scope).require("metrics")
+        service = app.state.service
+        await metrics.refresh(
+            service.pool, service.read_pool, app.state.notifier.count, publishing
+        )
 
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 

@@ -183,3 +183,11 @@ bank_request_timeout_s: Final = 10.0
 bank_settle_attempts_max: Final = 20
 """Retries of one unknown request (same key, same body) before `ledger bank` reports it
 unsettled."""
+
+# Observability (ledger/metrics.py, ledger/progress.py)
+metrics_query_timeout_s: Final = 2.0
+"""How long a /metrics scrape waits for a read connection for its lag and webhook queries."""
+progress_redraw_s: Final = 0.2
+"""Shortest interval between two redraws of a progress bar on a terminal."""
+progress_log_interval_s: Final = 30.0
+"""Longest interval between two progress lines in the logs (also one every 10 %)."""

@@ -75,10 +75,13 @@ class LedgerWriter:
         self._queue.append(unit)
         self._queued_items += len(items)
         self._wakeup.set()
+        submitted = time.perf_counter()
         try:
             # shield: a caller that gives up must not cancel a group other callers share.
             async with asyncio.timeout(limits.request_timeout_ms / 1000):
-                return await asyncio.shield(unit.future)
+                outcomes = await asyncio.shield(unit.future)
+            metrics.COMMIT_SECONDS.observe(time.perf_counter() - submitted)
+            return outcomes
         except TimeoutError:
             raise errors.Timeout(
                 "the command was not committed in time; its outcome is unknown,"
