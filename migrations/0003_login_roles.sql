@@ -15,7 +15,11 @@ DECLARE
 BEGIN
     FOREACH name IN ARRAY ARRAY['ledger_app', 'ledger_reader'] LOOP
         IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = name) THEN
-            EXECUTE format('CREATE ROLE %I LOGIN', name);
+            BEGIN
+                EXECUTE format('CREATE ROLE %I LOGIN', name);
+            EXCEPTION WHEN duplicate_object OR unique_violation THEN
+                NULL;  -- another database of this cluster was migrated at the same moment
+            END;
         END IF;
         SELECT * INTO r FROM pg_roles WHERE rolname = name;
         IF NOT r.rolcanlogin THEN

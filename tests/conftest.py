@@ -8,6 +8,7 @@ The database is migrated by its owner; tests log in as ``ledger_app``, as the se
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import shutil
@@ -49,7 +50,12 @@ def owner_database_url(server_url: str) -> Iterator[str]:
         admin.execute(f'CREATE DATABASE "{name}"')
     url = make_conninfo(**{**conninfo_to_dict(server_url), "dbname": name})
     try:
-        migrate(url)
+        # Roles belong to the server, not the database: xdist workers sharing one server must
+        # not create or alter ledger_app at the same moment (a unique violation otherwise).
+        lock = Path(tempfile.gettempdir()) / f"ledger-test-migrate-{os.getuid()}.lock"
+        with lock.open("a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            migrate(url)
         yield url
     finally:
         with psycopg.connect(server_url, autocommit=True) as admin:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -332,13 +334,25 @@ def test_serve_needs_a_current_schema_which_only_the_owner_migrates(
     check_before_serving(app)
 
 
+@pytest.fixture
+def embedded_dir() -> Iterator[Path]:
+    """A directory for an embedded server of the test's own, removed afterwards. Under /tmp, as
+    in conftest: as root the wheel runs Postgres as another OS user, which cannot enter pytest's
+    private tmp_path (initdb failed there under xdist)."""
+    directory = Path(tempfile.mkdtemp(prefix="ledger-test-", dir="/tmp"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def test_the_embedded_default_migrates_as_its_superuser_and_runs_as_ledger_app(
-    tmp_path: Path,
+    embedded_dir: Path,
 ) -> None:
     from ledger.embedded import database_url
     from ledger.settings import Settings
 
-    with database_url(Settings(database_url=None, data_dir=tmp_path / "data")) as url:
+    with database_url(Settings(database_url=None, data_dir=embedded_dir / "data")) as url:
         with psycopg.connect(url) as conn:
             assert conn.info.user == "ledger_app"
             assert privileges(conn) == []
@@ -393,14 +407,14 @@ SUPERUSER_CREATES_ROLES = [
     ],
 )
 def test_the_documented_setup_works_with_an_owner_that_is_not_a_superuser(
-    tmp_path: Path, setup: list[str]
+    embedded_dir: Path, setup: list[str]
 ) -> None:
     """A superuser runs ``setup``; the owner migrates (creating ledger_app and ledger_reader if
     they do not exist) and, if it may, sets their passwords; the app login may serve and post,
     the reader cannot write, the owner's login may not serve."""
     from ledger.embedded import EmbeddedPostgres
 
-    with EmbeddedPostgres(tmp_path / "pgdata") as superuser:
+    with EmbeddedPostgres(embedded_dir / "pgdata") as superuser:
         with psycopg.connect(superuser, autocommit=True) as conn:
             for sql in setup:
                 conn.execute(sql.encode())
