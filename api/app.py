@@ -22,7 +22,7 @@ from api import ratelimit, routes, ws
 from api import reports as report_routes
 from api import webhooks as webhook_routes
 from api.auth import document, principal_of
-from api.middleware import OPENAPI_URL, Guard
+from api.middleware import OPENAPI_URL, BodyBudget, Guard
 from ledger import keys, limits, metrics, postgres, tracing
 from ledger.service import LedgerService
 from ledger.settings import Settings
@@ -184,6 +184,7 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
     # The edge (api/middleware.py reads these): rate limits and the body's time bound
     app.state.rate_limiter = ratelimit.from_settings(settings)
     app.state.body_timeout_s = settings.body_timeout_s
+    app.state.body_budget = BodyBudget()
     app.state.signing_key = None
     app.state.public_key = None
     if settings.signing_key_file is not None:

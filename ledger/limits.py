@@ -30,6 +30,9 @@ batch_items_max: Final = 1_000
 """Transfers in one POST .../transfers/batch request."""
 request_body_bytes_max: Final = 4 * 1024 * 1024
 """Largest HTTP request body; bigger ones get 413 before they are parsed."""
+request_bodies_bytes_max: Final = 16 * 1024 * 1024
+"""Bytes of request bodies one server process holds at once (being read, parsed, handled);
+past this a new body gets 503 (retry) instead of growing the process."""
 assets_per_ledger_create_max: Final = 64
 
 # Pages

@@ -27,6 +27,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api import server
+from api.middleware import BodyBudget
 from api.ratelimit import Rate, RateLimiter, retry_after
 from ledger.settings import Settings, SettingsError
 from tests.support import ROOT, api_client, bearer, free_port, make_key, served
@@ -632,3 +633,46 @@ def test_forwarded_for_is_believed_only_from_the_named_proxies(database_url: str
         assert set(_address_statuses(base, [f"10.0.1.{i}" for i in range(40)])) == {200}
         spoofed = [f"10.9.9.{i}, 10.0.2.1" for i in range(40)]  # one client, varying its own
         assert 429 in _address_statuses(base, spoofed)
+
+
+# --- Bodies held in memory at once ----------------------------------------------------------
+
+
+def test_a_body_waits_for_room_in_the_body_budget_then_gets_503_and_goes_through_once_freed(
+    database_url: str,
+) -> None:
+    with api_client(database_url, Settings(body_timeout_s=0.5)) as c:
+        budget: BodyBudget = c.app.state.body_budget  # type: ignore[attr-defined]
+        other: dict[str, Any] = {"state": {}}  # another request, holding all of it
+        portal = c.portal  # type: ignore[attr-defined]
+        assert portal.call(budget.reserve, other, budget.bytes_max, 0.0)
+        started = time.monotonic()
+        r = c.post("/v1/ledgers", json={"name": "b" + secrets.token_hex(4)})
+        assert r.status_code == 503 and r.json()["code"] == "unavailable"
+        assert r.headers["retry-after"] == "1" and r.headers["connection"] == "close"
+        assert 0.5 <= time.monotonic() - started < 3
+        budget.release(other)
+        assert budget.held == 0
+        assert c.post("/v1/ledgers", json={"name": "b" + secrets.token_hex(4)}).status_code == 201
+        assert budget.held == 0  # released after the request
+
+
+def test_the_body_budget_lets_one_body_through_alone_and_counts_what_each_request_holds() -> None:
+    import asyncio
+
+    async def scenario() -> None:
+        budget = BodyBudget(100)
+        a: dict[str, Any] = {"state": {}}
+        b: dict[str, Any] = {"state": {}}
+        assert await budget.reserve(a, 150, 0)  # alone: even past the budget
+        assert await budget.reserve(a, 50, 0)  # more of its own body, still alone
+        assert not await budget.reserve(b, 1, 0.05)  # another waits, then is refused
+        waiter = asyncio.create_task(budget.reserve(b, 60, 5))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        budget.release(a)
+        assert await waiter and budget.held == 60
+        budget.release(b)
+        assert budget.held == 0
+
+    asyncio.run(scenario())
