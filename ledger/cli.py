@@ -640,6 +640,16 @@ def transfer_reverse(
 account_app = typer.Typer(no_args_is_help=True, help="Open, guard, freeze, close accounts.")
 app.add_typer(account_app, name="account")
 NameOption = Annotated[str, typer.Option("--name", "-n", help="The account's name")]
+AccountKeyOption = Annotated[
+    str,
+    typer.Option(
+        "--key", "-k", help="An idempotency key: run again with it, the command applies once"
+    ),
+]
+
+
+def _keyed_meta(key: str) -> dict[str, Any]:
+    return {**_meta(), "idempotency_key": key} if key else _meta()
 
 
 @account_app.command("open")
@@ -647,6 +657,7 @@ def account_open(
     ledger: LedgerOption,
     name: NameOption,
     type: Annotated[str, typer.Option(help="asset, liability, equity, revenue, expense")],
+    key: AccountKeyOption = "",
 ) -> None:
     """Opens an account."""
     from ledger import domain
@@ -654,8 +665,9 @@ def account_open(
     def action(settings: Settings) -> None:
         if type not in domain.ACCOUNT_TYPES:
             _fail(f"--type must be one of {', '.join(domain.ACCOUNT_TYPES)}")
-        command = domain.OpenAccount(name, type)  # type: ignore[arg-type]
-        _print(_service_call(settings, lambda svc: svc.open_account(ledger, command, _meta())))
+        command = domain.OpenAccount(name, type, {}, key)  # type: ignore[arg-type]
+        meta = _keyed_meta(key)
+        _print(_service_call(settings, lambda svc: svc.open_account(ledger, command, meta)))
 
     _run(action)
 
@@ -669,6 +681,7 @@ def account_guard(
         typer.Option(help="none, debits_must_not_exceed_credits, credits_must_not_exceed_debits"),
     ],
     limit: Annotated[list[str] | None, typer.Option(help="CODE/SCALE=AMOUNT, repeatable")] = None,
+    key: AccountKeyOption = "",
 ) -> None:
     """Sets a balance guard, with optional limits per asset."""
     from ledger import domain
@@ -681,8 +694,9 @@ def account_guard(
         for item in limit or []:
             asset, _, value = item.partition("=")
             limits[parse_asset(asset).code] = parse_amount(value)
-        command = domain.SetGuard(name, rule, limits)  # type: ignore[arg-type]
-        _print(_service_call(settings, lambda svc: svc.change_account(ledger, command, _meta())))
+        command = domain.SetGuard(name, rule, limits, key)  # type: ignore[arg-type]
+        meta = _keyed_meta(key)
+        _print(_service_call(settings, lambda svc: svc.change_account(ledger, command, meta)))
 
     _run(action)
 
@@ -692,25 +706,28 @@ def account_freeze(
     ledger: LedgerOption,
     name: NameOption,
     undo: Annotated[bool, typer.Option("--undo", help="Unfreeze")] = False,
+    key: AccountKeyOption = "",
 ) -> None:
     """Freezes (or with --undo unfreezes) an account."""
     from ledger import domain
 
     def action(settings: Settings) -> None:
-        command = domain.SetFrozen(name, not undo)
-        _print(_service_call(settings, lambda svc: svc.change_account(ledger, command, _meta())))
+        command = domain.SetFrozen(name, not undo, key)
+        meta = _keyed_meta(key)
+        _print(_service_call(settings, lambda svc: svc.change_account(ledger, command, meta)))
 
     _run(action)
 
 
 @account_app.command("close")
-def account_close(ledger: LedgerOption, name: NameOption) -> None:
+def account_close(ledger: LedgerOption, name: NameOption, key: AccountKeyOption = "") -> None:
     """Closes an account whose balances are all zero."""
     from ledger import domain
 
     def action(settings: Settings) -> None:
-        command = domain.CloseAccount(name)
-        _print(_service_call(settings, lambda svc: svc.change_account(ledger, command, _meta())))
+        command = domain.CloseAccount(name, key)
+        meta = _keyed_meta(key)
+        _print(_service_call(settings, lambda svc: svc.change_account(ledger, command, meta)))
 
     _run(action)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import secrets
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from ledger.events import MAPPER, TOPICS, AssetDefined
 from projections import reports
 from projections.positions import holder_of
 from tests.support import api_client
+from tests.test_cli import ledger as cli
 
 PROBLEM = "application/problem+json"
 BIGINT_MAX = 2**63 - 1
@@ -475,3 +477,19 @@ def test_an_account_commands_key_names_no_transfer_and_the_ledger_still_verifies
     assert refused(r)["code"] == "pending_transfer_not_found"
     report = client.get(f"/v1/ledgers/{ledger}/verify")
     assert report.status_code == 200 and report.json()["ok"] is True, report.text
+
+
+def test_the_command_line_applies_an_account_command_once_under_its_key(
+    client: TestClient, ledger: str, database_url: str
+) -> None:
+    def freeze(*extra: str) -> Any:
+        done = cli(database_url, "account", "freeze", "-l", ledger, "-n", "users:alice", *extra)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    assert freeze("--key", "cli-freeze")["frozen"] is True
+    assert freeze("--undo", "--key", "cli-unfreeze")["frozen"] is False
+    before = head(client, ledger)
+    assert freeze("--key", "cli-freeze")["frozen"] is False  # run again: not applied twice
+    assert head(client, ledger) == before
+    assert freeze()["frozen"] is True  # without a key, every run applies
