@@ -262,3 +262,46 @@ def test_checkpoints_signed_before_and_after_a_key_rotation_verify_with_both_pub
     moved = ledger(second_database, "import", str(path), *both)
     assert moved.returncode == 0, moved.stderr
     assert json.loads(moved.stdout)["checkpoints"] == 2
+
+
+def test_a_copy_that_ends_before_a_kept_checkpoint_is_reported_as_signed_history_lost(
+    database_url: str, second_database: str, ledger_name: str, tmp_path: Path
+) -> None:
+    """The drill of tests/test_restore.py without pgBackRest: the copy is an import of an
+    export taken before the last checkpoint the auditor kept."""
+    from tests.test_tamper import build
+
+    build(database_url, ledger_name, transfers=3)  # sealed
+    path = tmp_path / "early.jsonl"
+    assert ledger(database_url, "export", "-l", ledger_name, "--out", str(path)).returncode == 0
+    key = PUBLIC.public_bytes_raw().hex()
+    assert ledger(second_database, "import", str(path), "--public-key", key).returncode == 0
+    with postgres.connect(database_url) as conn:
+        early = audit.checkpoints(conn, ledger_name)[-1]
+    more = ("transfer", "post", "-l", ledger_name, "-k", "later", "--debit", "a", "--credit",
+            "b", "--amount", "7", "--asset", "USD/2")
+    assert ledger(database_url, *more).returncode == 0
+    with postgres.connect(database_url) as conn:
+        late = audit.seal(conn, ledger_name, KEY)
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text("\n".join(json.dumps(c.as_json()) for c in (early, late)) + "\n")
+
+    copy = ledger(second_database, "verify", "-l", ledger_name, "--public-key", key,
+                  "--checkpoint", str(kept))
+    assert copy.returncode == 1
+    assert copy.stderr == (
+        f"ledger: signed_history_lost: log ends at {early.tree_size:,}, checkpoint"
+        f" {late.tree_size:,} was signed ({late.signed_at}): signed history was lost\n"
+    )
+    original = ledger(database_url, "verify", "-l", ledger_name, "--public-key", key,
+                      "--checkpoint", str(kept))
+    assert original.returncode == 0, original.stdout
+    details = [c["detail"] for c in json.loads(original.stdout)["checks"]
+               if c["check"] == "signed_history"]
+    assert len(details) == 2 and all("consistency proof" in d for d in details)
+
+    forged = audit.Checkpoint(ledger_name, early.tree_size, bytes(32), early.signed_at,
+                              early.key_id, early.signature)
+    kept.write_text(json.dumps(forged.as_json()))
+    assert ledger(database_url, "verify", "-l", ledger_name, "--checkpoint",
+                  str(kept)).returncode == 1  # a kept root the log does not extend
