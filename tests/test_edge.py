@@ -676,3 +676,37 @@ def test_the_body_budget_lets_one_body_through_alone_and_counts_what_each_reques
         assert budget.held == 0
 
     asyncio.run(scenario())
+
+
+# --- Replays and metrics --------------------------------------------------------------------
+
+
+def test_a_positions_replay_past_its_time_answers_503_timeout(
+    client: TestClient, ledger: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ledger import limits
+
+    path = f"/v1/ledgers/{ledger}/positions?as_of=1"
+    assert client.get(path).status_code == 200
+    monkeypatch.setattr(limits, "replay_timeout_s", 1e-9)
+    r = client.get(path)
+    assert r.status_code == 503, r.text
+    assert r.json()["code"] == "timeout" and "retry-after" in r.headers
+    monkeypatch.undo()
+    assert client.get(path).status_code == 200  # the slot was given back
+
+
+def test_metrics_labels_stay_bounded_whatever_the_method_ledger_or_path(
+    client: TestClient, ledger: str
+) -> None:
+    weird = "X" + secrets.token_hex(4).upper()
+    client.request(weird, f"/v1/ledgers/{ledger}")
+    client.get(f"/v1/ledgers/{ledger}/no/such/{secrets.token_hex(4)}")
+    r = client.post(
+        f"/v1/ledgers/{ledger}/accounts", json={"name": "m" + secrets.token_hex(3), "type": "asset"}
+    )
+    assert r.status_code == 201
+    text = client.get("/metrics").text
+    assert weird not in text and ledger not in text
+    assert 'method="OTHER"' in text
+    assert 'route="/v1/ledgers/{ledger}/accounts"' in text
