@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
 import pytest
 from eventsourcing.persistence import StoredEvent
 from fastapi.testclient import TestClient
@@ -23,7 +24,7 @@ from ledger import limits
 from ledger.events import MAPPER, TOPICS, AssetDefined
 from projections import reports
 from projections.positions import holder_of
-from tests.support import api_client
+from tests.support import api_client, bearer, served
 from tests.test_cli import ledger as cli
 
 PROBLEM = "application/problem+json"
@@ -493,3 +494,36 @@ def test_the_command_line_applies_an_account_command_once_under_its_key(
     assert freeze("--key", "cli-freeze")["frozen"] is False  # run again: not applied twice
     assert head(client, ledger) == before
     assert freeze()["frozen"] is True  # without a key, every run applies
+
+
+def test_the_documented_controls_hold_through_a_real_server(database_url: str) -> None:
+    """docs/api.md's examples, over HTTP to a real ``ledger serve``: an asset with its own
+    maximum, a posting above it, an account command retried under its key, and bad input."""
+    name = "s" + secrets.token_hex(5)
+    with (
+        served(database_url) as (base, token),
+        httpx.Client(
+            base_url=base + f"/v1/ledgers/{name}", headers=bearer(token), timeout=10
+        ) as http,
+    ):
+        assert http.post(base + "/v1/ledgers", json={"name": name}).status_code == 201
+        r = http.post("/assets", json={"asset": "XAU/4", "posting_amount_max": "1000000000"})
+        assert r.status_code == 201 and r.json()["posting_amount_max"] == "1000000000", r.text
+        for account in ("vault", "users:erin"):
+            r = http.post("/accounts", json={"name": account, "type": "asset"})
+            assert r.status_code == 201, r.text
+        posting = {"debit": "vault", "credit": "users:erin", "asset": "XAU/4"}
+        over = {"postings": [{**posting, "amount": "1000000001"}]}
+        r = http.post("/transfers", json=over, headers={"Idempotency-Key": "x-1"})
+        assert r.status_code == 422 and r.json()["code"] == "amount_exceeds_asset_max"
+        assert r.headers["content-type"] == PROBLEM
+        freeze = {"Idempotency-Key": "freeze-erin"}
+        first = http.post("/accounts/users:erin/freeze", headers=freeze)
+        again = http.post("/accounts/users:erin/freeze", headers=freeze)
+        assert first.status_code == again.status_code == 200
+        assert again.headers["idempotent-replayed"] == "true"
+        assert http.post("/accounts/users:erin/freeze").status_code == 400
+        bad = b'{"name": "users:frank", "type": "asset", "metadata": {"n": 18446744073709551616}}'
+        r = http.post("/accounts", content=bad, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and r.json()["code"] == "invalid_request"
+        assert http.get("/events?after=9223372036854775808").status_code == 422
