@@ -9,6 +9,7 @@ whole run stops generating after ``FUZZ_S`` seconds.
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ FUZZ_S = 45.0
 """Time for generating and sending requests (the checks afterwards come on top)."""
 EXAMPLES = 10
 """Examples per operation and mode."""
-LEDGER = "fuzz"
+LEDGER = f"fuzz{secrets.token_hex(3)}"
 ACCOUNTS = {"bank": "asset", "users:alice": "liability", "users:bob": "liability"}
 
 
@@ -126,32 +127,42 @@ def _send(
     return sent
 
 
-def _unbalanced(conn: psycopg.Connection[Any]) -> list[Any]:
+def _unbalanced(conn: psycopg.Connection[Any], after_id: int = 0) -> list[Any]:
+    """Per ledger (of those with an id above ``after_id``) and asset, sums that are not zero."""
     return conn.execute(
         "SELECT l.name, b.asset, sum(b.debits_posted) - sum(b.credits_posted),"
         " sum(b.debits_pending) - sum(b.credits_pending)"
         " FROM balances b JOIN accounts a ON a.id = b.account_id"
-        " JOIN ledgers l ON l.id = a.ledger_id GROUP BY l.name, b.asset"
+        " JOIN ledgers l ON l.id = a.ledger_id WHERE l.id > %s GROUP BY l.name, b.asset"
         " HAVING sum(b.debits_posted) <> sum(b.credits_posted)"
-        " OR sum(b.debits_pending) <> sum(b.credits_pending)"
+        " OR sum(b.debits_pending) <> sum(b.credits_pending)",
+        (after_id,),
     ).fetchall()
 
 
 def test_every_operation_fuzzed_gives_no_5xx_only_problem_json_and_balanced_books(
     database_url: str,
 ) -> None:
+    # Only the ledgers made here are checked: other tests of this worker may have tampered
+    # with theirs on purpose.
+    with postgres.connect(database_url) as conn:
+        before = conn.execute("SELECT coalesce(max(id), 0) FROM ledgers").fetchone()
+    after_id = int(before[0]) if before else 0
     env = {"LEDGER_RELAY": "false"}  # fuzzed webhooks must not be delivered anywhere
     with served(database_url, env) as (base, token):
         _seed(base, token)
         failures, sent = _fuzz(base, token, time.monotonic() + FUZZ_S)
     print(f"fuzz: {sent} requests, {len(failures)} failures")  # shown with pytest -s
-    assert sent > 300, f"only {sent} requests were sent"
+    assert sent > 200, f"only {sent} requests were sent"
     assert not failures, f"{len(failures)} of {sent} requests failed:\n" + "\n".join(
         sorted(set(failures))[:40]
     )
     with postgres.connect(database_url) as conn:
-        assert _unbalanced(conn) == []
-        ledgers = [r[0] for r in conn.execute("SELECT name FROM ledgers ORDER BY id")]
+        assert _unbalanced(conn, after_id) == []
+        ledgers = [
+            r[0] for r in conn.execute("SELECT name FROM ledgers WHERE id > %s", (after_id,))
+        ]
+        assert LEDGER in ledgers
         for name in ledgers:
             report = audit.verify(conn, name, None)
             assert report.ok, (name, report)
