@@ -156,7 +156,8 @@ class Publisher:
         )
 
     def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
         self.process.wait()
         self.log.close()
 
@@ -207,13 +208,15 @@ def test_a_publisher_killed_mid_stream_again_and_again_publishes_each_position_e
     for round_ in range(8):
         before = tracked(database_url, ledgers)
         publisher = Publisher(database_url, nats_url, log)
-        deadline = time.monotonic() + 30
-        while tracked(database_url, ledgers) == before:  # it is publishing: kill it mid-page
-            assert publisher.process.poll() is None, log.read_text()[-2000:]
-            assert time.monotonic() < deadline, "the publisher made no progress in 30 s"
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.15))
-        publisher.kill()
+        try:
+            deadline = time.monotonic() + 30
+            while tracked(database_url, ledgers) == before:  # publishing: kill it mid-page
+                assert publisher.process.poll() is None, log.read_text()[-2000:]
+                assert time.monotonic() < deadline, "the publisher made no progress in 30 s"
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, 0.15))
+        finally:
+            publisher.kill()
         kills += 1
         write_events(database_url, ledgers, 20, first=1500 + 20 * round_)  # the log moves on
     assert tracked(database_url, ledgers) < sum(heads(database_url, ledgers).values()), (
