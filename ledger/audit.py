@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -181,13 +181,20 @@ def _events(conn: psycopg.Connection[Any], ledger_id: int, until: int) -> Iterat
         yield from cur
 
 
-def leaf_hashes(conn: psycopg.Connection[Any], ledger: str, size: int | None = None) -> list[bytes]:
+def leaf_hashes(
+    conn: psycopg.Connection[Any],
+    ledger: str,
+    size: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[bytes]:
     ledger_id, head, _ = _ledger(conn, ledger)
+    hashes: list[bytes] = []
     with conn.transaction():
-        return [
-            merkle.leaf_hash(merkle.leaf_data(p, t, bytes(s)))
-            for p, t, s, _ in _events(conn, ledger_id, size or head)
-        ]
+        for p, t, s, _ in _events(conn, ledger_id, size or head):
+            hashes.append(merkle.leaf_hash(merkle.leaf_data(p, t, bytes(s))))
+            if progress is not None and p % 1_000 == 0:  # ledger/progress.py
+                progress(p)
+    return hashes
 
 
 def checkpoints(conn: psycopg.Connection[Any], ledger: str) -> list[Checkpoint]:
@@ -205,7 +212,12 @@ def checkpoints(conn: psycopg.Connection[Any], ledger: str) -> list[Checkpoint]:
     ]
 
 
-def seal(conn: psycopg.Connection[Any], ledger: str, key: Ed25519PrivateKey) -> Checkpoint:
+def seal(
+    conn: psycopg.Connection[Any],
+    ledger: str,
+    key: Ed25519PrivateKey,
+    progress: Callable[[int], None] | None = None,
+) -> Checkpoint:
     """Signs the tree head of the whole log as it is now and keeps it."""
     ledger_id, head, _ = _ledger(conn, ledger)
     if head == 0:
@@ -213,7 +225,7 @@ def seal(conn: psycopg.Connection[Any], ledger: str, key: Ed25519PrivateKey) -> 
     existing = [c for c in checkpoints(conn, ledger) if c.tree_size == head]
     if existing:
         return existing[0]
-    root = merkle.root(leaf_hashes(conn, ledger, head))
+    root = merkle.root(leaf_hashes(conn, ledger, head, progress))
     signed_at = datetime.now(UTC).replace(microsecond=0).isoformat()
     signature = key.sign(tree_head(ledger, head, root, signed_at))
     checkpoint = Checkpoint(ledger, head, root, signed_at, key_id(key.public_key()), signature)
@@ -446,6 +458,7 @@ def verify(
     ledger: str,
     key: Keys = None,
     kept: Sequence[Checkpoint] = (),
+    progress: Callable[[int], None] | None = None,
 ) -> Report:
     """Every check on a live ledger: the log (positions, chain, transfers, trial balance,
     signed checkpoints), and the tables derived from it against a replay of the log.
@@ -460,6 +473,8 @@ def verify(
     with conn.transaction():
         for position, topic, state, digest in _events(conn, ledger_id, 2**62):
             check.feed(int(position), topic, bytes(state), bytes(digest))
+            if progress is not None and position % 1_000 == 0:  # ledger/progress.py
+                progress(position)
     check.report_into(report, checkpoints(conn, ledger), key)
     check_kept(report, check.leaves, kept, key)
     report.add(
@@ -553,7 +568,12 @@ def verify(
 # --- Export and offline verification ------------------------------------------------------------
 
 
-def export(conn: psycopg.Connection[Any], ledger: str, out: IO[str]) -> int:
+def export(
+    conn: psycopg.Connection[Any],
+    ledger: str,
+    out: IO[str],
+    progress: Callable[[int], None] | None = None,
+) -> int:
     """Writes the log as JSON lines: a header, every event as stored, then the checkpoints."""
     ledger_id, head, _ = _ledger(conn, ledger)
     header = {"format": EXPORT_FORMAT, "ledger": ledger, "genesis": genesis_hash(ledger).hex()}
@@ -580,6 +600,8 @@ def export(conn: psycopg.Connection[Any], ledger: str, out: IO[str]) -> int:
                 line["request_hash"] = bytes(request_hash).hex()
             out.write(json.dumps(line, ensure_ascii=False) + "\n")
             count += 1
+            if progress is not None and count % 1_000 == 0:  # ledger/progress.py
+                progress(count)
     for c in checkpoints(conn, ledger):
         if c.tree_size <= head:
             out.write(json.dumps({"checkpoint": c.as_json()}) + "\n")

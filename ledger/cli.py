@@ -18,6 +18,7 @@ from ledger.embedded import EmbeddedError, database_url, owner_database_url
 from ledger.errors import LedgerError
 from ledger.migrate import check_before_serving
 from ledger.migrate import migrate as apply_migrations
+from ledger.progress import Progress
 from ledger.settings import Settings, SettingsError, load_settings
 
 app = typer.Typer(
@@ -162,6 +163,22 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _head(conn: Any, ledger: str) -> int | None:
+    """The ledger's head position (a progress bar's total); None if there is no such ledger."""
+    row = conn.execute("SELECT head_position FROM ledgers WHERE name = %s", (ledger,)).fetchone()
+    return int(row[0]) if row else None
+
+
+def _counted(lines: Any, progress: Progress) -> Any:
+    """The lines of a file, reporting the characters read so far every 1,000 lines."""
+    done = 0
+    for number, line in enumerate(lines, start=1):
+        done += len(line)
+        if number % 1_000 == 0:
+            progress(done)
+        yield line
+
+
 @app.command()
 def verify(
     ledger: LedgerOption,
@@ -187,7 +204,9 @@ def verify(
             _fail(f"cannot read a key or checkpoint: {exc}")
         with database_url(settings) as url, postgres.connect(url) as conn:
             try:
-                report = audit.verify(conn, ledger, keys or None, kept)
+                with Progress("verifying", _head(conn, ledger)) as progress:
+                    report = audit.verify(conn, ledger, keys or None, kept, progress)
+                    progress.done = report.head
             except LookupError as exc:
                 _fail(str(exc))
         audit.write_json(report, sys.stdout)
@@ -215,13 +234,13 @@ def replay(
         result, held = Replay(), model.Positions()
         with database_url(settings) as url, postgres.connect(url) as conn:
             position = _position(conn, ledger, until)
-            with typer.progressbar(length=position, label="replaying", file=sys.stderr) as bar:
+            with Progress("replaying", position) as progress:
                 for at, topic, state in stream(conn, ledger, position):
                     result.apply(at, topic, bytes(state))
                     held.apply(to_event(ledger, at, topic, bytes(state)))
-                    if at % 10_000 == 0:
-                        bar.update(10_000)
-                bar.update(position % 10_000)
+                    if at % 1_000 == 0:
+                        progress(at)
+                progress.done = result.position
         balances = [
             {
                 "account": a,
@@ -292,7 +311,10 @@ def seal(ledger: LedgerOption) -> None:
         assert settings.signing_key_file is not None
         key = audit.load_private_key(settings.signing_key_file)
         with database_url(settings) as url, postgres.connect(url) as conn:
-            print(json.dumps(audit.seal(conn, ledger, key).as_json(), indent=2))
+            with Progress("sealing", _head(conn, ledger)) as progress:
+                checkpoint = audit.seal(conn, ledger, key, progress)
+                progress.done = checkpoint.tree_size
+            print(json.dumps(checkpoint.as_json(), indent=2))
 
     _run(action)
 
@@ -306,8 +328,14 @@ def export(
     from ledger import audit, postgres
 
     def action(settings: Settings) -> None:
-        with database_url(settings) as url, postgres.connect(url) as conn, out.open("w") as f:
-            count = audit.export(conn, ledger, f)
+        with (
+            database_url(settings) as url,
+            postgres.connect(url) as conn,
+            out.open("w") as f,
+            Progress("exporting", _head(conn, ledger)) as progress,
+        ):
+            count = audit.export(conn, ledger, f, progress)
+            progress.done = count
         print(f"{count} events written to {out}", file=sys.stderr)
 
     _run(action)
@@ -784,11 +812,17 @@ def projections_follow() -> None:
 @projections_app.command("rebuild")
 def projections_rebuild(ledger: LedgerOption) -> None:
     """Rebuilds from position zero into shadow tables, then swaps them in atomically."""
+    from ledger import postgres
     from projections import runner
 
     def action(settings: Settings) -> None:
         with database_url(settings) as url:
-            print(json.dumps({"positions": runner.rebuild(url, ledger)}))
+            with postgres.connect(url) as conn:
+                head = _head(conn, ledger)
+            with Progress("rebuilding", head) as progress:
+                position = runner.rebuild(url, ledger, progress)
+                progress.done = position
+            print(json.dumps({"positions": position}))
 
     _run(action)
 
@@ -831,14 +865,18 @@ def audit_verify(
 ) -> None:
     """Verifies an export with nothing but it and the public key; exits 1 on any failure."""
     from ledger import audit
+    from ledger.logging import configure_logging
 
+    configure_logging("info", json=False)  # progress lines when stderr is not a terminal
     try:
         key = [audit.load_public_key(k) for k in public_key]
         trusted = (
             audit.Checkpoint.from_json(json.loads(checkpoint.read_text())) if checkpoint else None
         )
-        with export_file.open() as f:
-            report = audit.verify_export(f, key, ledger, trusted)
+        size = export_file.stat().st_size
+        with export_file.open() as f, Progress("verifying", size, "bytes") as progress:
+            report = audit.verify_export(_counted(f, progress), key, ledger, trusted)
+            progress.done = size
     except (OSError, ValueError, KeyError) as exc:
         _fail(str(exc))
     audit.write_json(report, sys.stdout)

@@ -20,7 +20,10 @@ def configure_logging(level: str = "info", json: bool = True) -> None:
         structlog.processors.format_exc_info,
     ]
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer()
+        if json
+        # Colours only on a terminal: a pipe or a file gets plain lines
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
         # Drop lines below the level before any processor runs.

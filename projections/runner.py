@@ -192,7 +192,9 @@ class Runner:
         self.position = self.projection.tracking.notification_id
         return len(notifications)
 
-    def catch_up(self, until: int | None = None) -> int:
+    def catch_up(
+        self, until: int | None = None, progress: Callable[[int], None] | None = None
+    ) -> int:
         head = until if until is not None else (self.recorder.max_notification_id() or 0)
         while self.position < head:
             try:
@@ -200,6 +202,8 @@ class Runner:
                     break
             except _Moved:
                 self._reload()
+            if progress is not None:  # once a batch (ledger/progress.py)
+                progress(self.position)
         return self.position
 
 
@@ -276,7 +280,7 @@ def status(conn: psycopg.Connection[Any], ledger: str) -> list[dict[str, Any]]:
     ]
 
 
-def rebuild(url: str, ledger: str) -> int:
+def rebuild(url: str, ledger: str, progress: Callable[[int], None] | None = None) -> int:
     """Rebuilds the ledger's positions from position zero into shadow tables and swaps them in
     atomically; returns the position they were rebuilt to."""
     live = f"positions:{ledger}"
@@ -291,7 +295,7 @@ def rebuild(url: str, ledger: str) -> int:
         )
     shadow = Runner(url, ledger, "_next")
     try:
-        shadow.catch_up()  # the long part, while the live projection keeps serving
+        shadow.catch_up(progress=progress)  # the long part, while the live one serves
         conn, ledger_id = shadow.conn, shadow.view.ledger_id
         with conn.transaction():
             # Hold the live tracking row: the live runner waits; catch up the last few events.
