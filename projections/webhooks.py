@@ -168,12 +168,21 @@ class Deliverer:
             "webhook-signature": sign(secret, msg_id, timestamp, body),
         }
         try:
-            response = await self.client.post(url, content=body, headers=headers)
+            # One bound for the whole exchange (httpx's applies to each read or write), inside
+            # the claim, so that a slow receiver is not sent the same event by another relay.
+            status = await asyncio.wait_for(
+                self._status(url, body, headers), self.schedule.timeout_s
+            )
         except Exception as exc:
             return None, type(exc).__name__
-        if 200 <= response.status_code < 300:
-            return response.status_code, None
-        return response.status_code, f"HTTP {response.status_code}"
+        if 200 <= status < 300:
+            return status, None
+        return status, f"HTTP {status}"
+
+    async def _status(self, url: str, body: bytes, headers: dict[str, str]) -> int:
+        # Streamed and never read: a receiver's answer body (of any size) is not our business.
+        async with self.client.stream("POST", url, content=body, headers=headers) as response:
+            return response.status_code
 
     async def _record(
         self,
