@@ -8,6 +8,7 @@ Every socket is on 127.0.0.1; every wait is bounded; the servers are stopped at 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import select
 import socket
@@ -711,3 +712,18 @@ def test_metrics_labels_stay_bounded_whatever_the_method_ledger_or_path(
     assert weird not in text and ledger not in text
     assert 'method="OTHER"' in text
     assert 'route="/v1/ledgers/{ledger}/accounts"' in text
+
+
+def test_every_operation_in_the_openapi_document_refuses_an_unknown_query_parameter(
+    client: TestClient,
+) -> None:
+    document = client.get("/v1/openapi.json").json()
+    checked = 0
+    for path, operations in document["paths"].items():
+        concrete = re.sub(r"\{[^}]+\}", "x", path)
+        for method in operations:
+            r = client.request(method.upper(), concrete + "?zz_unknown=1", json={})
+            assert r.status_code == 400, (method, path, r.status_code, r.text[:200])
+            assert r.json()["code"] == "unknown_query_parameter"
+            checked += 1
+    assert checked >= 30
