@@ -6,8 +6,9 @@ a byte a minute, or a body it never finishes is held open for ever, each one a s
 parser and (for a body) a task. :class:`EdgeProtocol` is uvicorn's own httptools protocol with
 three additions, each a few lines around uvicorn's callbacks:
 
-- a cap on open connections (``connections_max``): one past it gets a short 503 and is closed
-  at once, before anything is parsed;
+- a cap on open HTTP connections (``connections_max``): one past it gets a short 503 and is
+  closed at once, before anything is parsed (WebSocket streams count against
+  ``stream_clients_max`` instead);
 - a deadline for the request line and headers (``header_timeout_s``, from the connection's
   start or the end of the previous request) and a cap on their size (``header_bytes_max``):
   past either, 408 or 431 and a close;
@@ -51,6 +52,9 @@ class EdgeProtocol(HttpToolsProtocol):
     per server."""
 
     connections_max: ClassVar[int] = limits.connections_max
+    open_connections: ClassVar[set[EdgeProtocol]] = set()
+    """This server's HTTP connections (a WebSocket leaves it on upgrade: streams are bounded
+    by ``stream_clients_max`` instead, and must not crowd out HTTP requests)."""
     header_timeout_s: ClassVar[float] = limits.header_timeout_s
     body_timeout_s: ClassVar[float] = limits.body_timeout_s
     header_bytes_max: ClassVar[int] = limits.header_bytes_max
@@ -62,13 +66,15 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > self.connections_max:
+        self.open_connections.add(self)
+        if len(self.open_connections) > self.connections_max:
             self._refuse(errors.Unavailable("too many connections; retry in a moment"))
             return
         # Also a connection that never sends a byte: uvicorn arms no timer for it.
         self._arm(self.header_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.open_connections.discard(self)
         self._disarm()
         super().connection_lost(exc)
 
@@ -107,6 +113,7 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def handle_websocket_upgrade(self) -> None:
         self._disarm()  # the WebSocket protocol takes over the connection, with its own pings
+        self.open_connections.discard(self)
         super().handle_websocket_upgrade()
 
     # Parser callbacks: the head is counted as it is parsed, then the deadline moves on.
@@ -194,6 +201,7 @@ def protocol_for(settings: Settings) -> type[EdgeProtocol]:
         "connections_max": settings.connections_max,
         "header_timeout_s": settings.header_timeout_s,
         "body_timeout_s": settings.body_timeout_s,
+        "open_connections": set(),
     }
     return type("EdgeProtocol", (EdgeProtocol,), bounds)
 

@@ -273,6 +273,28 @@ def test_connections_past_the_cap_are_refused_at_once_and_the_server_recovers(
             time.sleep(0.2)
 
 
+def test_websocket_streams_do_not_count_against_the_http_connection_cap(
+    database_url: str,
+) -> None:
+    from websockets.sync.client import connect
+
+    env = {"LEDGER_CONNECTIONS_MAX": "2"}
+    with served(database_url, env) as (base, token):
+        name = "ws" + secrets.token_hex(4)
+        auth = bearer(token)
+        created = httpx.post(base + "/v1/ledgers", json={"name": name}, headers=auth)
+        assert created.status_code == 201
+        url = base.replace("http", "ws") + f"/v1/ledgers/{name}/events/stream?after=0"
+        streams = [connect(url, additional_headers=auth, open_timeout=10) for _ in range(3)]
+        try:
+            for stream in streams:
+                assert '"position"' in str(stream.recv(timeout=10))  # each one is live
+            assert _healthy(base)  # and HTTP still has its two connections
+        finally:
+            for stream in streams:
+                stream.close()
+
+
 # --- TLS --------------------------------------------------------------------------------
 
 
