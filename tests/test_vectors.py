@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -321,12 +321,164 @@ def test_canonical_json_writes_exponents_without_leading_zeros_and_escapes_only_
     assert b'"metadata":{"f":1.5e-7,"g":1e+16,"s":"\\u001f\xe2\x80\xa8/\\"\\\\"}' in state
 
 
+# --- Every event kind as the write path makes it ---------------------------------------------
+#
+# One command of each kind through the write path's group (ledger/log.py ``_Group``, in memory):
+# the stored bytes of each event, and the chain over them recomputed with hashlib.
+
+
+def scripted_group() -> tuple[log._Group, list[domain.Command]]:
+    accounts = {n: domain.Account(i + 1, n, "liability", {}, i + 2) for i, n in enumerate("abc")}
+    state = domain.LedgerState({"USD": 2}, accounts, {})
+    loaded = log._Loaded(4, bytes(32), NOW, {}, state, {"USD": 1}, [], [9])
+    group = log._Group(log.LedgerRef(1, "main"), loaded)
+
+    def one(debit: str, credit: str, amount: int) -> tuple[domain.Posting, ...]:
+        return (domain.Posting(debit, credit, USD, amount),)
+
+    commands: list[domain.Command] = [
+        domain.DefineAsset(Asset("XAU", 4), 1000),
+        domain.OpenAccount("d", "asset", {"n": 1}),
+        domain.SetGuard("a", "debits_must_not_exceed_credits", {"USD": 500}),
+        domain.PostTransfer("t1", one("a", "b", 150), {"o": 1}),
+        domain.PostTransfer(
+            "h1",
+            one("b", "c", 40),
+            pending=True,
+            timeout_s=60,
+            effective_at=NOW - timedelta(hours=1),
+        ),
+        domain.PostPending("p1", "h1", 30, {"m": 2}),
+        domain.PostTransfer("h2", one("b", "c", 5), pending=True),
+        domain.VoidPending("v1", "h2"),
+        domain.ReverseTransfer("r1", "t1", 50),
+        domain.SetFrozen("c", True),
+        domain.SetFrozen("c", False),
+        domain.UpdateAccountMetadata("d", {"x": "y"}),
+        domain.CloseAccount("d"),
+        domain.PostTransfer("h3", one("a", "c", 7), pending=True, timeout_s=1),
+        domain.ExpirePending("h3"),
+    ]
+    return group, commands
+
+
+SCRIPTED_EVENTS = [
+    (
+        "AssetDefined",
+        b'{"asset":"XAU/4","class_version":2,"meta":{"actor":"k"},'
+        b'"posting_amount_max":"1000",'
+        b'"recorded_at":"2026-11-24T12:00:00.000000+00:00"}',
+    ),
+    (
+        "AccountOpened",
+        b'{"account":"d","meta":{"actor":"k"},"metadata":{"n":1},'
+        b'"recorded_at":"2026-11-24T12:00:00.000000+00:00","type":"asset"}',
+    ),
+    (
+        "AccountGuardSet",
+        b'{"account":"a","limits":{"USD/2":"500"},"meta":{"actor":"k"},'
+        b'"recorded_at":"2026-11-24T12:00:00.000000+00:00",'
+        b'"rule":"debits_must_not_exceed_credits"}',
+    ),
+    (
+        "TransferPosted",
+        b'{"effective_at":"2026-11-24T12:00:00.000000+00:00","key":"t1",'
+        b'"meta":{"actor":"k"},"metadata":{"o":1},"postings":[{"amount":"150",'
+        b'"asset":"USD/2","credit":"b","debit":"a"}],'
+        b'"recorded_at":"2026-11-24T12:00:00.000000+00:00"}',
+    ),
+    (
+        "TransferPending",
+        b'{"effective_at":"2026-11-24T11:00:00.000000+00:00",'
+        b'"expires_at":"2026-11-24T12:01:00.000000+00:00","key":"h1",'
+        b'"meta":{"actor":"k"},"metadata":{},"postings":[{"amount":"40",'
+        b'"asset":"USD/2","credit":"c","debit":"b"}],'
+        b'"recorded_at":"2026-11-24T12:00:00.000000+00:00"}',
+    ),
+    (
+        "PendingTransferPosted",
+        b'{"effective_at":"2026-11-24T12:00:00.000000+00:00","key":"p1",'
+        b'"meta":{"actor":"k"},"metadata":{"m":2},"pending_key":"h1",'
+        b'"postings":[{"amount":"30","asset":"USD/2","credit":"c","debit":"b"}],'
+        b'"recorded_at":"2026-11-24T12:00:00.000000+00:00"}',
+    ),
+    (
+        "TransferPending",
+        b'{"effective_at":"2026-11-24T12:00:00.000000+00:00","expires_at":null,'
+        b'"key":"h2","meta":{"actor":"k"},"metadata":{},"postings":[{"amount":"5",'
+        b'"asset":"USD/2","credit":"c","debit":"b"}],'
+        b'"recorded_at":"2026-11-24T12:00:00.000000+00:00"}',
+    ),
+    (
+        "PendingTransferVoided",
+        b'{"key":"v1","meta":{"actor":"k"},"metadata":{},"pending_key":"h2",'
+        b'"recorded_at":"2026-11-24T12:00:00.000000+00:00"}',
+    ),
+    (
+        "TransferReversed",
+        b'{"effective_at":"2026-11-24T12:00:00.000000+00:00","key":"r1",'
+        b'"meta":{"actor":"k"},"metadata":{},"original_key":"t1",'
+        b'"postings":[{"amount":"50","asset":"USD/2","credit":"a","debit":"b"}],'
+        b'"recorded_at":"2026-11-24T12:00:00.000000+00:00"}',
+    ),
+    (
+        "AccountFrozen",
+        b'{"account":"c","meta":{"actor":"k"},"recorded_at":"2026-11-24T12:00:00.000000+00:00"}',
+    ),
+    (
+        "AccountUnfrozen",
+        b'{"account":"c","meta":{"actor":"k"},"recorded_at":"2026-11-24T12:00:00.000000+00:00"}',
+    ),
+    (
+        "AccountMetadataUpdated",
+        b'{"account":"d","meta":{"actor":"k"},"metadata":{"x":"y"},'
+        b'"recorded_at":"2026-11-24T12:00:00.000000+00:00"}',
+    ),
+    (
+        "AccountClosed",
+        b'{"account":"d","meta":{"actor":"k"},"recorded_at":"2026-11-24T12:00:00.000000+00:00"}',
+    ),
+    (
+        "TransferPending",
+        b'{"effective_at":"2026-11-24T12:00:00.000000+00:00",'
+        b'"expires_at":"2026-11-24T12:00:01.000000+00:00","key":"h3",'
+        b'"meta":{"actor":"k"},"metadata":{},"postings":[{"amount":"7",'
+        b'"asset":"USD/2","credit":"c","debit":"a"}],'
+        b'"recorded_at":"2026-11-24T12:00:00.000000+00:00"}',
+    ),
+    (
+        "PendingTransferExpired",
+        b'{"expires_at":"2026-11-24T12:00:01.000000+00:00","meta":{"actor":"k"},'
+        b'"pending_key":"h3","recorded_at":"2026-11-24T12:00:00.000000+00:00"}',
+    ),
+]
+SCRIPTED_HEAD = "b00d516299fd4c3b84312b0f8d88035f587a755e9f741ace44fbf5c7c284dcb9"
+
+
+def test_every_event_kind_is_stored_as_these_bytes_and_chained_by_the_formula() -> None:
+    group, commands = scripted_group()
+    for command in commands:
+        outcome = group.decide(command, {"actor": "k"})
+        assert isinstance(outcome, log.Committed), outcome
+    stored = [(a.event.position, a.stored.topic, a.stored.state, a.hash) for a in group.accepted]
+    assert [(t, s) for _, t, s, _ in stored] == [
+        (f"ledger.events:{name}", state) for name, state in SCRIPTED_EVENTS
+    ]
+    previous = bytes(32)  # the head the group started from, at position 4
+    for position, topic, state, digest in stored:
+        previous = sha(previous, position.to_bytes(8, "big"), topic.encode(), b"\0", state)
+        assert digest == previous, position
+    assert [p for p, _, _, _ in stored] == list(range(5, 5 + len(commands)))
+    assert group.hash == previous and group.position == 4 + len(commands)
+    assert group.hash.hex() == SCRIPTED_HEAD
+
+
 # --- Idempotency request hashes (ledger/domain.py request_hash) -------------------------------
 
 POSTING = domain.Posting("alice", "bob", USD, 150)
 POSTING_JSON = b'{"amount":"150","asset":"USD/2","credit":"bob","debit":"alice"}'
 
-REQUEST_BYTES: list[tuple[domain.Keyed, bytes]] = [
+REQUEST_BYTES: list[tuple[domain.Idempotent, bytes]] = [
     (
         domain.PostTransfer("k", (POSTING,)),
         b'{"metadata":{},"postings":[' + POSTING_JSON + b"]}",
@@ -354,12 +506,27 @@ REQUEST_BYTES: list[tuple[domain.Keyed, bytes]] = [
         domain.ReverseTransfer("k", "t-1", 25),
         b'{"amount":"25","metadata":{},"reverse":"t-1"}',
     ),
+    (
+        domain.OpenAccount("x", "asset", {"n": 1}, key="k"),
+        b'{"metadata":{"n":1},"open_account":"x","type":"asset"}',
+    ),
+    (
+        domain.SetGuard("a", "debits_must_not_exceed_credits", {"USD": 5}, key="k"),
+        b'{"limits":{"USD":"5"},"rule":"debits_must_not_exceed_credits","set_guard":"a"}',
+    ),
+    (domain.SetFrozen("a", True, key="k"), b'{"freeze":"a"}'),
+    (domain.SetFrozen("a", False, key="k"), b'{"unfreeze":"a"}'),
+    (domain.CloseAccount("a", key="k"), b'{"close":"a"}'),
+    (
+        domain.UpdateAccountMetadata("a", {"x": 1}, key="k"),
+        b'{"metadata":{"x":1},"set_metadata":"a"}',
+    ),
 ]
 
 
 @pytest.mark.parametrize("command, request_bytes", REQUEST_BYTES)
 def test_the_request_hash_of_each_command_kind_is_sha256_of_its_canonical_fields(
-    command: domain.Keyed, request_bytes: bytes
+    command: domain.Idempotent, request_bytes: bytes
 ) -> None:
     assert canonical(command.request_fields()) == request_bytes
     assert command.request_hash() == sha(request_bytes)
@@ -377,6 +544,12 @@ PINNED_REQUEST_HASHES = [
     "59ed8095f3c73449",
     "5e9242f8c3edc5fa",
     "032f99fea95b8983",
+    "1b7b3d497b9a64bf",
+    "57999da3ba33d45f",
+    "0bdfb01d34a0fe26",
+    "ec0dc27f453a1f1d",
+    "ff703d2c9c0c364b",
+    "f383e0ef99e6ac30",
 ]
 
 
@@ -387,10 +560,10 @@ def group_with(known: dict[str, tuple[int, bytes]]) -> log._Group:
     return log._Group(log.LedgerRef(1, "main"), loaded)
 
 
-def reused(first: domain.Keyed, second: domain.Keyed) -> str:
+def reused(first: domain.Idempotent, second: domain.Idempotent) -> str:
     """What the write path makes of ``second`` arriving with the key ``first`` committed with."""
     group = group_with({first.key: (42, first.request_hash())})
-    outcome = group.decide(second, {})
+    outcome = group.decide(second, {})  # type: ignore[arg-type]
     assert outcome == 42, outcome  # never decided anew: the key is taken
     return "conflict" if group.conflicts else "replay"
 
@@ -462,7 +635,7 @@ def test_a_reused_key_with_the_same_request_is_a_replay_whatever_the_link() -> N
     assert reused(BASE, linked) == "replay"  # linked is how a batch groups items, not the request
 
 
-AMEND_CHANGES: list[tuple[domain.Keyed, domain.Keyed]] = [
+AMEND_CHANGES: list[tuple[domain.Idempotent, domain.Idempotent]] = [
     (domain.PostPending("k", "p"), domain.PostPending("k", "q")),
     (domain.PostPending("k", "p"), domain.PostPending("k", "p", 5)),
     (domain.PostPending("k", "p", 5), domain.PostPending("k", "p", 6)),
@@ -473,6 +646,23 @@ AMEND_CHANGES: list[tuple[domain.Keyed, domain.Keyed]] = [
     (domain.ReverseTransfer("k", "t"), domain.ReverseTransfer("k", "t", 5)),
     (domain.ReverseTransfer("k", "t", 5), domain.ReverseTransfer("k", "t", 4)),
     (domain.ReverseTransfer("k", "t"), domain.ReverseTransfer("k", "t", metadata={"a": 1})),
+    (domain.OpenAccount("x", "asset", key="k"), domain.OpenAccount("y", "asset", key="k")),
+    (domain.OpenAccount("x", "asset", key="k"), domain.OpenAccount("x", "equity", key="k")),
+    (domain.OpenAccount("x", "asset", key="k"), domain.OpenAccount("x", "asset", {"a": 1}, "k")),
+    (domain.SetGuard("a", "none", key="k"), domain.SetGuard("b", "none", key="k")),
+    (
+        domain.SetGuard("a", "none", key="k"),
+        domain.SetGuard("a", "credits_must_not_exceed_debits", key="k"),
+    ),
+    (domain.SetGuard("a", "none", {"USD": 1}, "k"), domain.SetGuard("a", "none", {"USD": 2}, "k")),
+    (domain.SetFrozen("a", True, "k"), domain.SetFrozen("a", False, "k")),
+    (domain.SetFrozen("a", True, "k"), domain.SetFrozen("b", True, "k")),
+    (domain.CloseAccount("a", "k"), domain.CloseAccount("b", "k")),
+    (
+        domain.UpdateAccountMetadata("a", {"x": 1}, "k"),
+        domain.UpdateAccountMetadata("a", {"x": 2}, "k"),
+    ),
+    (domain.CloseAccount("a", "k"), domain.SetFrozen("a", True, "k")),
     # Another kind of command under the same key and target.
     (domain.PostPending("k", "p"), domain.VoidPending("k", "p")),
     (domain.ReverseTransfer("k", "p"), domain.PostPending("k", "p")),
@@ -480,8 +670,8 @@ AMEND_CHANGES: list[tuple[domain.Keyed, domain.Keyed]] = [
 
 
 @pytest.mark.parametrize("first, second", AMEND_CHANGES)
-def test_a_reused_key_for_posting_voiding_or_reversing_with_a_change_is_a_conflict(
-    first: domain.Keyed, second: domain.Keyed
+def test_a_reused_key_for_any_other_command_with_a_change_is_a_conflict(
+    first: domain.Idempotent, second: domain.Idempotent
 ) -> None:
     assert reused(first, second) == "conflict"
     assert reused(first, first) == "replay"
