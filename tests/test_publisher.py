@@ -96,32 +96,54 @@ def only_these_ledgers(url: str, ledgers: list[str]) -> None:
         )
 
 
-@pytest.fixture
-def nats_url() -> Iterator[str]:
-    """A nats-server with JetStream on a free loopback port, in a temp dir; gone afterwards."""
-    assert NATS_SERVER is not None
-    port = free_port()
-    store = tempfile.mkdtemp(prefix="ledger-nats-")
-    process = subprocess.Popen(
-        [NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", store],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        url = f"nats://127.0.0.1:{port}"
+class Broker:
+    """A nats-server with JetStream on a free loopback port, its store in a temp dir; it can be
+    killed and started again on the same port and store."""
+
+    def __init__(self) -> None:
+        assert NATS_SERVER is not None
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.store = tempfile.mkdtemp(prefix="ledger-nats-")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert NATS_SERVER is not None
+        self.process = subprocess.Popen(
+            [NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", self.store],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 15
-        while not _answers(url):
-            assert process.poll() is None and time.monotonic() < deadline, "nats-server failed"
+        while not _answers(self.url):
+            assert self.process.poll() is None, "nats-server exited"
+            assert time.monotonic() < deadline, "nats-server did not answer in 15 s"
             time.sleep(0.1)
-        yield url
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+        if self.process is not None:
+            self.process.wait()
+
+    def stop(self) -> None:
+        self.kill()  # its store goes too: nothing to shut down gracefully for
+        shutil.rmtree(self.store, ignore_errors=True)
+
+
+@pytest.fixture
+def broker() -> Iterator[Broker]:
+    running = Broker()
+    try:
+        running.start()
+        yield running
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        shutil.rmtree(store, ignore_errors=True)
+        running.stop()
+
+
+@pytest.fixture
+def nats_url(broker: Broker) -> str:
+    return broker.url
 
 
 def _answers(url: str) -> bool:
@@ -292,3 +314,36 @@ def test_the_server_publishes_beside_itself_with_LEDGER_PUBLISH_NATS_URL(
     assert [(e["ledger"], e["position"], e["type"]) for e in received] == [
         (ledger_name, 1, "LedgerCreated")
     ]
+
+
+@needs_nats
+def test_a_broker_killed_mid_stream_and_restarted_still_holds_each_position_once(
+    database_url: str, broker: Broker, tmp_path: Path
+) -> None:
+    rng = random.Random(1414)
+    ledger = f"brk{rng.randrange(16**8):08x}"
+    write_events(database_url, [ledger], 1500)
+    only_these_ledgers(database_url, [ledger])
+    head = heads(database_url, [ledger])[ledger]
+    log = tmp_path / "publisher.log"
+    publisher = Publisher(database_url, broker.url, log)
+    try:
+        for _ in range(2):
+            before = tracked(database_url, [ledger])
+            deadline = time.monotonic() + 30
+            while tracked(database_url, [ledger]) == before:
+                assert time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, 0.1))
+            broker.kill()  # the messages it acknowledged are in its store
+            broker.start()
+        deadline = time.monotonic() + 60
+        while tracked(database_url, [ledger]) < head:
+            assert publisher.process.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "no catch-up in 60 s: " + log.read_text()[-2000:]
+            time.sleep(0.1)
+    finally:
+        publisher.kill()
+    assert "publish failed; retrying" in log.read_text(), "the broker was never lost mid-stream"
+    received = consume(broker.url, [ledger], stop_after=None)
+    assert [e["position"] for e in received] == list(range(1, head + 1))
