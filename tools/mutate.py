@@ -49,6 +49,7 @@ TARGETS: dict[str, tuple[str, ...] | None] = {
 # Fast tests: none needs a database (tests that ask for one are deselected).
 TESTS = [
     "tests/test_vectors.py",
+    "tests/test_decisions.py",
     "tests/test_codes.py",
     "tests/test_limits_both_sides.py",
     "tests/test_domain.py",
