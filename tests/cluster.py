@@ -30,6 +30,18 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 DBNAME = "ledger"
 START_TIMEOUT_S = 90.0
+MONITOR_SETTINGS = {
+    # Defaults: a check every 5 s, unhealthy after 20 s, then 30 s for the old primary to demote
+    # itself: ~50 s to promotion. Scaled down together for the tests (~8 s), keeping the rule
+    # that makes two primaries impossible: the monitor waits longer (primary_demote_timeout)
+    # than an isolated primary's keeper takes to demote itself (network_partition_timeout).
+    "pgautofailover.health_check_period": "1000",
+    "pgautofailover.health_check_timeout": "1000",
+    "pgautofailover.health_check_retry_delay": "500",
+    "pgautofailover.node_considered_unhealthy_timeout": "3000",
+    "pgautofailover.primary_demote_timeout": "6000",
+}
+NETWORK_PARTITION_TIMEOUT_S = 3
 
 
 def missing() -> str | None:
@@ -89,8 +101,8 @@ class Cluster:
             "LANG": "C.UTF-8",
         }
 
-    def _argv(self, *args: str) -> list[str]:
-        argv = ["pg_autoctl", *args]
+    def _argv(self, *args: str, program: str = "pg_autoctl") -> list[str]:
+        argv = [program, *args]
         if os.geteuid() == 0:
             return ["runuser", "-u", "postgres", "--", "env", *_env_args(self._env()), *argv]
         return argv
@@ -163,6 +175,17 @@ class Cluster:
             time.sleep(0.5)
         raise TimeoutError(f"cluster states {states}, wanted {wanted}\n{self.tail()}")
 
+    def wait_healthy(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Until one node is primary and the other a secondary (caught up), both settled."""
+        deadline = time.monotonic() + timeout
+        states: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            states = self.states()
+            if sorted(states.values()) == ["primary", "secondary"]:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"cluster states {states}\n{self.tail()}")
+
     def primary(self) -> Node:
         states = self.states()
         for node in self.nodes:
@@ -177,12 +200,16 @@ class Cluster:
                 return node
         raise LookupError(f"no secondary: {states}")
 
-    def kill_postmaster(self, node: Node) -> None:
-        """SIGKILL of the node's postmaster, as when its machine dies (its keeper lives on
-        and restarts it; the monitor promotes the standby meanwhile)."""
+    def kill_node(self, node: Node) -> None:
+        """The node's machine dies: SIGKILL of its postmaster and of its keeper (which would
+        otherwise restart Postgres in place, often before the monitor fails over)."""
         pid = node.postmaster_pid()
-        assert pid is not None, f"{node.name} has no postmaster"
-        os.kill(pid, signal.SIGKILL)
+        assert pid is not None and node.process is not None, f"{node.name} is not running"
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        node.process.wait(timeout=10)
 
     def read_only_url(self, node: Node) -> str:
         return node.url
@@ -239,18 +266,29 @@ def cluster() -> Iterator[Cluster]:
         c.ctl(
             "create", "monitor", "--pgdata", str(c.monitor.pgdata),
             "--pgport", str(c.monitor.port), "--hostname", "127.0.0.1",
-            "--auth", "trust", "--no-ssl",
+            "--listen", "127.0.0.1", "--auth", "trust", "--no-ssl",
         )  # fmt: skip
         c._run(c.monitor)
         monitor_uri = _wait_uri(c)
+        with psycopg.connect(
+            f"host=127.0.0.1 port={c.monitor.port} dbname=pg_auto_failover user=postgres",
+            autocommit=True,
+        ) as conn:
+            for name, value in MONITOR_SETTINGS.items():
+                conn.execute(f"ALTER SYSTEM SET {name} = {value}")
+            conn.execute("SELECT pg_reload_conf()")
         for name in ("node_a", "node_b"):
             node = Node(name, root / name, free_port())
             c.nodes.append(node)
             c.ctl(
                 "create", "postgres", "--pgdata", str(node.pgdata),
                 "--pgport", str(node.port), "--hostname", "127.0.0.1",
-                "--auth", "trust", "--no-ssl", "--dbname", DBNAME,
+                "--listen", "127.0.0.1", "--auth", "trust", "--no-ssl", "--dbname", DBNAME,
                 "--monitor", monitor_uri, "--name", name,
+            )  # fmt: skip
+            c.ctl(
+                "config", "set", "--pgdata", str(node.pgdata),
+                "timeout.network_partition_timeout", str(NETWORK_PARTITION_TIMEOUT_S),
             )  # fmt: skip
             c._run(node)
             # The first node must be primary before the second is created (it is cloned).
