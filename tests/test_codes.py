@@ -588,6 +588,7 @@ def test_each_family_of_codes_answers_as_problem_json_over_http(
         r = client.post(f"{base}/accounts", json={"name": name, "type": "liability"})
         assert r.status_code == 201
     body = {"postings": [{"debit": "a", "credit": "b", "amount": "5", "asset": "USD/2"}]}
+    back = {"postings": [{"debit": "b", "credit": "a", "amount": "5", "asset": "USD/2"}]}
     # Request shape
     _problem(client.post(f"{base}/transfers", json=body), 400, "idempotency_key_missing")
     bad = {"postings": [{"debit": "a", "credit": "a", "amount": "5", "asset": "USD/2"}]}
@@ -615,6 +616,9 @@ def test_each_family_of_codes_answers_as_problem_json_over_http(
     )
     # Lookups
     _problem(client.get(f"{base}/accounts/zz"), 404, "account_not_found")
+    r = client.post(f"{base}/transfers", json=back, headers={"Idempotency-Key": "ok"})
+    assert r.status_code == 201, r.text
+    _problem(client.get(f"{base}/transfers/ok/proof"), 404, "checkpoint_not_found")
     _problem(
         client.get(f"{base}/accounts/a", params={"as_of": 10**6}), 422, "position_out_of_range"
     )

@@ -63,6 +63,26 @@ def test_entries_say_whether_they_post_or_hold_and_how_much() -> None:
     assert totals(state, "a") == (30, 0, 0, 0)
 
 
+def test_an_entry_of_one_unit_posts_and_a_hold_of_one_unit_does_not() -> None:
+    state = fresh()
+    one = domain.decide(state, pay("t", ("a", "b", 1)), 5, NOW)
+    assert [(e.posted, e.amount) for e in one.entries] == [(True, 1), (True, 1)]
+    hold = domain.decide(state, pay("h", ("a", "b", 1), pending=True), 6, NOW)
+    assert [(e.posted, e.amount) for e in hold.entries] == [(False, 1), (False, 1)]
+
+
+def test_an_error_shows_at_most_60_characters_of_the_value_it_refuses() -> None:
+    from ledger.money import _show
+
+    assert _show("x" * 58) == repr("x" * 58)  # 60 characters: shown whole
+    assert _show("x" * 59) == repr("x" * 59)[:57] + "..."  # 61: cut to 60
+    with pytest.raises(errors.InvalidAmount) as refused:
+        from ledger.money import parse_amount
+
+        parse_amount("9" * 100)
+    assert "'" + "9" * 56 + "..." in refused.value.detail
+
+
 def test_a_partial_post_posts_that_amount_and_releases_the_rest() -> None:
     state = fresh()
     domain.decide(state, pay("h", ("a", "b", 500), pending=True), 5, NOW)
