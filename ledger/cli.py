@@ -62,6 +62,7 @@ def serve(
     """Serves the HTTP API (on an embedded Postgres unless LEDGER_DATABASE_URL is set)."""
 
     def action(settings: Settings) -> None:
+        _refuse_open_server(settings, host or settings.host)  # before anything starts
         from api import server
         from api.app import create_app
         from ledger.logging import configure_logging
@@ -85,12 +86,28 @@ def serve(
     _run(action)
 
 
-def _keys_at_start(url: str, settings: Settings, host: str) -> None:
-    """Deny by default. Without keys off, refuse a non-loopback address; on the embedded
-    default's first start, create an admin key, print it once and keep it beside the data, in a
-    file only its owner can read (the README's walk-through uses it)."""
-    import asyncio
+def _refuse_open_server(settings: Settings, host: str) -> None:
+    """Deny by default: serving without keys is for development, on loopback only."""
     import ipaddress
+
+    if not settings.insecure_no_auth:
+        return
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise LedgerError(
+            f"LEDGER_INSECURE_NO_AUTH is refused on {host}: without API keys, serve only on"
+            " a loopback address (127.0.0.1, ::1)"
+        )
+
+
+def _keys_at_start(url: str, settings: Settings, host: str) -> None:
+    """On the embedded default's first start, create an admin key, print it once and keep it
+    beside the data, in a file only its owner can read (the README's walk-through uses it);
+    elsewhere, warn when no key could be used."""
+    import asyncio
     import os
 
     import structlog
@@ -99,15 +116,6 @@ def _keys_at_start(url: str, settings: Settings, host: str) -> None:
 
     log = structlog.get_logger("ledger.serve")
     if settings.insecure_no_auth:
-        try:
-            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            raise LedgerError(
-                f"LEDGER_INSECURE_NO_AUTH is refused on {host}: without API keys, serve only on"
-                " a loopback address (127.0.0.1, ::1)"
-            )
         return
 
     async def count() -> tuple[int, int]:
@@ -836,13 +844,14 @@ def publish(
 ) -> None:
     """Publishes every committed event to NATS JetStream and delivers webhooks, until stopped
     (Ctrl-C): for servers run with LEDGER_RELAY=false. Stopped anywhere, it resumes."""
-    import asyncio
-
     from projections import publisher
 
     def action(settings: Settings) -> None:
         with database_url(settings) as url, contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(publisher.relay(url, nats_url or settings.publish_nats_url))
+            with psycopg.connect(url) as conn:  # a wrong URL or schema: one line, exit 2
+                conn.execute("SELECT FROM tracking, webhook_deliveries LIMIT 0")
+            # From here on, the database or the broker going away is waited out, not fatal.
+            publisher.relay_until(url, nats_url or settings.publish_nats_url, lambda: False)
 
     _run(action)
 

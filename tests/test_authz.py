@@ -111,10 +111,13 @@ def test_every_route_needs_exactly_its_scope_on_its_own_ledger(
                     assert r.headers["content-type"] == PROBLEM
                     assert r.json()["code"] == "forbidden"
                 checked += 1
-            if "{ledger}" in template or template == "/v1/ledgers":
+            if "{ledger}" in template or (method, template) == ("POST", "/v1/ledgers"):
                 r = call(client, method, path, books, elsewhere)
                 assert r.status_code == 403, (method, path, "foreign ledger", r.text)
                 checked += 1
+            elif (method, template) == ("GET", "/v1/ledgers"):  # listed: only its own ledgers
+                r = call(client, method, path, books, elsewhere)
+                assert r.status_code == 200 and books not in r.text, r.text
     assert checked > 250
 
 
