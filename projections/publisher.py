@@ -19,6 +19,7 @@ is set or a webhook subscription exists; ``ledger publish`` runs it on its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -134,7 +135,8 @@ class Publisher:
     async def close(self) -> None:
         if self.nc is not None:
             nc, self.nc = self.nc, None
-            await nc.close()
+            with contextlib.suppress(Exception):  # a lost connection may fail to close
+                await nc.close()
 
     async def step(self) -> int:
         """Publishes what is new on every ledger (a bounded number of ledgers); returns how
@@ -218,20 +220,21 @@ async def relay(
         await pool.close()
 
 
+def relay_until(url: str, nats_url: str | None, stop: Callable[[], bool]) -> None:
+    """:func:`relay` until ``stop()``, started again after any failure (the database gone, say):
+    ``ledger publish``."""
+    while not stop():
+        try:
+            asyncio.run(relay(url, nats_url, stop))
+        except Exception:
+            logger.exception("relay failed; retrying")
+            time.sleep(limits.relay_retry_pause_s)
+
+
 def relay_from(url: str, nats_url: str | None, log_level: str) -> None:
-    """The server's relay process: :func:`relay` until the server that started it is gone,
-    retrying after a failure."""
+    """The server's relay process: until the server that started it is gone."""
     from ledger.logging import configure_logging
 
     configure_logging(log_level)
     parent = os.getppid()
-
-    def orphaned() -> bool:
-        return os.getppid() != parent
-
-    while not orphaned():
-        try:
-            asyncio.run(relay(url, nats_url, orphaned))
-        except Exception:
-            logger.exception("relay failed; retrying")
-            time.sleep(limits.relay_retry_pause_s)
+    relay_until(url, nats_url, lambda: os.getppid() != parent)

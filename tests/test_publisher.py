@@ -347,3 +347,22 @@ def test_a_broker_killed_mid_stream_and_restarted_still_holds_each_position_once
     assert "publish failed; retrying" in log.read_text(), "the broker was never lost mid-stream"
     received = consume(broker.url, [ledger], stop_after=None)
     assert [e["position"] for e in received] == list(range(1, head + 1))
+
+
+def test_ledger_publish_with_an_unreachable_database_says_so_in_one_line_and_exits_2() -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")},
+        "LEDGER_DATABASE_URL": f"postgresql://nobody@127.0.0.1:{free_port()}/none",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "ledger", "publish", "--nats-url", "nats://127.0.0.1:1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    assert done.stderr.startswith("ledger: cannot use the database"), done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
