@@ -11,7 +11,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from tests.support import make_key, served
+from tests.support import api_client, make_key, served
 
 
 def headers(token: str) -> dict[str, str]:
@@ -98,3 +98,22 @@ def test_handshake_refusals_are_told_apart_by_close_code_and_reason_on_a_real_se
         assert refusal(no_events_scope, ledger_name) == (4403, "forbidden")
         with follow(base, make_key(database_url, ("events",)), ledger_name, 0) as ws:
             assert receive(ws, 1)[0]["type"] == "LedgerCreated"
+
+
+def test_a_full_server_closes_a_new_stream_with_try_again_later(
+    database_url: str, ledger_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from starlette.websockets import WebSocketDisconnect
+
+    from ledger import limits
+    from ledger.settings import Settings
+
+    with api_client(database_url, Settings(relay=False, projections=False)) as client:
+        assert client.post("/v1/ledgers", json={"name": ledger_name}).status_code == 201
+        path = f"/v1/ledgers/{ledger_name}/events/stream?after=0"
+        monkeypatch.setattr(limits, "stream_clients_max", 1)
+        with client.websocket_connect(path) as first:
+            assert json.loads(first.receive_text())["position"] == 1
+            with client.websocket_connect(path) as second, pytest.raises(WebSocketDisconnect) as e:
+                second.receive_text()
+        assert (e.value.code, e.value.reason) == (1013, "overloaded")
