@@ -59,13 +59,17 @@ async def create_webhook(ledger: LedgerPath, body: WebhookIn, request: Request) 
         raise errors.InvalidRequest(f"unknown event type {unknown[0]!r}")
     svc = service(request)
     ref = await svc.ledger_ref(ledger)
-    head = await svc.head(ledger)
-    if body.after is not None and body.after > head:
-        raise errors.PositionOutOfRange(f"after={body.after} is beyond the log's head ({head})")
     secret = new_secret()
     async with svc.pool.connection() as conn, conn.transaction():
         # One creation at a time per ledger, so that the bound below holds.
         await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (5, ref.id))
+        # The head on the primary (a replica's may lag): "from now on" means from here.
+        found = await (
+            await conn.execute("SELECT head_position FROM ledgers WHERE id = %s", (ref.id,))
+        ).fetchone()
+        head = int(found[0]) if found else 0
+        if body.after is not None and body.after > head:
+            raise errors.PositionOutOfRange(f"after={body.after} is beyond the log's head ({head})")
         count = await (
             await conn.execute(
                 "SELECT count(*) FROM webhook_subscriptions"

@@ -314,6 +314,10 @@ def test_managing_webhooks_needs_the_ledgers_scope_and_listing_them_read(
         bad = manager.post(url, json={**body, "event_types": ["NoSuchEvent"]})
         assert bad.status_code == 422 and bad.json()["code"] == "invalid_request", bad.text
         hook = created.json()["id"]
+        at_head = manager.post(url, json={**body, "after": 3})  # the head: a ledger, 2 accounts
+        assert at_head.status_code == 201 and at_head.json()["position"] == 3, at_head.text
+        past = manager.post(url, json={**body, "after": 4})
+        assert past.json()["code"] == "position_out_of_range", past.text
         assert manager.delete(f"{url}/{hook}").status_code == 204
         assert manager.delete(f"{url}/{hook}").json()["code"] == "webhook_not_found"
 
@@ -348,3 +352,22 @@ def test_the_reader_login_sees_subscriptions_and_deliveries_but_no_secret(
         conn.execute("SELECT * FROM webhook_deliveries")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT secret FROM webhook_subscriptions")
+
+
+def test_a_ledger_takes_webhooks_up_to_its_bound_and_refuses_one_more(
+    database_url: str, ledger_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ledger import limits
+
+    monkeypatch.setattr(limits, "webhooks_per_ledger_max", 2)
+    url = f"/v1/ledgers/{ledger_name}/webhooks"
+    with api_client(database_url, NO_RELAY) as client:
+        setup_ledger(client, ledger_name)
+        for i in range(2):
+            r = client.post(url, json={"url": f"http://127.0.0.1:9/{i}"})
+            assert r.status_code == 201, r.text
+        one_more = client.post(url, json={"url": "http://127.0.0.1:9/2"})
+        assert (one_more.status_code, one_more.json()["code"]) == (409, "webhook_limit_reached")
+        first = client.get(url).json()["items"][0]["id"]
+        assert client.delete(f"{url}/{first}").status_code == 204  # a deleted one frees a place
+        assert client.post(url, json={"url": "http://127.0.0.1:9/2"}).status_code == 201
