@@ -118,7 +118,7 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
             settings.read_database_url or database_url, settings.read_pool_size
         )
         await read_pool.open(wait=False)  # a replica down at start must not stop writes
-        app.state.service = LedgerService(pool, read_pool)
+        app.state.service = LedgerService(pool, read_pool, settings.require_sync_standby)
         app.state.authenticator = keys.Authenticator(pool)
         if settings.insecure_no_auth:
             logger.warning(

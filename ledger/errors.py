@@ -390,6 +390,12 @@ class ReplicaBehind(Unavailable):
     status = 503
 
 
+class NotReplicated(Unavailable):
+    code = "not_replicated"
+    title = "The primary has no synchronous standby now; writes are refused until it has; retry"
+    status = 503
+
+
 def all_error_classes() -> list[type[LedgerError]]:
     """Every error class, in the order they are declared (which is the order of checking)."""
     return [

@@ -62,13 +62,17 @@ def _on_primary() -> Iterator[None]:
 
 class LedgerService:
     def __init__(
-        self, pool: AsyncConnectionPool[Any], read_pool: AsyncConnectionPool[Any] | None = None
+        self,
+        pool: AsyncConnectionPool[Any],
+        read_pool: AsyncConnectionPool[Any] | None = None,
+        require_sync: bool = False,
     ) -> None:
         """``pool`` reaches the writable primary; queries go to ``read_pool`` (a replica,
-        ``LEDGER_READ_DATABASE_URL``) when there is one."""
+        ``LEDGER_READ_DATABASE_URL``) when there is one. With ``require_sync``, writes are
+        refused while the primary has no synchronous standby (LEDGER_REQUIRE_SYNC_STANDBY)."""
         self.pool = pool
         self.read_pool = read_pool if read_pool is not None else pool
-        self.writers = Writers(pool)
+        self.writers = Writers(pool, require_sync)
         self._ledgers: dict[str, log.LedgerRef] = {}
 
     async def close(self) -> None:

@@ -38,6 +38,13 @@ class Settings(BaseSettings):
             " pass min_position=N to wait until it has replayed N (docs/operations.md)"
         ),
     )
+    require_sync_standby: bool = Field(
+        False,
+        description=(
+            "Refuse writes (503 not_replicated) while the primary commits without a synchronous"
+            " standby, e.g. pg_auto_failover's wait_primary (ADR 0012)"
+        ),
+    )
     owner_database_url: str | None = Field(
         None,
         description=(

@@ -45,9 +45,14 @@ class _Unit:
 
 
 class LedgerWriter:
-    def __init__(self, pool: AsyncConnectionPool[Any], ledger: log.LedgerRef) -> None:
+    def __init__(
+        self, pool: AsyncConnectionPool[Any], ledger: log.LedgerRef, require_sync: bool = False
+    ) -> None:
         self.pool = pool
         self.ledger = ledger
+        self.require_sync = require_sync
+        """Refuse (503 not_replicated) a group while the primary commits without waiting for a
+        synchronous standby (pg_auto_failover's wait_primary): LEDGER_REQUIRE_SYNC_STANDBY."""
         self._queue: deque[_Unit] = deque()
         self._queued_items = 0
         self._queued_reported = 0  # this writer's share of metrics.QUEUED
@@ -169,6 +174,18 @@ class LedgerWriter:
         self._queued_items -= size
         return group
 
+    async def _write_on(
+        self, conn: psycopg.AsyncConnection[Any], items: list[Item]
+    ) -> list[log.Outcome]:
+        # A commit that was waiting for the standby when the monitor gave up on it is released
+        # without it; this check refuses the groups that come after (ADR 0012).
+        if self.require_sync and not await _replicating(conn):
+            raise errors.NotReplicated(
+                "the primary is not replicating synchronously (no standby); nothing was"
+                " written, retry with the same key"
+            )
+        return await log.write(conn, self.ledger, items, self.cache)
+
     async def _write(
         self, conn: psycopg.AsyncConnection[Any], items: list[Item]
     ) -> list[log.Outcome]:
@@ -176,8 +193,8 @@ class LedgerWriter:
             try:
                 if conn.broken or conn.closed:
                     async with self.pool.connection(timeout=limits.primary_wait_ms / 1000) as fresh:
-                        return await log.write(fresh, self.ledger, items, self.cache)
-                return await log.write(conn, self.ledger, items, self.cache)
+                        return await self._write_on(fresh, items)
+                return await self._write_on(conn, items)
             except PoolTimeout:  # no writable primary: the outcome of the first try is unknown
                 raise errors.Unavailable(
                     "the database connection was lost and no writable primary answered"
@@ -199,6 +216,21 @@ class LedgerWriter:
         raise AssertionError("unreachable")
 
 
+_SYNC_SQL = (
+    "SELECT current_setting('synchronous_standby_names') <> ''"
+    " AND current_setting('synchronous_commit') IN ('on', 'remote_write', 'remote_apply')"
+)
+
+
+async def _replicating(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether a commit on this connection now waits for a synchronous standby. One round trip
+    and a rollback, before the write transaction (only with LEDGER_REQUIRE_SYNC_STANDBY)."""
+    cursor = await conn.execute(_SYNC_SQL)
+    row = await cursor.fetchone()
+    await conn.rollback()
+    return bool(row and row[0])
+
+
 def _no_primary() -> errors.Unavailable:
     return errors.Unavailable(
         f"no writable primary answered within {limits.primary_wait_ms} ms (a failover?);"
@@ -215,14 +247,17 @@ def _fail(group: list[_Unit], error: Exception) -> None:
 class Writers:
     """The writer of each ledger this process writes to, created on first use."""
 
-    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+    def __init__(self, pool: AsyncConnectionPool[Any], require_sync: bool = False) -> None:
         self.pool = pool
+        self.require_sync = require_sync
         self._writers: dict[str, LedgerWriter] = {}
 
     def get(self, ledger: log.LedgerRef) -> LedgerWriter:
         writer = self._writers.get(ledger.name)
         if writer is None:
-            writer = self._writers[ledger.name] = LedgerWriter(self.pool, ledger)
+            writer = self._writers[ledger.name] = LedgerWriter(
+                self.pool, ledger, self.require_sync
+            )
         return writer
 
     def all(self) -> list[LedgerWriter]:

@@ -37,7 +37,7 @@ import structlog
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from ledger import audit, domain, log, merkle
+from ledger import audit, domain, errors, log, merkle, postgres
 from ledger.migrate import migrate
 from ledger.money import Asset
 from ledger.postgres import APP_ROLE, login_as
@@ -261,6 +261,8 @@ def test_a_switchover_moves_the_primary_and_every_write_settles_once(ha: cluster
     assert any(t > switched_at for t, _ in figures.ack_times), "no write after the switchover"
     assert not figures.failed and set(figures.statuses) <= {200, 201, 503}, figures.statuses
     assert verified["ok"], verified
+    # Both nodes up: the primary commits through its synchronous standby, so writes pass.
+    assert _post_requiring_sync(app_url(ha), name, "sync-required") is None
 
 
 @needs_cluster
@@ -400,6 +402,11 @@ def test_a_failover_under_load_loses_and_duplicates_nothing_acknowledged(
         "checkpoints": [first, second],
     }
     print("\nfailover figures:", json.dumps(report))
+    # The old primary's host is gone: the new primary commits alone (wait_primary), and a server
+    # with LEDGER_REQUIRE_SYNC_STANDBY refuses writes rather than acknowledge them on one node.
+    assert ha.states()[new_primary.name] == "wait_primary"
+    refused = _post_requiring_sync(url, name, "sync-required")
+    assert isinstance(refused, errors.NotReplicated), refused
 
 
 def _all_events(client: httpx.Client, name: str) -> list[dict[str, Any]]:
@@ -413,6 +420,49 @@ def _all_events(client: httpx.Client, name: str) -> list[dict[str, Any]]:
         if not page["items"]:
             return events
         after = page["next_after"]
+
+
+# --- LEDGER_REQUIRE_SYNC_STANDBY --------------------------------------------------------------
+
+
+def _post_requiring_sync(url: str, ledger: str, key: str) -> errors.LedgerError | None:
+    """Posts one transfer through a service with ``require_sync``; the refusal, if any."""
+    posting = domain.Posting("bank", "users:0", Asset("USD", 2), 1)
+
+    async def body() -> errors.LedgerError | None:
+        pool = postgres.async_pool(url, 1)
+        await pool.open()
+        svc = LedgerService(pool, require_sync=True)
+        try:
+            await svc.post_transfer(ledger, domain.PostTransfer(key, (posting,)), {"actor": "t"})
+            return None
+        except errors.LedgerError as error:
+            return error
+        finally:
+            await svc.close()
+            await pool.close()
+
+    return asyncio.run(body())
+
+
+def test_with_sync_required_a_primary_without_a_standby_refuses_writes(
+    database_url: str, ledger_name: str
+) -> None:
+    """The suite's Postgres has no synchronous standby, as a primary in wait_primary."""
+
+    async def setup() -> None:
+        pool = postgres.async_pool(database_url, 1)
+        await pool.open()
+        svc = LedgerService(pool)
+        await svc.create_ledger(ledger_name, None, {"actor": "t"})
+        for account in ("bank", "users:0"):
+            await svc.open_account(ledger_name, domain.OpenAccount(account, "liability"), {})
+        await svc.close()
+        await pool.close()
+
+    asyncio.run(setup())
+    refused = _post_requiring_sync(database_url, ledger_name, "k1")
+    assert isinstance(refused, errors.NotReplicated) and refused.status == 503
 
 
 # --- The writer's cache across a failover (no cluster needed) --------------------------------
