@@ -10,6 +10,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -150,6 +151,12 @@ def nats_url(broker: Broker) -> str:
 
 def _answers(url: str) -> bool:
     import nats
+
+    host, port = url.removeprefix("nats://").split(":")
+    try:  # a refused connect is quick; nats.connect's first failure costs about a second
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return False
 
     async def probe() -> None:
         nc = await nats.connect(url, connect_timeout=1, allow_reconnect=False)
