@@ -17,6 +17,7 @@ from starlette.responses import Response
 from api import audit as audit_routes
 from api import errors as api_errors
 from api import keys as key_routes
+from api import periods as period_routes
 from api import queries as query_routes
 from api import ratelimit, routes, ws
 from api import reports as report_routes
@@ -201,6 +202,7 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
     app.include_router(key_routes.router)
     app.include_router(query_routes.router)
     app.include_router(webhook_routes.router)
+    app.include_router(period_routes.router)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> Response:

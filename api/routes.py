@@ -123,12 +123,15 @@ async def post_pending(
     request: Request,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    """Posts a pending transfer, in full or (one posting) in part; the rest is released."""
+    """Posts a pending transfer, in full or in part: `amount` for one posting, `amounts` (one
+    per posting, in order; "0" for none) for any number; the rest is released."""
     return await _keyed(
         request,
         ledger,
         idempotency_key,
-        lambda own: domain.PostPending(own, key, body.amount, dict(body.metadata)),
+        lambda own: domain.PostPending(
+            own, key, body.amount, dict(body.metadata), amounts=body.amounts
+        ),
     )
 
 
@@ -169,14 +172,38 @@ async def reverse(
     request: Request,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    """Books the opposite of a posted transfer, referencing it: in full, or (one posting) in
-    part, never more than remains unreversed."""
+    """Books the opposite of a posted transfer, referencing it: in full, or in part (`amount`
+    for one posting, `amounts` per posting for any number), never more than remains
+    unreversed. A capture's key reverses what its hold posted."""
     return await _keyed(
         request,
         ledger,
         idempotency_key,
-        lambda own: domain.ReverseTransfer(own, key, body.amount, dict(body.metadata)),
+        lambda own: domain.ReverseTransfer(
+            own, key, body.amount, dict(body.metadata), amounts=body.amounts
+        ),
     )
+
+
+@router.put(
+    "/ledgers/{ledger}/transfers/{key}/metadata",
+    response_model=schemas.TransferOut,
+    responses=_problems,
+    openapi_extra=auth.scope("transfers"),
+)
+async def amend_metadata(
+    ledger: LedgerPath,
+    key: KeyPath,
+    body: schemas.MetadataIn,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """Replaces a transfer's metadata with an event (`TransferMetadataAmended`); the
+    transfer's own event keeps what it said first. Answers the transfer as GET does."""
+    own = _key(idempotency_key)
+    command = domain.AmendTransferMetadata(own, key, dict(body.metadata))
+    result = await service(request).amend_transfer(ledger, command, _meta_with_key(request, own))
+    return json_response(result.body, 200, result.replayed)
 
 
 @router.post(
@@ -405,10 +432,13 @@ async def list_postings(
     "/ledgers/{ledger}/transfers/{key}", response_model=schemas.TransferOut, responses=_problems,
     openapi_extra=auth.scope("read"), dependencies=[FRESH],
 )
-async def get_transfer(ledger: LedgerPath, key: KeyPath, request: Request) -> Response:
-    """The transfer as first answered, with its current status and what was reversed."""
+async def get_transfer(
+    ledger: LedgerPath, key: KeyPath, request: Request, as_of: AsOf = None
+) -> Response:
+    """The transfer as first answered, with its metadata as last amended (as it was at log
+    position `as_of`, if given), its current status and what was reversed."""
     svc = service(request)
-    return json_response(await svc.transfer(ledger, key))
+    return json_response(await svc.transfer(ledger, key, as_of))
 
 
 @router.get(

@@ -6,6 +6,7 @@ or booleans, and amounts go through :func:`ledger.money.parse_amount` (ASCII dig
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
@@ -159,10 +160,27 @@ class TransferIn(Strict):
         )
 
 
+PartAmounts = Annotated[
+    Any,
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {"type": "string", "pattern": "^(0|[1-9][0-9]{0,37})$"},
+            "minItems": 1,
+            "maxItems": limits.postings_per_transfer_max,
+            "description": "Per posting, in the transfer's order, the part to post or reverse"
+            " (\"0\": none of that posting); for transfers of any number of postings",
+            "examples": [["100", "0", "50"]],
+        }
+    ),
+]
+
+
 class AmendIn(Strict):
     """Posting a pending transfer, or reversing a posted one."""
 
     amount: OptionalAmount = None
+    amounts: PartAmounts = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     _metadata = field_validator("metadata")(check_metadata)
@@ -171,6 +189,19 @@ class AmendIn(Strict):
     @classmethod
     def _amount(cls, value: Any) -> int | None:
         return None if value is None else parse_amount(value)
+
+    @field_validator("amounts")
+    @classmethod
+    def _amounts(cls, value: Any) -> tuple[int, ...] | None:
+        if value is None:
+            return None
+        if not isinstance(value, list) or not value:
+            raise errors.InvalidRequest("amounts is a list of amounts, one per posting")
+        if len(value) > limits.postings_per_transfer_max:
+            raise errors.PartialAmountsMismatch(
+                f"amounts has at most {limits.postings_per_transfer_max} items"
+            )
+        return tuple(0 if v in ("0", 0) else parse_amount(v) for v in value)
 
 
 class VoidIn(Strict):
@@ -195,10 +226,10 @@ class BatchAmendIn(AmendIn):
     def command(self) -> domain.PostPending | domain.ReverseTransfer:
         if self.action == "post_pending":
             return domain.PostPending(
-                self.id, self.target, self.amount, dict(self.metadata), self.linked
+                self.id, self.target, self.amount, dict(self.metadata), self.linked, self.amounts
             )
         return domain.ReverseTransfer(
-            self.id, self.target, self.amount, dict(self.metadata), self.linked
+            self.id, self.target, self.amount, dict(self.metadata), self.linked, self.amounts
         )
 
 
@@ -240,6 +271,39 @@ class MetadataIn(Strict):
     _metadata = field_validator("metadata")(check_metadata)
 
 
+PeriodDate = Annotated[
+    date, Field(strict=False, description="A UTC date, YYYY-MM-DD", examples=["2026-10-31"])
+]
+Reason = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=limits.period_reason_chars_max,
+        description="Why (required; kept in the event)",
+    ),
+]
+
+
+class ClosePeriodIn(Strict):
+    through: PeriodDate = Field(description="Close every effective date up to and including it")
+    reason: Reason
+
+    _reason = field_validator("reason")(lambda v: domain.check_text(v, "reason"))
+
+    def command(self, key: str) -> domain.ClosePeriod:
+        return domain.ClosePeriod(self.through, self.reason, key)
+
+
+class ReopenPeriodIn(Strict):
+    from_date: PeriodDate = Field(alias="from", description="Reopen every closed date from it on")
+    reason: Reason
+
+    _reason = field_validator("reason")(lambda v: domain.check_text(v, "reason"))
+
+    def command(self, key: str) -> domain.ReopenPeriod:
+        return domain.ReopenPeriod(self.from_date, self.reason, key)
+
+
 class BatchIn(Strict):
     items: list[dict[str, Any]] = Field(
         min_length=1,
@@ -272,6 +336,28 @@ class LedgerOut(BaseModel):
     head: Head
     assets: list[str]
     created_at: str
+    closed_through: str | None = Field(
+        None, description="Effective dates up to and including this UTC date are closed"
+    )
+
+
+class PeriodOut(BaseModel):
+    position: int
+    type: Literal["close", "reopen"]
+    key: str
+    through: str | None = None
+    from_: str | None = Field(None, alias="from")
+    closed_through: str | None
+    reason: str
+    actor: str = Field(description="The API key id that closed or reopened")
+    recorded_at: str
+
+
+class PeriodsOut(BaseModel):
+    ledger: str
+    closed_through: str | None
+    history: list[PeriodOut]
+    next_after: int | None
 
 
 class BalanceOut(BaseModel):
@@ -317,7 +403,14 @@ class TransferOut(BaseModel):
     expires_at: str | None = None
     metadata: dict[str, Any]
     status: str | None = Field(None, description="Current status (GET only)")
-    reversed: list[str] | None = Field(None, description="Reversed so far, per posting (GET only)")
+    reversed: list[str] | None = Field(
+        None,
+        description="Reversed so far, per posting (GET only): a list for every transfer that"
+        " can be reversed (a capture shows its hold's), null for voids and reversals",
+    )
+    metadata_position: int | None = Field(
+        None, description="The position of the event whose metadata is shown (GET only)"
+    )
 
 
 class ItemError(BaseModel):

@@ -362,6 +362,13 @@ class _LogCheck:
             "" if self.unbalanced is None else "a transfer does not balance per asset",
             self.unbalanced,
         )
+        closed = self.replay.in_closed_period
+        report.add(
+            "closed_periods_respected",
+            closed is None,
+            "" if closed is None else "a transfer is dated in a period closed when recorded",
+            closed,
+        )
         net = {a: v for a, v in self.replay.totals().items() if v}
         report.add(
             "trial_balance_zero",
@@ -441,11 +448,12 @@ def _postings_balance(state: bytes) -> bool:
     data = json.loads(state)
     for p in data.get("postings", ()):
         amount, asset = p.get("amount", ""), p.get("asset", "")
+        least = 0 if "pending_key" in data else 1  # a capture may post none of one hold
         if not (
             isinstance(amount, str)
             and amount.isascii()
             and amount.isdigit()
-            and int(amount) > 0
+            and int(amount) >= least
             and "/" in asset
             and p.get("debit") != p.get("credit")
         ):
@@ -481,6 +489,18 @@ def verify(
         "head_matches_log",
         check.position == head and check.previous == head_hash,
         "" if check.position == head else f"head says {head}, log ends at {check.position}",
+    )
+
+    closed = conn.execute(
+        "SELECT closed_through FROM ledgers WHERE id = %s", (ledger_id,)
+    ).fetchone()
+    closed_now = closed[0].isoformat() if closed and closed[0] else None
+    report.add(
+        "closed_periods_match_log",
+        closed_now == check.replay.closed_through,
+        ""
+        if closed_now == check.replay.closed_through
+        else f"closed through {closed_now}, the log says {check.replay.closed_through}",
     )
 
     stored = {
@@ -522,7 +542,9 @@ def verify(
     keys = conn.execute(
         "SELECT count(*) FROM transfers t LEFT JOIN events e ON e.ledger_id = t.ledger_id"
         " AND e.position = t.position WHERE t.ledger_id = %s"
-        " AND (e.position IS NULL OR convert_from(e.state, 'UTF8')::jsonb ->> 'key' <> t.key)",
+        " AND (e.position IS NULL OR coalesce(convert_from(e.state, 'UTF8')::jsonb ->> 'key',"
+        " convert_from(e.state, 'UTF8')::jsonb -> 'meta' ->> 'idempotency_key')"
+        " IS DISTINCT FROM t.key)",
         (ledger_id,),
     ).fetchone()
     report.add(

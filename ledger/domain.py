@@ -16,7 +16,7 @@ import math
 from collections import ChainMap
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal, NamedTuple
 
 from ledger import errors, limits
@@ -216,11 +216,19 @@ class PostPending(Keyed):
     """Post less than the pending amount (single-posting transfers); the rest is released."""
     metadata: dict[str, Any] = field(default_factory=dict)
     linked: bool = False
+    amounts: tuple[int, ...] | None = None
+    """Per posting, in the transfer's order, what to post of its hold (``0``: none of it); the
+    rest of each hold is released. For transfers of any number of postings."""
+
+    def __post_init__(self) -> None:
+        _check_amounts(self.amount, self.amounts, "post")
 
     def request_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {"post_pending": self.pending_key, "metadata": self.metadata}
         if self.amount is not None:
             fields["amount"] = str(self.amount)
+        if self.amounts is not None:
+            fields["amounts"] = [str(a) for a in self.amounts]
         return fields
 
 
@@ -243,12 +251,73 @@ class ReverseTransfer(Keyed):
     """Reverse part of a single-posting transfer; by default all that remains."""
     metadata: dict[str, Any] = field(default_factory=dict)
     linked: bool = False
+    amounts: tuple[int, ...] | None = None
+    """Per posting, in the transfer's order, how much of it to reverse (``0``: none)."""
+
+    def __post_init__(self) -> None:
+        _check_amounts(self.amount, self.amounts, "reverse")
 
     def request_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {"reverse": self.original_key, "metadata": self.metadata}
         if self.amount is not None:
             fields["amount"] = str(self.amount)
+        if self.amounts is not None:
+            fields["amounts"] = [str(a) for a in self.amounts]
         return fields
+
+
+def _check_amounts(amount: int | None, amounts: tuple[int, ...] | None, verb: str) -> None:
+    """Per-posting amounts: not with ``amount``, at most one per posting a transfer may have,
+    and not all zero (nothing to do is not a command)."""
+    if amounts is None:
+        return
+    if amount is not None:
+        raise errors.PartialAmountsMismatch("give amount or amounts, not both")
+    if not 1 <= len(amounts) <= limits.postings_per_transfer_max:
+        raise errors.PartialAmountsMismatch(
+            f"amounts has 1 to {limits.postings_per_transfer_max} items, one per posting"
+        )
+    if not any(amounts):
+        raise errors.InvalidRequest(
+            f"amounts are all zero: nothing to {verb}"
+            + (" (void the hold to release it all)" if verb == "post" else "")
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AmendTransferMetadata(Idempotent):
+    """Replaces a transfer's metadata (a new event; the transfer's own event is unchanged)."""
+
+    key: str
+    transfer_key: str
+    metadata: dict[str, Any]
+
+    def request_fields(self) -> dict[str, Any]:
+        return {"amend_metadata": self.transfer_key, "metadata": self.metadata}
+
+
+@dataclass(frozen=True, slots=True)
+class ClosePeriod(Idempotent):
+    """Closes every effective date up to and including ``through`` (UTC)."""
+
+    through: date
+    reason: str
+    key: str = ""
+
+    def request_fields(self) -> dict[str, Any]:
+        return {"close_period": self.through.isoformat(), "reason": self.reason}
+
+
+@dataclass(frozen=True, slots=True)
+class ReopenPeriod(Idempotent):
+    """Reopens every closed effective date from ``from_date`` on (UTC)."""
+
+    from_date: date
+    reason: str
+    key: str = ""
+
+    def request_fields(self) -> dict[str, Any]:
+        return {"reopen_period": self.from_date.isoformat(), "reason": self.reason}
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +397,16 @@ class ExpirePending:
 
 KeyedCommand = PostTransfer | PostPending | VoidPending | ReverseTransfer
 AccountCommand = SetGuard | SetFrozen | CloseAccount | UpdateAccountMetadata
-Command = KeyedCommand | OpenAccount | AccountCommand | DefineAsset | ExpirePending
+PeriodCommand = ClosePeriod | ReopenPeriod
+Command = (
+    KeyedCommand
+    | OpenAccount
+    | AccountCommand
+    | DefineAsset
+    | ExpirePending
+    | AmendTransferMetadata
+    | PeriodCommand
+)
 
 
 # --- State loaded for a group of commands ------------------------------------------------------
@@ -378,7 +456,9 @@ class TransferRecord:
 
     key: str
     position: int
-    kind: Literal["transfer", "pending", "other"]
+    kind: Literal["transfer", "pending", "capture", "movement", "other"]
+    """``capture``: the posting of a hold (its own key); ``movement``: a void or a reversal;
+    ``other``: not a transfer (an account command's or an amendment's key)."""
     postings: tuple[Posting, ...]
     status: str
     """``posted`` (a plain transfer, or a pending one once posted), ``pending``, ``voided``,
@@ -387,6 +467,8 @@ class TransferRecord:
     """Per posting: what is held (pending) or what was posted."""
     reversed: list[int]
     expires_at: datetime | None = None
+    pending_key: str | None = None
+    """A capture's hold."""
 
 
 class Totals(NamedTuple):
@@ -428,6 +510,8 @@ class LedgerState:
     """Asset code → the most one posting may move, for assets defined with their own maximum
     (the others have ``limits.posting_amount_max_default``). Only :func:`define_asset`
     changes it, never inside a linked chain, so snapshots share it."""
+    closed_through: date | None = None
+    """Effective dates up to and including this (UTC) are closed; ``None``: none is."""
 
     def snapshot(self) -> LedgerState:
         """Starts a tentative change (a linked chain): from here on, changes go to overlays
@@ -436,7 +520,12 @@ class LedgerState:
         the same in a small group as in a large one; :func:`decide` only ever replaces values,
         never mutates them in place, so the maps as they were stay as they were."""
         saved = LedgerState(
-            self.assets, self.accounts, self.balances, self.transfers, self.posting_max
+            self.assets,
+            self.accounts,
+            self.balances,
+            self.transfers,
+            self.posting_max,
+            self.closed_through,
         )
         self.assets = ChainMap({}, saved.assets)
         self.accounts = ChainMap({}, saved.accounts)
@@ -447,6 +536,7 @@ class LedgerState:
     def restore(self, saved: LedgerState) -> None:
         self.assets, self.accounts = saved.assets, saved.accounts
         self.balances, self.transfers = saved.balances, saved.transfers
+        self.closed_through = saved.closed_through
 
     def keep(self, saved: LedgerState) -> None:
         for changed, base in (
@@ -457,6 +547,7 @@ class LedgerState:
         ):
             assert isinstance(changed, ChainMap), "keep() without snapshot()"
             base.update(changed.maps[0])
+        saved.closed_through = self.closed_through
         self.restore(saved)
 
 
@@ -492,6 +583,12 @@ def decide(state: LedgerState, command: Command, position: int, now: datetime) -
         return open_account(state, command, position)
     if isinstance(command, DefineAsset):
         return define_asset(state, command)
+    if isinstance(command, AmendTransferMetadata):
+        return amend_metadata(state, command)
+    if isinstance(command, ClosePeriod):
+        return close_period(state, command, now)
+    if isinstance(command, ReopenPeriod):
+        return reopen_period(state, command)
     return change_account(state, command)
 
 
@@ -540,6 +637,32 @@ def _effective(command_at: datetime | None, now: datetime) -> datetime:
             f"effective_at must be between {iso(earliest)} and {iso(latest)}"
         )
     return command_at
+
+
+def _check_period(state: LedgerState, effective_at: datetime) -> None:
+    """A posting may not take effect on a closed date. Captures, voids and reversals take
+    effect when recorded, which is never in a closed period: only ended days can be closed,
+    and recorded time never goes back (the head's ``recorded_at``)."""
+    closed = state.closed_through
+    if closed is not None and effective_at.astimezone(UTC).date() <= closed:
+        raise errors.PeriodClosed(
+            f"effective_at {iso(effective_at)} is in a closed period (closed through"
+            f" {closed.isoformat()}); post the correction in the open period with"
+            ' metadata.corrects naming the transfer it corrects',
+            closed_through=closed.isoformat(),
+        )
+
+
+def _check_corrects(state: LedgerState, metadata: dict[str, Any]) -> None:
+    """``metadata.corrects`` is a reference: it names a transfer of this ledger."""
+    if "corrects" not in metadata:
+        return
+    ref = metadata["corrects"]
+    record = state.transfers.get(ref) if isinstance(ref, str) else None
+    if record is None or record.kind == "other":
+        raise errors.TransferNotFound(
+            f"metadata.corrects names no transfer of this ledger: {str(ref)[:80]!r}"
+        )
 
 
 class _Moves:
@@ -678,6 +801,8 @@ def post_transfer(
     scale; every amount is at most its asset's maximum for one posting; every account exists;
     no account is closed or frozen; no total exceeds 38 digits; no guard is crossed."""
     effective_at = _effective(command.effective_at, now)
+    _check_period(state, effective_at)
+    _check_corrects(state, command.metadata)
     _check_assets(state, command.postings)
     resolved = _resolve(state, command.postings)
     check_open(*(account for pair in resolved for account in pair))
@@ -739,14 +864,14 @@ def post_pending(
     """Checks: the pending transfer exists and is still pending; a partial amount applies to a
     single posting and is at most the pending amount; the accounts are open."""
     record = _pending_of(state, command.pending_key, now)
-    if command.amount is not None:
-        if len(record.postings) != 1:
-            raise errors.PartialNeedsSinglePosting("post the whole of a multi-posting transfer")
-        if command.amount > record.amounts[0]:
+    posted = _partial(record, command.amount, command.amounts, record.amounts, "post")
+    for leg, (amount, held) in enumerate(zip(posted, record.amounts, strict=True)):
+        if amount > held:
             raise errors.PostAmountExceedsPending(
-                f"{command.amount} is more than the pending {record.amounts[0]}"
+                f"{amount} is more than the pending {held}"
+                + (f" of posting {leg}" if len(posted) > 1 else ""),
+                posting=leg,
             )
-    posted = [command.amount or record.amounts[0]] if command.amount else list(record.amounts)
     moves = _Moves(state, position, now)
     postings = []
     legs = [(account_of(state, p.debit), account_of(state, p.credit)) for p in record.postings]
@@ -759,6 +884,7 @@ def post_pending(
     entries, touched = moves.commit()
     changed = replace(record, status="posted", amounts=posted)
     state.transfers[record.key] = changed
+    state.transfers[command.key] = _movement(command.key, position, "capture", record.key)
     fields = {
         "key": command.key,
         "pending_key": record.key,
@@ -789,6 +915,8 @@ def release_pending(
     entries, touched = moves.commit()
     changed = replace(record, status="expired" if expiring else "voided")
     state.transfers[record.key] = changed
+    if isinstance(command, VoidPending):
+        state.transfers[command.key] = _movement(command.key, position, "movement")
     if isinstance(command, ExpirePending):
         assert record.expires_at is not None
         fields: dict[str, Any] = {"pending_key": record.key, "expires_at": iso(record.expires_at)}
@@ -806,16 +934,18 @@ def reverse_transfer(
     record = state.transfers.get(command.original_key)
     if record is None:
         raise errors.TransferNotFound(f"no transfer with key {command.original_key!r}")
-    if record.kind == "other" or record.status != "posted":
-        what = record.status if record.kind != "other" else "not a transfer"
+    if record.kind == "capture":  # a captured hold, named by the capture's key: the hold
+        assert record.pending_key is not None
+        hold = state.transfers.get(record.pending_key)
+        assert hold is not None, "the writer loads a capture's hold with it"
+        record = hold
+    if record.kind not in ("transfer", "pending") or record.status != "posted":
+        what = {"movement": "a void or a reversal", "other": "not a transfer"}.get(
+            record.kind, record.status
+        )
         raise errors.TransferNotReversible(f"transfer {record.key!r} is {what}")
     remaining = [a - r for a, r in zip(record.amounts, record.reversed, strict=True)]
-    if command.amount is not None:
-        if len(record.postings) != 1:
-            raise errors.PartialNeedsSinglePosting("reverse the whole of a multi-posting transfer")
-        amounts = [command.amount]
-    else:
-        amounts = remaining
+    amounts = _partial(record, command.amount, command.amounts, remaining, "reverse")
     if not any(amounts) or any(a > r for a, r in zip(amounts, remaining, strict=True)):
         raise errors.ReversalExceedsRemaining(
             f"what remains of {record.key!r} to reverse is {', '.join(map(str, remaining))}"
@@ -840,6 +970,7 @@ def reverse_transfer(
         record, reversed=[r + a for r, a in zip(record.reversed, amounts, strict=True)]
     )
     state.transfers[record.key] = changed
+    state.transfers[command.key] = _movement(command.key, position, "movement")
     fields = {
         "key": command.key,
         "original_key": record.key,
@@ -848,6 +979,89 @@ def reverse_transfer(
         "effective_at": iso(now),
     }
     return Decision("TransferReversed", fields, entries, touched, transfer=changed)
+
+
+def _partial(
+    record: TransferRecord,
+    amount: int | None,
+    amounts: tuple[int, ...] | None,
+    whole: list[int],
+    verb: str,
+) -> list[int]:
+    """Per posting, what a post or a reversal moves: ``whole`` by default, ``amount`` for a
+    one-posting transfer, or ``amounts`` (one per posting, in the transfer's order)."""
+    if amount is not None:
+        if len(record.postings) != 1:
+            raise errors.PartialNeedsSinglePosting(
+                f"{verb} part of a multi-posting transfer with amounts (one per posting)"
+            )
+        return [amount]
+    if amounts is not None:
+        if len(amounts) != len(record.postings):
+            raise errors.PartialAmountsMismatch(
+                f"transfer {record.key!r} has {len(record.postings)} postings;"
+                f" amounts has {len(amounts)}"
+            )
+        return list(amounts)
+    return list(whole)
+
+
+def _movement(
+    key: str, position: int, kind: Literal["capture", "movement"], hold: str | None = None
+) -> TransferRecord:
+    """The record of a capture, void or reversal under its own key: it can be amended, and a
+    capture reversed (which reverses its hold)."""
+    return TransferRecord(key, position, kind, (), "posted", [], [], pending_key=hold)
+
+
+def amend_metadata(state: LedgerState, command: AmendTransferMetadata) -> Decision:
+    """Checks: the key names a transfer (of any kind) of this ledger."""
+    record = state.transfers.get(command.transfer_key)
+    if record is None or record.kind == "other":
+        raise errors.TransferNotFound(f"no transfer with key {command.transfer_key!r}")
+    fields = {
+        "key": command.key,
+        "transfer_key": command.transfer_key,
+        "metadata": command.metadata,
+    }
+    return Decision("TransferMetadataAmended", fields)
+
+
+def close_period(state: LedgerState, command: ClosePeriod, now: datetime) -> Decision:
+    """Checks, in order: the day has ended (UTC); the ledger is not already closed through it."""
+    today = now.astimezone(UTC).date()
+    if command.through >= today:
+        raise errors.PeriodNotEnded(
+            f"{command.through.isoformat()} has not ended (today is {today.isoformat()}, UTC)"
+        )
+    closed = state.closed_through
+    if closed is not None and command.through <= closed:
+        raise errors.PeriodAlreadyClosed(
+            f"the ledger is closed through {closed.isoformat()} already",
+            closed_through=closed.isoformat(),
+        )
+    state.closed_through = command.through
+    fields = {"key": command.key, "through": command.through.isoformat(), "reason": command.reason}
+    return Decision("PeriodClosed", fields)
+
+
+def reopen_period(state: LedgerState, command: ReopenPeriod) -> Decision:
+    """Checks: some date from ``from_date`` on is closed."""
+    closed = state.closed_through
+    if closed is None or command.from_date > closed:
+        raise errors.PeriodNotClosed(
+            f"nothing is closed from {command.from_date.isoformat()} on"
+            + (f" (closed through {closed.isoformat()})" if closed else " (nothing is closed)")
+        )
+    after = command.from_date - timedelta(days=1) if command.from_date > date.min else None
+    state.closed_through = after
+    fields = {
+        "key": command.key,
+        "from_date": command.from_date.isoformat(),
+        "closed_through": after.isoformat() if after else None,
+        "reason": command.reason,
+    }
+    return Decision("PeriodReopened", fields)
 
 
 def open_account(state: LedgerState, command: OpenAccount, position: int) -> Decision:

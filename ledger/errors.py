@@ -171,6 +171,30 @@ class EffectiveAtOutOfRange(LedgerError):
     status = 422
 
 
+class PeriodClosed(LedgerError):
+    code = "period_closed"
+    title = "The effective date falls in a closed period: post a correction in the open period"
+    status = 422
+
+
+class PeriodNotEnded(LedgerError):
+    code = "period_not_ended"
+    title = "Only days that have ended (UTC) can be closed"
+    status = 422
+
+
+class PeriodAlreadyClosed(LedgerError):
+    code = "period_already_closed"
+    title = "The ledger is already closed through this date or later"
+    status = 409
+
+
+class PeriodNotClosed(LedgerError):
+    code = "period_not_closed"
+    title = "Nothing is closed from this date on, so nothing can be reopened"
+    status = 409
+
+
 class PendingTransferNotFound(LedgerError):
     code = "pending_transfer_not_found"
     title = "No pending transfer with this key"
@@ -210,6 +234,12 @@ class TransferNotReversible(LedgerError):
 class PartialNeedsSinglePosting(LedgerError):
     code = "partial_amount_needs_single_posting"
     title = "A partial amount applies only to a transfer with one posting"
+    status = 422
+
+
+class PartialAmountsMismatch(LedgerError):
+    code = "partial_amounts_mismatch"
+    title = "Give one amount per posting of the transfer, in its order (or one amount, not both)"
     status = 422
 
 

@@ -151,6 +151,41 @@ class TransferReversed(LedgerEvent):
     effective_at: str
 
 
+@dataclass(frozen=True)
+class TransferMetadataAmended(LedgerEvent):
+    """A transfer's metadata replaced; the transfer's own event keeps what it said first."""
+
+    key: str
+    """The amendment's own idempotency key."""
+    transfer_key: str
+    """The transfer (of any kind: plain, pending, capture, void, reversal) amended."""
+    metadata: dict[str, Any]
+    """The whole new metadata (replaces, as account metadata does)."""
+
+
+@dataclass(frozen=True)
+class PeriodClosed(LedgerEvent):
+    """Effective dates up to and including ``through`` (a UTC date) are closed: no posting may
+    take effect in them. Who closed them is ``meta.actor``."""
+
+    key: str
+    through: str
+    """``YYYY-MM-DD``, UTC."""
+    reason: str
+
+
+@dataclass(frozen=True)
+class PeriodReopened(LedgerEvent):
+    """Effective dates from ``from_date`` on are open again; the ledger stays closed up to the
+    day before (``closed_through``, or ``None`` when nothing remains closed)."""
+
+    key: str
+    from_date: str
+    """``YYYY-MM-DD``, UTC: the first day reopened."""
+    closed_through: str | None
+    reason: str
+
+
 class CanonicalJSONTranscoder(Transcoder):
     """JSON with sorted keys and no spaces: one byte string per event state, reproducible.
 
@@ -186,5 +221,8 @@ EVENT_CLASSES: tuple[type[LedgerEvent], ...] = (
     PendingTransferVoided,
     PendingTransferExpired,
     TransferReversed,
+    TransferMetadataAmended,
+    PeriodClosed,
+    PeriodReopened,
 )
 TOPICS: dict[type[LedgerEvent], str] = {cls: get_topic(cls) for cls in EVENT_CLASSES}

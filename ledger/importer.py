@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,7 @@ class _Rebuild:
         self.head_hash = b""
         self.recorded: datetime | None = None
         self._ids: list[int] = []
+        self.amended: list[tuple[str, int, dict[str, Any]]] = []
 
     def feed(self, item: dict[str, Any]) -> None:
         if "checkpoint" in item:
@@ -150,12 +151,14 @@ class _Rebuild:
             fields = decision.fields
             self._apply(decision, position)
             request_hash = None
-            if isinstance(command, domain.Keyed):
-                if command.key in self.keys:
-                    raise errors.ExportInvalid(f"key {command.key!r} is used twice")
+            key = domain.key_of(command)
+            if key is not None:
+                assert isinstance(command, domain.Idempotent)
+                if key in self.keys:
+                    raise errors.ExportInvalid(f"key {key!r} is used twice")
                 given = item.get("request_hash")
                 request_hash = bytes.fromhex(given) if given else command.request_hash()
-                self.keys[command.key] = (position, request_hash)
+                self.keys[key] = (position, request_hash)
         again = MAPPER.to_stored_event(
             _CLASSES[kind](
                 originator_id=self.name,
@@ -175,21 +178,35 @@ class _Rebuild:
         self.position, self.head_hash, self.recorded = position, digest, recorded
 
     def _command(self, kind: str, data: dict[str, Any]) -> domain.Command:
-        """The command that made an event: the event's fields say all that decides it."""
+        """The command that made an event: the event's fields (and, for account commands, the
+        key in ``meta.idempotency_key``) say all that decides it."""
         account = data.get("account", "")
+        own = str(data.get("meta", {}).get("idempotency_key") or "")
         if kind == "AssetDefined":
-            return domain.DefineAsset(parse_asset(data["asset"]))
+            most = data.get("posting_amount_max")
+            most_int = None if most is None else int(most)
+            return domain.DefineAsset(parse_asset(data["asset"]), most_int)
         if kind == "AccountOpened":
-            return domain.OpenAccount(account, data["type"], data["metadata"])
+            return domain.OpenAccount(account, data["type"], data["metadata"], own)
         if kind == "AccountGuardSet":
             limits = {a.partition("/")[0]: int(v) for a, v in data["limits"].items()}
-            return domain.SetGuard(account, data["rule"], limits)
+            return domain.SetGuard(account, data["rule"], limits, own)
         if kind in ("AccountFrozen", "AccountUnfrozen"):
-            return domain.SetFrozen(account, kind == "AccountFrozen")
+            return domain.SetFrozen(account, kind == "AccountFrozen", own)
         if kind == "AccountClosed":
-            return domain.CloseAccount(account)
+            return domain.CloseAccount(account, own)
         if kind == "AccountMetadataUpdated":
-            return domain.UpdateAccountMetadata(account, data["metadata"])
+            return domain.UpdateAccountMetadata(account, data["metadata"], own)
+        if kind == "TransferMetadataAmended":
+            return domain.AmendTransferMetadata(data["key"], data["transfer_key"], data["metadata"])
+        if kind == "PeriodClosed":
+            return domain.ClosePeriod(
+                date.fromisoformat(data["through"]), data["reason"], data["key"]
+            )
+        if kind == "PeriodReopened":
+            return domain.ReopenPeriod(
+                date.fromisoformat(data["from_date"]), data["reason"], data["key"]
+            )
         if kind in ("TransferPosted", "TransferPending"):
             recorded = datetime.fromisoformat(data["recorded_at"])
             effective = data["effective_at"]
@@ -209,11 +226,17 @@ class _Rebuild:
             )
         if kind == "PendingTransferPosted":
             held = self.state.transfers.get(data["pending_key"])
-            amount = None  # a part is only for single postings, and equal to all is all
-            if held is not None and len(held.postings) == 1:
-                posted = int(data["postings"][0]["amount"])
-                amount = None if posted == held.amounts[0] else posted
-            return domain.PostPending(data["key"], data["pending_key"], amount, data["metadata"])
+            amount = None  # a part: amount for single postings, amounts otherwise; all is all
+            amounts = None
+            posted = [int(p["amount"]) for p in data["postings"]]
+            if held is not None and posted != held.amounts:
+                if len(posted) == 1:
+                    amount = posted[0]
+                else:
+                    amounts = tuple(posted)
+            return domain.PostPending(
+                data["key"], data["pending_key"], amount, data["metadata"], amounts=amounts
+            )
         if kind == "PendingTransferVoided":
             return domain.VoidPending(data["key"], data["pending_key"], data["metadata"])
         if kind == "PendingTransferExpired":
@@ -221,16 +244,26 @@ class _Rebuild:
         if kind == "TransferReversed":
             original = self.state.transfers.get(data["original_key"])
             amount = None
-            if original is not None and len(original.postings) == 1 and data["postings"]:
-                back = int(data["postings"][0]["amount"])
-                remaining = original.amounts[0] - original.reversed[0]
-                amount = None if back == remaining else back
+            amounts = None
+            if original is not None and data["postings"]:
+                backs = _legs(original.postings, data["postings"])
+                remaining = [
+                    a - r for a, r in zip(original.amounts, original.reversed, strict=True)
+                ]
+                if backs != remaining:
+                    if len(backs) == 1:
+                        amount = backs[0]
+                    else:
+                        amounts = tuple(backs)
             return domain.ReverseTransfer(
-                data["key"], data["original_key"], amount, data["metadata"]
+                data["key"], data["original_key"], amount, data["metadata"], amounts=amounts
             )
         raise errors.ExportInvalid(f"unknown event {kind!r}")
 
     def _apply(self, decision: domain.Decision, position: int) -> None:
+        if decision.event == "TransferMetadataAmended":
+            fields = decision.fields
+            self.amended.append((fields["transfer_key"], position, fields["metadata"]))
         if decision.event == "AccountOpened":
             assert decision.account is not None
             decision.account.id = self._next_id()
@@ -261,10 +294,16 @@ class _Rebuild:
             for position, topic, state, recorded, digest in self.events:
                 copy.write_row((ledger_id, position, topic, state, recorded, digest))
         with cur.copy(
-            "COPY assets (ledger_id, code, scale, position) FROM STDIN"
+            "COPY assets (ledger_id, code, scale, position, posting_amount_max) FROM STDIN"
         ) as copy:
             for code, scale in self.state.assets.items():
-                copy.write_row((ledger_id, code, scale, self.asset_positions[code]))
+                most = self.state.posting_max.get(code)
+                copy.write_row((ledger_id, code, scale, self.asset_positions[code], most))
+        with cur.copy(
+            "COPY transfer_metadata (ledger_id, key, position, metadata) FROM STDIN"
+        ) as copy:
+            for key, position, metadata in self.amended:
+                copy.write_row((ledger_id, key, position, orjson.dumps(metadata).decode()))
         with cur.copy(
             "COPY accounts (id, ledger_id, name, type, metadata, position, guard, guard_limits,"
             " frozen, closed) FROM STDIN"
@@ -319,7 +358,26 @@ class _Rebuild:
                 )
         assert self.recorded is not None
         self.conn.execute(
-            "UPDATE ledgers SET head_position = %s, head_hash = %s, head_recorded_at = %s"
-            " WHERE id = %s",
-            (self.position, self.head_hash, self.recorded, ledger_id),
+            "UPDATE ledgers SET head_position = %s, head_hash = %s, head_recorded_at = %s,"
+            " closed_through = %s WHERE id = %s",
+            (self.position, self.head_hash, self.recorded, self.state.closed_through, ledger_id),
         )
+
+
+def _legs(postings: tuple[domain.Posting, ...], backs: list[dict[str, str]]) -> list[int]:
+    """Per posting of the original, the amount a reversal's event moved back: the event lists
+    only the postings it reversed, each the original's with its sides swapped, in order."""
+    amounts = []
+    index = 0
+    for p in postings:
+        b = backs[index] if index < len(backs) else None
+        if b is not None and (b["debit"], b["credit"], b["asset"]) == (
+            p.credit,
+            p.debit,
+            str(p.asset),
+        ):
+            amounts.append(int(b["amount"]))
+            index += 1
+        else:
+            amounts.append(0)
+    return amounts

@@ -24,7 +24,9 @@ from typing import Any
 
 from ledger import errors, limits
 
-SCOPES = ("read", "events", "transfers", "accounts", "ledgers", "audit", "keys", "metrics")
+SCOPES = (
+    "read", "events", "transfers", "accounts", "ledgers", "audit", "keys", "metrics", "periods"
+)
 """What a key may do:
 
 - ``read``: ledgers, accounts, balances, transfers, postings, reports, positions;
@@ -35,6 +37,7 @@ SCOPES = ("read", "events", "transfers", "accounts", "ledgers", "audit", "keys",
 - ``audit``: verification, proofs, checkpoints (listing and sealing), export;
 - ``keys``: create, list, rotate and revoke keys (never beyond its own rights);
 - ``metrics``: ``/metrics``.
+- ``periods``: close and reopen a ledger's periods (admin-level: finance controllers).
 """
 ALL = "*"
 PREFIX = "lk_"

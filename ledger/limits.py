@@ -23,6 +23,8 @@ idempotency_key_length_max: Final = 128
 metadata_bytes_max: Final = 4_096
 """Canonical JSON size of one metadata object."""
 metadata_depth_max: Final = 4
+period_reason_chars_max: Final = 1_000
+"""Characters of the reason given to close or reopen a period."""
 
 # Shapes of requests
 postings_per_transfer_max: Final = 64
@@ -177,6 +179,12 @@ webhook_timeout_ms: Final = 10_000
 """How long the receiver has to answer one delivery."""
 webhook_deliveries_per_pass_max: Final = 64
 """Deliveries sent at once by one relay."""
+webhook_delivered_kept_s: Final = 7 * 24 * 3600
+"""How long a delivered webhook's row stays listed; older ones are pruned (pending and dead
+ones stay until they are delivered, or forever)."""
+webhook_prune_interval_s: Final = 60.0
+"""How often the relay prunes delivered rows, at most ``webhook_prune_rows_max`` at a time."""
+webhook_prune_rows_max: Final = 10_000
 
 # `ledger bank`: the workload users point at their deployment
 bank_clients_max: Final = 64

@@ -33,8 +33,11 @@ from ledger.events import (
     TOPICS,
     LedgerCreated,
     LedgerEvent,
+    PendingTransferPosted,
+    PendingTransferVoided,
     TransferPending,
     TransferPosted,
+    TransferReversed,
 )
 from ledger.money import Asset
 
@@ -282,11 +285,7 @@ async def _load(
     yet, or when the cache turns out to be stale (then it is emptied and everything read)."""
     commands = [c for c, _ in items]
     keys = [key for c in commands if (key := domain.key_of(c))]
-    refs = [
-        c.pending_key if isinstance(c, domain.PostPending | domain.VoidPending) else c.original_key
-        for c in commands
-        if isinstance(c, domain.PostPending | domain.VoidPending | domain.ReverseTransfer)
-    ]
+    refs = [ref for c in commands if (ref := _ref_of(c))]
     names = _account_names(commands)
     pairs = _balance_keys(commands)
     accounts, balances = _cached(cache, names, pairs)
@@ -299,7 +298,8 @@ async def _load(
     # Statements with nothing to look up are not sent: each costs Postgres a bind, a plan and
     # an execution, which for a group of one transfer is most of its time.
     head_cur = await q(
-        "SELECT head_position, head_hash, head_recorded_at FROM ledgers WHERE id = %s FOR UPDATE",
+        "SELECT head_position, head_hash, head_recorded_at, closed_through FROM ledgers"
+        " WHERE id = %s FOR UPDATE",
         (ledger.id,),
     )
     keys_cur = keys and await q(
@@ -354,6 +354,17 @@ async def _load(
     loaded_balances = {(r[0], r[1]): domain.Balance(*r[2:]) for r in await _rows(balances_cur)}
     closing_balances = {(r[0], r[1]): domain.Balance(*r[2:]) for r in await _rows(closing_cur)}
     records = [_record(r) for r in await _rows(refs_cur)]
+    holds = {r.pending_key for r in records if r.pending_key} - {r.key for r in records}
+    if holds:  # captures named by their own key (to reverse them): their holds too
+        records += [
+            _record(r)
+            for r in await _rows(
+                await q(
+                    _RECORD_SQL + " WHERE t.ledger_id = %s AND t.key = ANY(%b)",
+                    (ledger.id, list(holds)),
+                )
+            )
+        ]
     due_keys = [r[0] for r in await due_cur.fetchall()]
     due = []
     if due_keys:
@@ -436,6 +447,7 @@ async def _load(
         accounts=state_accounts,
         balances=state_balances,
         transfers={r.key: r for r in records + due},
+        closed_through=head[3],  # read with the head lock: always current
     )
     return _Loaded(
         int(head[0]),
@@ -447,6 +459,20 @@ async def _load(
         due,
         new_ids,
     )
+
+
+def _ref_of(command: domain.Command) -> str | None:
+    """The key of the transfer a command refers to, if any."""
+    if isinstance(command, domain.PostPending | domain.VoidPending):
+        return command.pending_key
+    if isinstance(command, domain.ReverseTransfer):
+        return command.original_key
+    if isinstance(command, domain.AmendTransferMetadata):
+        return command.transfer_key
+    if isinstance(command, domain.PostTransfer) and "corrects" in command.metadata:
+        ref = command.metadata["corrects"]
+        return ref if isinstance(ref, str) else None
+    return None
 
 
 async def _rows(cursor: psycopg.AsyncCursor[Any] | Literal[0, False] | list[Any]) -> list[Any]:
@@ -500,11 +526,7 @@ def _record(r: Any) -> domain.TransferRecord:
     key, position, topic, state, status, expires_at, amounts, reversed_ = r
     data = orjson.loads(bytes(state))
     postings = tuple(domain.Posting.from_json(p) for p in data.get("postings", ()))
-    kind: Literal["transfer", "pending", "other"] = "other"
-    if topic == _TRANSFER_TOPIC:
-        kind = "transfer"
-    elif topic == _PENDING_TOPIC:
-        kind = "pending"
+    kind = _KINDS.get(topic, "other")
     return domain.TransferRecord(
         key,
         int(position),
@@ -514,11 +536,17 @@ def _record(r: Any) -> domain.TransferRecord:
         [int(a) for a in amounts] if amounts is not None else [p.amount for p in postings],
         [int(a) for a in reversed_] if reversed_ is not None else [0] * len(postings),
         expires_at,
+        data.get("pending_key") if kind == "capture" else None,
     )
 
 
-_TRANSFER_TOPIC = TOPICS[TransferPosted]
-_PENDING_TOPIC = TOPICS[TransferPending]
+_KINDS: dict[str, Literal["transfer", "pending", "capture", "movement", "other"]] = {
+    TOPICS[TransferPosted]: "transfer",
+    TOPICS[TransferPending]: "pending",
+    TOPICS[PendingTransferPosted]: "capture",
+    TOPICS[PendingTransferVoided]: "movement",
+    TOPICS[TransferReversed]: "movement",
+}
 _EVENT_CLASSES = {cls.__name__: cls for cls in TOPICS}
 
 
@@ -798,10 +826,22 @@ async def _append(conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, group: 
                 new_maxima,
             ),
         )
+    amended = [a for a in accepted if a.decision.event == "TransferMetadataAmended"]
+    if amended:
+        await q(
+            "INSERT INTO transfer_metadata (ledger_id, key, position, metadata)"
+            " SELECT %s, k, p, m FROM unnest(%b::text[], %s::int8[], %b::jsonb[]) AS t(k, p, m)",
+            (
+                ledger.id,
+                [a.decision.fields["transfer_key"] for a in amended],
+                _ints(a.event.position for a in amended),
+                [orjson.dumps(a.decision.fields["metadata"]).decode() for a in amended],
+            ),
+        )
     await q(
-        "UPDATE ledgers SET head_position = %s, head_hash = %s, head_recorded_at = %s"
-        " WHERE id = %s",
-        (group.position, group.hash, group.recorded, ledger.id),
+        "UPDATE ledgers SET head_position = %s, head_hash = %s, head_recorded_at = %s,"
+        " closed_through = %s WHERE id = %s",
+        (group.position, group.hash, group.recorded, group.state.closed_through, ledger.id),
     )
     await q("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, f"{ledger.name}:{group.position}"))
 
@@ -902,9 +942,18 @@ def _request_of(event: LedgerEvent) -> dict[str, Any]:
         ("post_pending", "PendingTransferPosted"),
         ("void_pending", "PendingTransferVoided"),
         ("reverse", "TransferReversed"),
+        ("amend_metadata", "TransferMetadataAmended"),
     ):
         if type(event).__name__ == ref:
-            fields[name] = data.get("pending_key", data.get("original_key"))
+            fields[name] = data.get(
+                "pending_key", data.get("original_key", data.get("transfer_key"))
+            )
+    if "reason" in data:  # a period command
+        fields = {"reason": data["reason"]}
+        if "through" in data:
+            fields["close_period"] = data["through"]
+        else:
+            fields["reopen_period"] = data["from_date"]
     account = data.get("account")
     if account is not None:  # an account command's request, as its domain command states it
         fields = _ACCOUNT_REQUESTS.get(type(event).__name__, lambda d: {})(data)

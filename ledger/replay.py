@@ -12,6 +12,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -22,6 +23,8 @@ from ledger.events import (
     PendingTransferExpired,
     PendingTransferPosted,
     PendingTransferVoided,
+    PeriodClosed,
+    PeriodReopened,
     TransferPending,
     TransferPosted,
     TransferReversed,
@@ -35,6 +38,7 @@ _PENDING = TOPICS[TransferPending]
 _POST_PENDING = TOPICS[PendingTransferPosted]
 _RELEASES = {TOPICS[PendingTransferVoided], TOPICS[PendingTransferExpired]}
 _REVERSED = TOPICS[TransferReversed]
+_PERIODS = {TOPICS[PeriodClosed], TOPICS[PeriodReopened]}
 
 
 @dataclass
@@ -45,6 +49,10 @@ class Replay:
     holds: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     position: int = 0
     events: int = 0
+    closed_through: str | None = None
+    """Effective dates up to and including this (``YYYY-MM-DD``, UTC) are closed."""
+    in_closed_period: int | None = None
+    """The first position of a transfer dated in a period closed when it was recorded."""
     _codes: dict[str, str] = field(default_factory=dict, repr=False)
     """``CODE/SCALE`` → ``CODE``, parsed once per asset."""
 
@@ -54,10 +62,12 @@ class Replay:
         self.events += 1
         if topic in (_POSTED, _REVERSED):
             data = orjson.loads(state)
+            self._check_period(position, data)
             for p in data["postings"]:
                 self._move(p, int(p["amount"]), 0)
         elif topic == _PENDING:
             data = orjson.loads(state)
+            self._check_period(position, data)
             self.holds[data["key"]] = data["postings"]
             for p in data["postings"]:
                 self._move(p, 0, int(p["amount"]))
@@ -70,6 +80,18 @@ class Replay:
             data = orjson.loads(state)
             for h in self.holds.pop(data["pending_key"]):
                 self._move(h, 0, -int(h["amount"]))
+        elif topic in _PERIODS:
+            data = orjson.loads(state)
+            self.closed_through = data["through"] if "through" in data else data["closed_through"]
+
+    def _check_period(self, position: int, data: dict[str, Any]) -> None:
+        """A transfer's effective date (its UTC day, as ``YYYY-MM-DD`` compares) must be after
+        every closed date at the time it was recorded."""
+        closed = self.closed_through
+        if closed is not None and self.in_closed_period is None:
+            day = datetime.fromisoformat(data["effective_at"]).astimezone(UTC).date().isoformat()
+            if day <= closed:
+                self.in_closed_period = position
 
     def _move(self, posting: dict[str, str], posted: int, pending: int) -> None:
         asset = posting["asset"]

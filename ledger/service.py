@@ -23,12 +23,15 @@ from psycopg_pool import AsyncConnectionPool
 
 from ledger import domain, errors, limits, log
 from ledger.events import (
+    TOPICS,
     AccountOpened,
     AssetDefined,
     LedgerCreated,
     LedgerEvent,
     PendingTransferPosted,
     PendingTransferVoided,
+    PeriodClosed,
+    PeriodReopened,
     TransferPending,
     TransferPosted,
     TransferReversed,
@@ -133,6 +136,38 @@ class LedgerService:
         with _on_primary():
             return Result(await self.account(ledger, command.account), committed.replayed)
 
+    async def amend_transfer(
+        self, ledger: str, command: domain.AmendTransferMetadata, meta: dict[str, Any]
+    ) -> Result:
+        """Replaces a transfer's metadata; answers the transfer as it reads now."""
+        committed = await self._submit_one(ledger, command, meta)
+        with _on_primary():
+            return Result(await self.transfer(ledger, command.transfer_key), committed.replayed)
+
+    async def change_period(
+        self, ledger: str, command: domain.PeriodCommand, meta: dict[str, Any]
+    ) -> Result:
+        """Closes or reopens periods; answers the event's own record (a replay the same)."""
+        committed = await self._submit_one(ledger, command, meta)
+        return Result(period_body(committed.event), committed.replayed)
+
+    async def periods(self, ledger: str, after: int, limit: int) -> dict[str, Any]:
+        """The ledger's closed-through date and, in log order, every close and reopen."""
+        ref = await self.ledger_ref(ledger)
+        row = await self._one("SELECT closed_through FROM ledgers WHERE id = %s", (ref.id,))
+        rows = await self._all(
+            "SELECT position, topic, state FROM events WHERE ledger_id = %s AND position > %s"
+            " AND topic IN (%s, %s) ORDER BY position LIMIT %s",
+            (ref.id, after, *_PERIOD_TOPICS, limit + 1),
+        )
+        history = [period_body(log.to_event(ledger, *r)) for r in rows[:limit]]
+        return {
+            "ledger": ledger,
+            "closed_through": row[0].isoformat() if row and row[0] else None,
+            "history": history,
+            "next_after": history[-1]["position"] if len(rows) > limit else None,
+        }
+
     async def post_batch(
         self,
         ledger: str,
@@ -232,7 +267,9 @@ class LedgerService:
     async def _ledger_body(self, name: str) -> dict[str, Any]:
         ref = await self.ledger_ref(name)
         row = await self._one(
-            "SELECT head_position, head_hash, created_at FROM ledgers WHERE id = %s", (ref.id,)
+            "SELECT head_position, head_hash, created_at, closed_through FROM ledgers"
+            " WHERE id = %s",
+            (ref.id,),
         )
         if row is None:  # only on a replica that has not replayed its creation yet
             raise errors.LedgerNotFound(f"ledger {name!r} does not exist (yet) on this replica")
@@ -250,6 +287,7 @@ class LedgerService:
                 for code, scale, most in assets
             },
             "created_at": row[2].isoformat(),
+            "closed_through": row[3].isoformat() if row[3] else None,
         }
 
     async def get_ledger(self, name: str) -> dict[str, Any]:
@@ -358,8 +396,12 @@ class LedgerService:
             "balances": [_balance_json(r, scales) for r in balances],
         }
 
-    async def transfer(self, ledger: str, key: str) -> dict[str, Any]:
+    async def transfer(self, ledger: str, key: str, as_of: int | None = None) -> dict[str, Any]:
+        """The transfer as first answered, with its metadata as amended last (at or before
+        ``as_of``, a log position, if given), its status and what was reversed per posting."""
         ref = await self.ledger_ref(ledger)
+        if as_of is not None:
+            await self._check_position(ref, as_of)
         row = await self._one(
             "SELECT e.position, e.topic, e.state, e.hash FROM transfers t"
             " JOIN events e ON e.ledger_id = t.ledger_id AND e.position = t.position"
@@ -369,13 +411,31 @@ class LedgerService:
         event = None if row is None else log.to_event(ledger, row[0], row[1], row[2])
         if event is None or type(event) not in _TYPES:  # an account command's key is no transfer
             raise errors.TransferNotFound(f"no transfer with key {key!r}")
+        if as_of is not None and event.position > as_of:
+            raise errors.TransferNotFound(f"no transfer with key {key!r} at position {as_of}")
         body = transfer_body(log.Committed(event, bytes(row[3]), replayed=True))
+        amended = await self._one(
+            "SELECT position, metadata FROM transfer_metadata WHERE ledger_id = %s AND key = %s"
+            " AND position <= %s ORDER BY position DESC LIMIT 1",
+            (ref.id, key, as_of if as_of is not None else _POSITION_ANY),
+        )
+        body["metadata_position"] = event.position
+        if amended is not None:
+            body["metadata"] = orjson.loads(canonical_json(amended[1]))
+            body["metadata_position"] = int(amended[0])
+        # Transfers that can be reversed (plain, holds, captures: their hold) always say what
+        # was reversed per posting; voids and reversals cannot be, and say null.
+        capture = body["type"] == "post_pending"
         status = await self._one(
             "SELECT status, reversed FROM transfer_status WHERE ledger_id = %s AND key = %s",
-            (ref.id, key),
+            (ref.id, body["pending_key"] if capture else key),
         )
-        body["status"] = status[0] if status else "posted"
-        body["reversed"] = [str(r) for r in status[1]] if status else None
+        body["status"] = "posted" if status is None or capture else status[0]
+        if body["type"] in ("transfer", "pending", "post_pending"):
+            count = len(body.get("postings") or [])
+            body["reversed"] = [str(r) for r in status[1]] if status else ["0"] * count
+        else:
+            body["reversed"] = None
         return body
 
     async def postings(
@@ -554,6 +614,31 @@ def transfer_body(committed: log.Committed) -> dict[str, Any]:
     # Canonical key order, so that a replay is byte-for-byte the original answer.
     body["metadata"] = orjson.loads(canonical_json(data.get("metadata", {})))
     return body
+
+
+def period_body(event: LedgerEvent) -> dict[str, Any]:
+    """A close or reopen as the API shows it: who (the key id), when, why."""
+    data = vars(event)
+    body: dict[str, Any] = {
+        "position": event.position,
+        "type": "close" if isinstance(event, PeriodClosed) else "reopen",
+        "key": data["key"],
+    }
+    if isinstance(event, PeriodClosed):
+        body["through"] = event.through
+        body["closed_through"] = event.through
+    else:
+        assert isinstance(event, PeriodReopened)
+        body["from"] = event.from_date
+        body["closed_through"] = event.closed_through
+    body.update(
+        reason=data["reason"], actor=event.meta.get("actor", ""), recorded_at=event.recorded_at
+    )
+    return body
+
+
+_PERIOD_TOPICS = (TOPICS[PeriodClosed], TOPICS[PeriodReopened])
+_POSITION_ANY = 2**62
 
 
 _TYPES: dict[type[LedgerEvent], str] = {
