@@ -39,8 +39,13 @@ CREATE TABLE webhook_deliveries (
 CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
     WHERE state = 'pending';
 CREATE INDEX webhook_deliveries_by_state ON webhook_deliveries (subscription_id, state, position);
+-- Delivered rows are pruned after webhook_delivered_kept_s (one row per event per subscription
+-- would otherwise grow without bound); pending and dead ones stay.
+CREATE INDEX webhook_deliveries_delivered ON webhook_deliveries (delivered_at)
+    WHERE state = 'delivered';
 
 GRANT SELECT, INSERT, UPDATE ON webhook_subscriptions, webhook_deliveries TO ledger_app;
+GRANT DELETE ON webhook_deliveries TO ledger_app;
 -- The read-only login sees subscriptions and deliveries, never a subscription's secret.
 GRANT SELECT (id, ledger_id, url, event_types, position, created_at, created_by, deleted_at,
     deleted_by) ON webhook_subscriptions TO ledger_reader;

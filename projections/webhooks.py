@@ -67,6 +67,7 @@ class Deliverer:
 
         self.pool = pool
         self.schedule = schedule or Schedule()
+        self._next_prune = 0.0
         self.client = httpx.AsyncClient(
             timeout=self.schedule.timeout_s, follow_redirects=False, trust_env=False
         )
@@ -76,7 +77,22 @@ class Deliverer:
 
     async def step(self) -> int:
         """Queues new events, then sends what is due; returns how many rows it touched."""
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + limits.webhook_prune_interval_s
+            await self.prune(limits.webhook_delivered_kept_s)
         return await self.queue() + await self.send()
+
+    async def prune(self, kept_s: float) -> int:
+        """Deletes delivered rows older than ``kept_s`` (a bounded number); returns how many."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "DELETE FROM webhook_deliveries WHERE (subscription_id, position) IN"
+                " (SELECT subscription_id, position FROM webhook_deliveries"
+                " WHERE state = 'delivered' AND delivered_at < now() - make_interval(secs => %s)"
+                " LIMIT %s)",
+                (kept_s, limits.webhook_prune_rows_max),
+            )
+            return cursor.rowcount
 
     async def next_due_s(self) -> float | None:
         """Seconds until the earliest pending attempt (None: nothing pending)."""

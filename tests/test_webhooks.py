@@ -371,3 +371,41 @@ def test_a_ledger_takes_webhooks_up_to_its_bound_and_refuses_one_more(
         first = client.get(url).json()["items"][0]["id"]
         assert client.delete(f"{url}/{first}").status_code == 204  # a deleted one frees a place
         assert client.post(url, json={"url": "http://127.0.0.1:9/2"}).status_code == 201
+
+
+def test_delivered_rows_are_pruned_after_their_retention_and_pending_or_dead_ones_stay(
+    database_url: str, ledger_name: str
+) -> None:
+    import asyncio
+
+    from ledger import postgres
+    from projections.webhooks import Deliverer
+
+    with api_client(database_url, NO_RELAY) as client:
+        setup_ledger(client, ledger_name)  # positions 1-3
+        created = client.post(
+            f"/v1/ledgers/{ledger_name}/webhooks", json={"url": "http://127.0.0.1:9/", "after": 0}
+        )
+        hook = created.json()["id"]
+        with psycopg.connect(database_url) as conn:
+            conn.execute(
+                "INSERT INTO webhook_deliveries (subscription_id, position, event_type, state,"
+                " delivered_at) VALUES (%(h)s, 1, 'LedgerCreated', 'delivered',"
+                " now() - interval '2 hours'), (%(h)s, 2, 'AccountOpened', 'delivered',"
+                " now() - interval '10 minutes'), (%(h)s, 3, 'AccountOpened', 'dead', NULL)",
+                {"h": hook},
+            )
+
+        async def prune() -> int:
+            pool = postgres.async_pool(database_url, 1)
+            await pool.open(wait=True)
+            deliverer = Deliverer(pool)
+            try:
+                return await deliverer.prune(kept_s=3600)
+            finally:
+                await deliverer.close()
+                await pool.close()
+
+        assert asyncio.run(prune()) == 1
+        left = [(d["position"], d["state"]) for d in deliveries(client, ledger_name, hook)]
+    assert left == [(2, "delivered"), (3, "dead")]
