@@ -1,0 +1,334 @@
+"""Changing a transfer after the fact, as events (issue 13): amending its metadata, posting or
+reversing part of each posting of a multi-posting transfer, reversing a captured hold by the
+capture's own key; and ``reversed`` is a list per posting for every transfer that can be
+reversed. Rule-level tests first, then HTTP, then an export and import that carries them all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from ledger import audit, domain, errors, postgres
+from ledger.events import canonical_json
+from ledger.money import Asset
+from tests.support import api_client, bearer, make_key
+
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+USD = Asset("USD", 2)
+EUR = Asset("EUR", 2)
+
+
+# --- Rules ------------------------------------------------------------------------------------
+
+
+class Book:
+    def __init__(self) -> None:
+        accounts = {
+            n: domain.Account(i + 1, n, "liability", {}, i + 2) for i, n in enumerate("abcd")
+        }
+        self.state = domain.LedgerState({"USD": 2, "EUR": 2}, accounts, {})
+        self.position = 10
+
+    def do(self, command: domain.Command) -> domain.Decision:
+        self.position += 1
+        return domain.decide(self.state, command, self.position, NOW)
+
+    def code(self, command: domain.Command) -> str:
+        with pytest.raises(errors.LedgerError) as caught:
+            self.do(command)
+        return caught.value.code
+
+    def three(self, key: str, pending: bool = False) -> None:
+        postings = (
+            domain.Posting("a", "b", USD, 100),
+            domain.Posting("a", "c", USD, 50),
+            domain.Posting("d", "b", EUR, 70),
+        )
+        self.do(domain.PostTransfer(key, postings, pending=pending))
+
+    def balance(self, account: str, asset: str = "USD") -> tuple[int, ...]:
+        b = self.state.balances.get((self.state.accounts[account].id, asset))
+        return b.fields()[:4] if b else (0, 0, 0, 0)
+
+
+def test_a_hold_of_three_postings_posts_a_part_of_each_and_releases_the_rest() -> None:
+    book = Book()
+    book.three("h", pending=True)
+    decision = book.do(domain.PostPending("p", "h", amounts=(60, 0, 70)))
+    assert [p["amount"] for p in decision.fields["postings"]] == ["60", "0", "70"]
+    assert book.balance("a") == (60, 0, 0, 0)  # 60 posted; 100 + 50 held, all released
+    assert book.balance("c") == (0, 0, 0, 0)
+    assert book.balance("b", "EUR") == (0, 70, 0, 0)
+    assert book.state.transfers["h"].amounts == [60, 0, 70]
+    assert domain.entries_balance(decision.entries)
+
+
+def test_per_posting_amounts_are_refused_with_the_code_of_the_rule_they_break() -> None:
+    book = Book()
+    book.three("h", pending=True)
+    assert book.code(domain.PostPending("p", "h", amounts=(1, 2))) == "partial_amounts_mismatch"
+    assert book.code(domain.PostPending("p", "h", amounts=(101, 0, 0))) == (
+        "post_amount_exceeds_pending"
+    )
+    assert book.code(domain.PostPending("p", "h", 5)) == "partial_amount_needs_single_posting"
+    # At the limit: every posting's whole hold is accepted.
+    assert book.do(domain.PostPending("p", "h", amounts=(100, 50, 70))).event
+    with pytest.raises(errors.PartialAmountsMismatch):
+        domain.PostPending("q", "h", 5, amounts=(5, 0, 0))
+    with pytest.raises(errors.InvalidRequest):
+        domain.ReverseTransfer("q", "h", amounts=(0, 0, 0))
+
+
+def test_a_three_posting_transfer_is_reversed_posting_by_posting_never_past_what_remains() -> None:
+    book = Book()
+    book.three("t")
+    first = book.do(domain.ReverseTransfer("r1", "t", amounts=(30, 0, 70)))
+    assert [(p["debit"], p["credit"], p["amount"]) for p in first.fields["postings"]] == [
+        ("b", "a", "30"),
+        ("b", "d", "70"),
+    ]
+    assert book.state.transfers["t"].reversed == [30, 0, 70]
+    assert book.code(domain.ReverseTransfer("r2", "t", amounts=(71, 0, 0))) == (
+        "reversal_exceeds_remaining"
+    )
+    assert book.code(domain.ReverseTransfer("r2", "t", amounts=(0, 0, 1))) == (
+        "reversal_exceeds_remaining"
+    )
+    rest = book.do(domain.ReverseTransfer("r3", "t"))  # all that remains
+    assert [p["amount"] for p in rest.fields["postings"]] == ["70", "50"]
+    assert book.state.transfers["t"].reversed == [100, 50, 70]
+
+
+def test_reversing_a_capture_by_its_own_key_reverses_what_its_hold_posted() -> None:
+    book = Book()
+    book.do(domain.PostTransfer("h", (domain.Posting("a", "b", USD, 100),), pending=True))
+    book.do(domain.PostPending("cap", "h", 80))
+    decision = book.do(domain.ReverseTransfer("r", "cap"))
+    assert decision.fields["original_key"] == "h"
+    assert decision.fields["postings"] == [
+        {"debit": "b", "credit": "a", "asset": "USD/2", "amount": "80"}
+    ]
+    assert book.state.transfers["h"].reversed == [80]
+    # A void or a reversal is not reversible, and says what it is.
+    book.do(domain.PostTransfer("h2", (domain.Posting("a", "b", USD, 5),), pending=True))
+    book.do(domain.VoidPending("v", "h2"))
+    assert book.code(domain.ReverseTransfer("x", "v")) == "transfer_not_reversible"
+    assert book.code(domain.ReverseTransfer("y", "r")) == "transfer_not_reversible"
+
+
+def test_metadata_is_amended_on_any_transfer_and_only_on_a_transfer() -> None:
+    book = Book()
+    book.three("t")
+    decision = book.do(domain.AmendTransferMetadata("m1", "t", {"invoice": "F-9"}))
+    assert decision.event == "TransferMetadataAmended"
+    assert decision.fields == {"key": "m1", "transfer_key": "t", "metadata": {"invoice": "F-9"}}
+    book.do(domain.ReverseTransfer("r", "t"))
+    assert book.do(domain.AmendTransferMetadata("m2", "r", {"why": "dup"})).event
+    assert book.code(domain.AmendTransferMetadata("m3", "nope", {})) == "transfer_not_found"
+    assert book.code(domain.AmendTransferMetadata("m4", "m1", {})) == "transfer_not_found"
+
+
+# Request hashes of the new fields, computed from literal bytes (tests/test_vectors.py pins the
+# existing ones; a request without these fields hashes exactly as before).
+NEW_REQUESTS = [
+    (
+        domain.PostPending("k", "hold-1", amounts=(450, 0)),
+        b'{"amounts":["450","0"],"metadata":{},"post_pending":"hold-1"}',
+    ),
+    (
+        domain.ReverseTransfer("k", "t-1", amounts=(0, 25)),
+        b'{"amounts":["0","25"],"metadata":{},"reverse":"t-1"}',
+    ),
+    (
+        domain.AmendTransferMetadata("k", "t-1", {"a": 1}),
+        b'{"amend_metadata":"t-1","metadata":{"a":1}}',
+    ),
+    (
+        domain.ClosePeriod(datetime(2026, 10, 31).date(), "month end", "k"),
+        b'{"close_period":"2026-10-31","reason":"month end"}',
+    ),
+    (
+        domain.ReopenPeriod(datetime(2026, 10, 1).date(), "late invoice", "k"),
+        b'{"reason":"late invoice","reopen_period":"2026-10-01"}',
+    ),
+]
+
+
+@pytest.mark.parametrize("command, expected", NEW_REQUESTS)
+def test_the_request_hash_of_each_new_command_is_sha256_of_these_bytes(
+    command: domain.Idempotent, expected: bytes
+) -> None:
+    assert canonical_json(command.request_fields()) == expected
+    assert command.request_hash() == hashlib.sha256(expected).digest()
+
+
+def test_a_single_amount_request_hashes_as_it_did_before_amounts_existed() -> None:
+    digest = domain.PostPending("k", "hold-1", 450, {"n": 1}).request_hash().hex()
+    assert digest.startswith("091aa09dea8d43fc")  # the pinned value of tests/test_vectors.py
+
+
+# --- Through the API --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(database_url: str) -> Iterator[TestClient]:
+    with api_client(database_url) as c:
+        yield c
+
+
+@pytest.fixture
+def books(client: TestClient) -> str:
+    name = "m" + secrets.token_hex(6)
+    assert client.post("/v1/ledgers", json={"name": name}).status_code == 201
+    for account, kind in (("bank", "asset"), ("alice", "liability"), ("bob", "liability")):
+        r = client.post(f"/v1/ledgers/{name}/accounts", json={"name": account, "type": kind})
+        assert r.status_code == 201, r.text
+    return name
+
+
+def key(prefix: str) -> dict[str, str]:
+    return {"Idempotency-Key": prefix + secrets.token_hex(3)}
+
+
+def postings(*amounts: str) -> list[dict[str, str]]:
+    pairs = [("bank", "alice"), ("bank", "bob"), ("alice", "bob")]
+    return [
+        {"debit": d, "credit": c, "amount": a, "asset": "USD/2"}
+        for (d, c), a in zip(pairs, amounts, strict=False)
+    ]
+
+
+def test_amended_metadata_is_read_back_and_the_original_stays_in_the_log(
+    client: TestClient, books: str, database_url: str
+) -> None:
+    v1 = f"/v1/ledgers/{books}"
+    t = client.post(
+        f"{v1}/transfers", json={"postings": postings("100"), "metadata": {"v": 1}},
+        headers=key("t"),
+    ).json()
+    k = key("m")
+    url = f"{v1}/transfers/{t['key']}/metadata"
+    amended = client.put(url, json={"metadata": {"v": 2}}, headers=k)
+    assert amended.status_code == 200, amended.text
+    assert amended.json()["metadata"] == {"v": 2}
+    assert amended.json()["metadata_position"] > t["position"]
+    again = client.put(url, json={"metadata": {"v": 2}}, headers=k)
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+    other = client.put(url, json={"metadata": {"v": 3}}, headers=k)
+    assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused"
+
+    now = client.get(f"{v1}/transfers/{t['key']}").json()
+    assert now["metadata"] == {"v": 2} and now["postings"] == t["postings"]
+    then = client.get(f"{v1}/transfers/{t['key']}", params={"as_of": t["position"]}).json()
+    assert then["metadata"] == {"v": 1} and then["metadata_position"] == t["position"]
+    before = client.get(f"{v1}/transfers/{t['key']}", params={"as_of": t["position"] - 1})
+    assert before.status_code == 404
+    events = client.get(f"{v1}/events").json()["items"]
+    kinds = {e["type"]: e for e in events}
+    assert kinds["TransferPosted"]["data"]["metadata"] == {"v": 1}
+    assert kinds["TransferMetadataAmended"]["data"]["transfer_key"] == t["key"]
+
+    missing = client.put(f"{v1}/transfers/nope/metadata", json={"metadata": {}}, headers=key("x"))
+    assert missing.status_code == 404 and missing.json()["code"] == "transfer_not_found"
+    unkeyed = client.put(f"{v1}/transfers/{t['key']}/metadata", json={"metadata": {}})
+    assert unkeyed.status_code == 400 and unkeyed.json()["code"] == "idempotency_key_missing"
+    reader = make_key(database_url, ["read"], [books])
+    denied = client.put(
+        f"{v1}/transfers/{t['key']}/metadata", json={"metadata": {}},
+        headers={**key("y"), **bearer(reader)},
+    )
+    assert denied.status_code == 403
+
+
+def test_partial_post_and_reversal_of_a_multi_posting_transfer_verify_afterwards(
+    client: TestClient, books: str, database_url: str
+) -> None:
+    v1 = f"/v1/ledgers/{books}"
+    funded = client.post(
+        f"{v1}/transfers", json={"postings": postings("1000")}, headers=key("f")
+    )
+    assert funded.status_code == 201
+    hold = client.post(
+        f"{v1}/transfers", json={"postings": postings("100", "50", "30"), "pending": True},
+        headers=key("h"),
+    ).json()
+    wrong = client.post(
+        f"{v1}/transfers/{hold['key']}/post", json={"amounts": ["1", "2"]}, headers=key("w")
+    )
+    assert wrong.status_code == 422 and wrong.json()["code"] == "partial_amounts_mismatch"
+    one = client.post(f"{v1}/transfers/{hold['key']}/post", json={"amount": "1"}, headers=key("o"))
+    assert one.json()["code"] == "partial_amount_needs_single_posting"
+    zero = client.post(
+        f"{v1}/transfers/{hold['key']}/post", json={"amounts": ["0", "0", "0"]}, headers=key("z")
+    )
+    assert zero.status_code == 422
+    cap = client.post(
+        f"{v1}/transfers/{hold['key']}/post", json={"amounts": ["100", "0", "20"]},
+        headers=key("c"),
+    )
+    assert cap.status_code == 201, cap.text
+    assert [p["amount"] for p in cap.json()["postings"]] == ["100", "0", "20"]
+
+    back = client.post(
+        f"{v1}/transfers/{cap.json()['key']}/reverse", json={"amounts": ["40", "0", "20"]},
+        headers=key("r"),
+    )
+    assert back.status_code == 201, back.text
+    assert back.json()["original_key"] == hold["key"]
+    assert client.get(f"{v1}/transfers/{hold['key']}").json()["reversed"] == ["40", "0", "20"]
+    assert client.get(f"{v1}/transfers/{cap.json()['key']}").json()["reversed"] == [
+        "40", "0", "20",
+    ]
+    alice = client.get(f"{v1}/accounts/alice").json()["balances"][0]
+    # 1000 in, 100 posted in from the hold, 20 out, then 40 back out and 20 back in.
+    assert alice["net_posted"] == str(1000 + 100 - 20 - 40 + 20)
+    with postgres.connect(database_url) as conn:
+        report = audit.verify(conn, books)
+    assert report.ok, report.failed()
+
+
+def test_reversed_is_a_list_per_posting_on_every_transfer_that_can_be_reversed(
+    client: TestClient, books: str
+) -> None:
+    v1 = f"/v1/ledgers/{books}"
+    plain = client.post(
+        f"{v1}/transfers", json={"postings": postings("10", "20")}, headers=key("p")
+    ).json()
+    assert client.get(f"{v1}/transfers/{plain['key']}").json()["reversed"] == ["0", "0"]
+    hold = client.post(
+        f"{v1}/transfers", json={"postings": postings("5"), "pending": True}, headers=key("h")
+    ).json()
+    assert client.get(f"{v1}/transfers/{hold['key']}").json()["reversed"] == ["0"]
+    cap = client.post(f"{v1}/transfers/{hold['key']}/post", json={}, headers=key("c")).json()
+    captured = client.get(f"{v1}/transfers/{cap['key']}").json()
+    assert captured["reversed"] == ["0"] and captured["status"] == "posted"
+    back = client.post(
+        f"{v1}/transfers/{cap['key']}/reverse", json={}, headers=key("r")
+    )
+    assert back.status_code == 201, back.text  # was 409 "is not a transfer"
+    assert client.get(f"{v1}/transfers/{back.json()['key']}").json()["reversed"] is None
+    assert client.get(f"{v1}/transfers/{hold['key']}").json()["reversed"] == ["5"]
+
+
+def test_a_batch_item_posts_per_posting_amounts(client: TestClient, books: str) -> None:
+    v1 = f"/v1/ledgers/{books}"
+    hold = client.post(
+        f"{v1}/transfers", json={"postings": postings("7", "8"), "pending": True},
+        headers=key("h"),
+    ).json()
+    items: list[dict[str, Any]] = [
+        {"id": "b" + secrets.token_hex(3), "action": "post_pending", "target": hold["key"],
+         "amounts": ["7", "0"]},
+    ]
+    r = client.post(f"{v1}/transfers/batch", json={"items": items})
+    assert r.status_code == 200, r.text
+    result = r.json()["results"][0]
+    assert result["status"] == "created", result
+    assert [p["amount"] for p in result["transfer"]["postings"]] == ["7", "0"]
