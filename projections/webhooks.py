@@ -92,7 +92,7 @@ class Deliverer:
                 " LIMIT %s)",
                 (kept_s, limits.webhook_prune_rows_max),
             )
-            return cursor.rowcount
+            return int(cursor.rowcount)
 
     async def next_due_s(self) -> float | None:
         """Seconds until the earliest pending attempt (None: nothing pending)."""
