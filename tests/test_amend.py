@@ -19,6 +19,7 @@ from ledger import audit, domain, errors, postgres
 from ledger.events import canonical_json
 from ledger.money import Asset
 from tests.support import api_client, bearer, make_key
+from tests.test_import import second_database  # noqa: F401 (a fixture: another database)
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 USD = Asset("USD", 2)
@@ -332,3 +333,114 @@ def test_a_batch_item_posts_per_posting_amounts(client: TestClient, books: str) 
     result = r.json()["results"][0]
     assert result["status"] == "created", result
     assert [p["amount"] for p in result["transfer"]["postings"]] == ["7", "0"]
+
+
+# --- Export and import --------------------------------------------------------------------------
+
+
+def build_issue_13_ledger(url: str, name: str) -> None:
+    """Every write issue 13 added, plus what `ledger import` used to drop: an asset with its own
+    posting maximum and account commands under idempotency keys."""
+    from datetime import timedelta
+
+    from ledger.service import LedgerService
+
+    def p(d: str, c: str, amount: int) -> domain.Posting:
+        return domain.Posting(d, c, USD, amount)
+
+    async def body() -> None:
+        pool = postgres.async_pool(url, 2)
+        await pool.open()
+        svc = LedgerService(pool)
+        meta = {"actor": "test", "request_id": ""}
+
+        def keyed(k: str) -> dict[str, Any]:
+            return {**meta, "idempotency_key": k}
+
+        post = svc.post_transfer
+        today = datetime.now(UTC).date()
+        try:
+            await svc.create_ledger(name, [USD], meta)
+            await svc.define_asset(name, Asset("XAU", 4), meta, 1_000)
+            for acct, kind in (("bank", "asset"), ("alice", "liability"), ("bob", "liability")):
+                command = domain.OpenAccount(acct, kind, {}, "open-" + acct)
+                await svc.open_account(name, command, keyed(command.key))
+            await svc.change_account(name, domain.SetFrozen("bob", True, "frz"), keyed("frz"))
+            await svc.change_account(name, domain.SetFrozen("bob", False, "unf"), keyed("unf"))
+            old = datetime.now(UTC) - timedelta(days=2)
+            await post(name, domain.PostTransfer("t1", (p("bank", "alice", 500),), {"v": 1},
+                                                 effective_at=old), meta)
+            three = (p("bank", "alice", 100), p("bank", "bob", 50), p("alice", "bob", 30))
+            await post(name, domain.PostTransfer("t2", three), meta)
+            await post(name, domain.PostTransfer("h", three, pending=True), meta)
+            await post(name, domain.PostPending("cap", "h", amounts=(100, 0, 20)), meta)
+            await post(name, domain.ReverseTransfer("r1", "cap", amounts=(40, 0, 0)), meta)
+            await post(name, domain.ReverseTransfer("r2", "t2", amounts=(0, 50, 30)), meta)
+            await post(name, domain.ReverseTransfer("r3", "t2"), meta)
+            amend = domain.AmendTransferMetadata("m1", "t1", {"v": 2})
+            await svc.amend_transfer(name, amend, keyed("m1"))
+            yesterday = today - timedelta(days=1)
+            for command in (
+                domain.ClosePeriod(yesterday - timedelta(days=1), "close", "c1"),
+                domain.ReopenPeriod(yesterday - timedelta(days=1), "reopen", "o1"),
+                domain.ClosePeriod(yesterday, "close again", "c2"),
+            ):
+                await svc.change_period(name, command, keyed(command.key))
+            await post(name, domain.PostTransfer("fix", (p("bank", "alice", 5),),
+                                                 {"corrects": "t1"}), meta)
+        finally:
+            await svc.close()
+            await pool.close()
+
+    from tests.support import run_async
+
+    run_async(body())
+
+
+def test_an_export_with_periods_amendments_partials_asset_maxima_and_keyed_account_commands_imports_row_for_row(  # noqa: E501
+    database_url: str, second_database: str, tmp_path: Any,  # noqa: F811 (the fixture)
+) -> None:
+    from tests.test_cli import ledger
+    from tests.test_import import tables
+    from tests.test_tamper import KEY, PUBLIC
+
+    name = "x" + secrets.token_hex(6)
+    build_issue_13_ledger(database_url, name)
+    with postgres.connect(database_url) as conn:
+        audit.seal(conn, name, KEY)
+        before = audit.verify(conn, name)
+    assert before.ok, before.failed()
+    path = tmp_path / "export.jsonl"
+    assert ledger(database_url, "export", "-l", name, "--out", str(path)).returncode == 0
+    public = PUBLIC.public_bytes_raw().hex()
+    done = ledger(second_database, "import", str(path), "--public-key", public)
+    assert done.returncode == 0, done.stderr  # was export_invalid (the asset's maximum)
+    assert tables(second_database, name) == tables(database_url, name)
+
+    def extra(url: str) -> Any:
+        with postgres.connect(url) as conn:
+            return (
+                conn.execute(
+                    "SELECT closed_through FROM ledgers WHERE name = %s", (name,)
+                ).fetchone(),
+                conn.execute(
+                    "SELECT m.key, m.position, m.metadata FROM transfer_metadata m"
+                    " JOIN ledgers l ON l.id = m.ledger_id WHERE l.name = %s", (name,)
+                ).fetchall(),
+                conn.execute(
+                    "SELECT a.code, a.posting_amount_max FROM assets a"
+                    " JOIN ledgers l ON l.id = a.ledger_id WHERE l.name = %s ORDER BY 1", (name,)
+                ).fetchall(),
+                conn.execute(
+                    "SELECT t.key FROM transfers t JOIN ledgers l ON l.id = t.ledger_id"
+                    " WHERE l.name = %s AND t.key IN ('frz', 'unf', 'open-bob', 'c2', 'm1')",
+                    (name,),
+                ).fetchall(),
+            )
+
+    copied = extra(second_database)
+    assert copied == extra(database_url)
+    assert copied[0][0] is not None and len(copied[1]) == 1 and len(copied[3]) == 5
+    assert ("XAU", 1_000) in [(c, int(m)) for c, m in copied[2] if m is not None]
+    checked = ledger(second_database, "verify", "-l", name, "--public-key", public)
+    assert checked.returncode == 0, checked.stdout
