@@ -238,6 +238,11 @@ class _Mutator(ast.NodeTransformer):
     def visit_JoinedStr(self, node: ast.JoinedStr) -> ast.AST:
         return node  # messages
 
+    def visit_keyword(self, node: ast.keyword) -> ast.AST:
+        if node.arg == "strict":
+            return node  # zip(..., strict=True) is an assertion too
+        return self.generic_visit(node)
+
     # --- operators ---
 
     def visit_Compare(self, node: ast.Compare) -> ast.AST:
@@ -428,8 +433,19 @@ def _mark(tree: ast.Module) -> None:
             fn.slice._keyish = True  # type: ignore[attr-defined]
 
 
+_SOURCES: dict[str, str] = {}
+"""Each target's text as read once at the start: the tree is shared with others who may edit a
+file during a run, and every mutant must be numbered against the same text."""
+
+
+def _source(file: str) -> str:
+    if file not in _SOURCES:
+        _SOURCES[file] = (ROOT / file).read_text()
+    return _SOURCES[file]
+
+
 def _tree(file: str) -> ast.Module:
-    tree = ast.parse((ROOT / file).read_text(), filename=str(ROOT / file))
+    tree = ast.parse(_source(file), filename=str(ROOT / file))
     _mark(tree)
     return tree
 
@@ -485,26 +501,50 @@ def _functions(namespace: dict[str, Any], module_name: str) -> dict[str, Any]:
     return found
 
 
+def _compiled(file: str, code: Any = None) -> dict[str, Any]:
+    """The functions of ``file`` (as read at the start; mutated if ``code`` is given), defined
+    in a namespace of their own."""
+    name = file[:-3].replace("/", ".")
+    namespace: dict[str, Any] = {"__name__": name, "__file__": str(ROOT / file)}
+    source = compile(_source(file), str(ROOT / file), "exec") if code is None else code
+    exec(source, namespace)
+    return _functions(namespace, name)
+
+
+def _signature(f: Any) -> tuple[Any, ...]:
+    return (f.__code__, f.__defaults__, f.__kwdefaults__)
+
+
+def _loaded_as_read() -> list[str]:
+    """Target files whose loaded functions differ from their text read at the start (someone
+    edited them in between): a run against those would measure a mixture."""
+    changed = []
+    for file in TARGETS:
+        name = file[:-3].replace("/", ".")
+        live = _functions(vars(sys.modules[name]), name)
+        read = _compiled(file)
+        if any(_signature(f) != _signature(live[q]) for q, f in read.items() if q in live):
+            changed.append(file)
+    return changed
+
+
 def _swap(mutant: Mutant) -> None:
-    """Puts the mutated code into the live function objects of the mutant's module."""
+    """Puts the mutated code into the live function objects of the mutant's module: only the
+    functions the mutation changed."""
     name = mutant.file[:-3].replace("/", ".")
     module = sys.modules[name]
-    fresh: dict[str, Any] = {"__name__": name, "__file__": str(ROOT / mutant.file)}
+    base = _compiled(mutant.file)
     try:
-        exec(mutated_code(mutant), fresh)
+        mutated = _compiled(mutant.file, mutated_code(mutant))
     except Exception:
         os._exit(1)  # the mutated module cannot even be imported: any test would fail
     live = _functions(vars(module), name)
     changed = 0
-    for qualname, new in _functions(fresh, name).items():
+    for qualname, new in mutated.items():
         old = live.get(qualname)
-        if old is None:
+        if old is None or qualname not in base:
             continue
-        if (old.__code__, old.__defaults__, old.__kwdefaults__) != (
-            new.__code__,
-            new.__defaults__,
-            new.__kwdefaults__,
-        ):
+        if _signature(base[qualname]) != _signature(new):
             old.__code__ = new.__code__
             old.__defaults__, old.__kwdefaults__ = new.__defaults__, new.__kwdefaults__
             changed += 1
@@ -553,6 +593,11 @@ class _Driver:
         items[:] = kept
 
     def pytest_runtestloop(self, session: Any) -> bool:
+        edited = _loaded_as_read()
+        if edited:
+            print(f"\n{', '.join(edited)} changed while the run started: run it again")
+            self.results.clear()
+            return True
         started = time.monotonic()
         status = _wait(_fork(session, None), 600)
         self.baseline_s = time.monotonic() - started
@@ -643,10 +688,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="mutants run at once")
     parser.add_argument("--only", help="only target files whose path contains this")
     parser.add_argument("--timeout", type=float, help="seconds per mutant (default: 3x baseline)")
+    parser.add_argument("--match", help="only mutants whose key contains this text")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     args = parser.parse_args(argv)
 
-    every = mutants(args.only)
+    every = [m for m in mutants(args.only) if not args.match or args.match in m.key]
     selected = every
     if args.sample:
         chosen = set(
