@@ -35,6 +35,7 @@ import psycopg
 import pytest
 import structlog
 from fastapi.testclient import TestClient
+from websockets.sync.client import connect
 
 from api.app import create_app
 from ledger import audit, domain, errors, log, merkle, postgres
@@ -115,6 +116,28 @@ def test_a_replica_read_with_min_position_sees_the_write_it_names(ha: cluster.Cl
         assert _net(fresh.json()) == 700
         page = client.get(f"/v1/ledgers/{name}/events", params={"min_position": position})
         assert page.json()["items"][-1]["position"] == position
+        # The stream: woken by the primary's NOTIFY, it lets the replica replay first (without
+        # that, it would read nothing and sleep until the next heartbeat, 15 s later).
+        stream_url = base.replace("http://", "ws://") + f"/v1/ledgers/{name}/events/stream"
+        with (
+            connect(
+                f"{stream_url}?after={position}", additional_headers=bearer(token), open_timeout=10
+            ) as stream,
+            psycopg.connect(standby.url, autocommit=True) as admin,
+        ):
+            admin.execute("SELECT pg_wal_replay_pause()")
+            try:
+                second = client.post(
+                    f"/v1/ledgers/{name}/transfers",
+                    headers={"Idempotency-Key": "t2"},
+                    json={"postings": [_posting("bank", "alice", 1)]},
+                )
+                assert second.status_code == 201, second.text
+                time.sleep(0.5)
+            finally:
+                admin.execute("SELECT pg_wal_replay_resume()")
+            frame = json.loads(stream.recv(timeout=5))
+        assert frame["position"] == second.json()["position"] and frame["data"]["key"] == "t2"
 
 
 @needs_cluster
