@@ -53,6 +53,8 @@ class Model:
     frozen: set[str] = field(default_factory=set)
     holds: dict[str, dict[str, Any]] = field(default_factory=dict)
     posted: dict[str, dict[str, Any]] = field(default_factory=dict)
+    captured: dict[str, str] = field(default_factory=dict)
+    """A capture's own key → its hold's key (reversing the capture reverses the hold)."""
 
     def exposure(self, name: str, t: Totals) -> int:
         rule = self.guards.get(name, ("none", 0))[0]
@@ -88,6 +90,7 @@ class LedgerMachine(RuleBasedStateMachine):
     loop: ClassVar[asyncio.AbstractEventLoop]
     holds = Bundle("holds")
     transfers = Bundle("transfers")
+    captures = Bundle("captures")
 
     def __init__(self) -> None:
         super().__init__()
@@ -215,7 +218,32 @@ class LedgerMachine(RuleBasedStateMachine):
                 }
         code, _ = self.send(domain.PostPending(own, key, part))
         assert code == expected
+        if code is None:
+            self.model.captured[own] = key
         return key
+
+    @rule(target=captures, key=holds)
+    def capture(self, key: str) -> str:
+        """Captures a hold in full; its own key goes where a reversal may name it."""
+        self.post(key, None)
+        return next((c for c, h in self.model.captured.items() if h == key), "none")
+
+    @rule(key=captures, part=st.one_of(st.none(), st.integers(1, 600)))
+    def reverse_capture(self, key: str, part: int | None) -> None:
+        """Reversing by the capture's key is reversing its hold (issue 13: was an error)."""
+        self.reverse(self.model.captured.get(key, key), part, sent_as=key)
+
+    @rule(key=st.one_of(transfers, captures))
+    def amend(self, key: str) -> None:
+        """Amending metadata moves no money; only keys of transfers may be amended."""
+        known = key in self.model.posted or key in self.model.holds or key in self.model.captured
+        command = domain.AmendTransferMetadata(self.key(), key, {"step": self.keys})
+        try:
+            self.run(self.svc.amend_transfer(self.ledger, command, {"actor": "model"}))
+            code = None
+        except errors.LedgerError as error:
+            code = error.code
+        assert code == (None if known else "transfer_not_found")
 
     @rule(key=holds)
     def void(self, key: str) -> None:
@@ -231,7 +259,7 @@ class LedgerMachine(RuleBasedStateMachine):
         assert code == expected
 
     @rule(key=transfers, part=st.one_of(st.none(), st.integers(1, 600)))
-    def reverse(self, key: str, part: int | None) -> None:
+    def reverse(self, key: str, part: int | None, sent_as: str | None = None) -> None:
         original = self.model.posted.get(key)
         if original is None:
             hold = self.model.holds.get(key)
@@ -247,7 +275,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 )
             if expected is None:
                 original["reversed"] += amount
-        code, _ = self.send(domain.ReverseTransfer(self.key(), key, part))
+        code, _ = self.send(domain.ReverseTransfer(self.key(), sent_as or key, part))
         assert code == expected
 
     @rule(
