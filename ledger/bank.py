@@ -4,7 +4,8 @@ It creates a ledger of its own, funds a few guarded accounts from a reserve, the
 several clients post transfers among them, each under a fresh idempotency key, while a reader
 checks that every balance it reads is non-negative and that their total is the funding. A
 request whose answer is lost (a timeout, a 5xx, a connection closed; or, with ``drop_rate``,
-the client dropping its own connection right after sending, the one fault it may inject) is
+the client dropping its own connection, the one fault it may inject: right after sending, or
+halfway through the body, which the ledger must never apply) is
 *unknown*: at the end each unknown is retried with the same key and body until the ledger
 settles it (201: applied, now or before; 4xx: not applied). Then the ledger's own log is read
 back and judged:
@@ -55,6 +56,10 @@ class Figures:
     unknown: int = 0
     dropped: int = 0
     """Unknowns the workload caused itself by dropping its connection after sending."""
+    cut_mid_body: int = 0
+    """Unknowns it caused by dropping its connection halfway through sending the body."""
+    cut_yet_applied: int = 0
+    """Requests cut mid-body whose retry was a replay: the ledger applied half a request."""
     settled_applied: int = 0
     settled_refused: int = 0
     unsettled: int = 0
@@ -78,6 +83,7 @@ class Figures:
             and self.lost == 0
             and self.duplicated == 0
             and self.failed_but_applied == 0
+            and self.cut_yet_applied == 0
             and self.read_violations == 0
             and self.totals_conserved
             and self.balances_match_acknowledged
@@ -91,7 +97,7 @@ class Figures:
             "acknowledged": self.acknowledged,
             "refused": dict(sorted(self.refused.items())),
             "unknown": self.unknown,
-            "dropped_by_client": self.dropped,
+            "dropped_by_client": {"after_sending": self.dropped, "mid_body": self.cut_mid_body},
             "unknown_then_settled": {
                 "applied": self.settled_applied,
                 "refused": self.settled_refused,
@@ -100,6 +106,7 @@ class Figures:
             "lost": self.lost,
             "duplicated": self.duplicated,
             "failed_but_applied": self.failed_but_applied,
+            "cut_yet_applied": self.cut_yet_applied,
             "reads": self.reads,
             "read_violations": self.read_violations,
             "transfers_in_log": self.transfers_in_log,
@@ -141,8 +148,10 @@ class Client:
         path: str,
         body: Any = None,
         key: str | None = None,
-        drop: bool = False,
+        drop: str | None = None,
     ) -> tuple[int, Any, dict[str, str]]:
+        """``drop``: ``"sent"`` closes the connection once the request is sent, ``"body"``
+        halfway through its body; either way the answer is unknown (status 0)."""
         headers = {"Content-Type": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -151,8 +160,16 @@ class Client:
         data = None if body is None else json.dumps(body).encode()
         try:
             conn = self._connection()
+            if drop == "body" and data:
+                conn.putrequest(method, self.prefix + path)
+                for name, value in {**headers, "Content-Length": str(len(data))}.items():
+                    conn.putheader(name, value)
+                conn.endheaders()
+                conn.send(data[: len(data) // 2])
+                self.close()
+                return _UNKNOWN, None, {}
             conn.request(method, self.prefix + path, body=data, headers=headers)
-            if drop:  # the fault: the request is sent, its answer never read
+            if drop:  # the request is sent, its answer never read
                 self.close()
                 return _UNKNOWN, None, {}
             response = conn.getresponse()
@@ -209,6 +226,8 @@ class Bank:
         self.acknowledged: dict[str, Transfer] = {}
         self.refused: dict[str, Transfer] = {}
         self.unknown: dict[str, Transfer] = {}
+        self.cut: set[str] = set()
+        """Keys of requests cut mid-body."""
         self.lock = threading.Lock()
         self.stop = threading.Event()
 
@@ -277,7 +296,7 @@ class Bank:
             debit, credit = rng.sample(self.names, 2)
             sequence += 1
             t = Transfer(f"c{number}-{sequence}", debit, credit, rng.randint(1, FUNDING // 4))
-            drop = rng.random() < self.drop_rate
+            drop = rng.choice(("sent", "body")) if rng.random() < self.drop_rate else None
             status, answer, _ = c.call("POST", path, t.body(), t.key, drop=drop)
             with self.lock:
                 self.figures.attempted += 1
@@ -290,7 +309,10 @@ class Bank:
                 else:  # 0 (no answer), 409 (still in flight), 429, 5xx: retry later
                     self.unknown[t.key] = t
                     self.figures.unknown += 1
-                    self.figures.dropped += drop
+                    self.figures.dropped += drop == "sent"
+                    self.figures.cut_mid_body += drop == "body"
+                    if drop == "body":
+                        self.cut.add(t.key)
         c.close()
 
     def _reader(self) -> None:
@@ -329,10 +351,12 @@ class Bank:
         path = f"/v1/ledgers/{self.ledger}/transfers"
         for key, t in sorted(self.unknown.items()):
             for attempt in range(limits.bank_settle_attempts_max):
-                status, answer, _ = c.call("POST", path, t.body(), key)
+                status, answer, headers = c.call("POST", path, t.body(), key)
                 if status == 201:
                     self.acknowledged[key] = t
                     self.figures.settled_applied += 1
+                    if key in self.cut and headers.get("idempotent-replayed") == "true":
+                        self.figures.cut_yet_applied += 1
                     break
                 if status in (400, 401, 403, 404, 413, 422):
                     self.refused[key] = t
