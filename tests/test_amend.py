@@ -444,3 +444,30 @@ def test_an_export_with_periods_amendments_partials_asset_maxima_and_keyed_accou
     assert ("XAU", 1_000) in [(c, int(m)) for c, m in copied[2] if m is not None]
     checked = ledger(second_database, "verify", "-l", name, "--public-key", public)
     assert checked.returncode == 0, checked.stdout
+
+
+def test_verify_checks_the_keys_of_account_commands_against_their_meta_idempotency_key(
+    client: TestClient, books: str, database_url: str
+) -> None:
+    """Account events have no ``key`` field: the check compared NULL and let any row pass."""
+    v1 = f"/v1/ledgers/{books}"
+    frozen = client.post(f"{v1}/accounts/bob/freeze", headers={"Idempotency-Key": "frz-1"})
+    assert frozen.status_code == 200, frozen.text
+    with postgres.connect(database_url) as conn:
+        assert audit.verify(conn, books).ok
+        position = conn.execute(
+            "SELECT t.position FROM transfers t JOIN ledgers l ON l.id = t.ledger_id"
+            " WHERE l.name = %s AND t.key = 'frz-1'",
+            (books,),
+        ).fetchone()
+        assert position is not None
+        # A second key row pointing at the same account event: a key the event never had.
+        conn.execute(
+            "INSERT INTO transfers (ledger_id, key, position, request_hash)"
+            " SELECT id, 'ghost', %s, %s FROM ledgers WHERE name = %s",
+            (position[0], bytes(32), books),
+        )
+        report = audit.verify(conn, books)
+        conn.rollback()
+    bad = [c for c in report.checks if not c["ok"]]
+    assert [c["check"] for c in bad] == ["idempotency_keys_match_events"]
