@@ -175,7 +175,8 @@ def _refused(url: str, statements: list[str], owner: str) -> psycopg.Error:
             conn.execute(statements[-1].format(owner=owner).encode())
         # Whatever was tried, the login is still ledger_app's and the log is intact.
         row = conn.execute("SELECT current_user, count(*) FROM events").fetchone()
-    assert row is not None and row[1] > 0
+        login = conn.info.user
+    assert row is not None and row[0] == login and row[1] > 0
     return caught.value
 
 
