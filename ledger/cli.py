@@ -488,13 +488,24 @@ def report_month_end(
     ledger: LedgerOption,
     as_of: Annotated[str, typer.Option("--as-of", help="A position or a recorded time")],
     csv: CsvOption = False,
+    close: Annotated[bool, typer.Option(help="First close the month reported")] = False,
+    reason: Annotated[str, typer.Option(help="Why, with --close")] = "month-end close",
 ) -> None:
-    """Every balance and every position at one point, in one table: the close of a period."""
+    """Every balance and every position at one point, in one table: the close of a period.
+    With --close, the month reported is closed first (ledger/periods.py says which)."""
     from ledger import postgres
     from projections import positions, reports, runner
 
     def action(settings: Settings) -> None:
         at = reports.parse_point(as_of, "recorded")
+        if close:
+            from ledger.periods import close_month
+
+            closed = _service_call(
+                settings,
+                lambda svc: close_month(svc, ledger, at.position, at.time, reason, _meta()),
+            )
+            print(f"ledger: closed through {closed['closed_through']}", file=sys.stderr)
 
         async def trial(pool: Any) -> dict[str, Any]:
             async with pool.connection() as conn:
@@ -1001,9 +1012,15 @@ def keys_rotate(
     _run(action)
 
 
+from ledger.periods import period_app  # noqa: E402 (its commands import this module's helpers)
+
+app.add_typer(period_app, name="period")
+
+
 def main() -> None:
     app()
 
 
 if __name__ == "__main__":
     main()
+

@@ -317,3 +317,46 @@ def test_a_real_server_closes_and_refuses_a_back_dated_posting_with_httpx(
         )
         assert posted.status_code == 422 and posted.json()["code"] == "period_closed"
         assert http.get(f"/v1/ledgers/{name}").json()["closed_through"] == yesterday.isoformat()
+
+
+# --- The command line -------------------------------------------------------------------------
+
+
+def test_month_end_close_closes_the_month_it_reports_once_and_the_period_commands_work(
+    database_url: str,
+) -> None:
+    import json
+
+    from ledger.periods import month_through
+    from tests.test_cli import ledger
+    from tests.test_tamper import build
+
+    name = "pc" + secrets.token_hex(5)
+    build(database_url, name, transfers=1)
+    first_of_month = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    through = (first_of_month.date() - timedelta(days=1)).isoformat()
+    run = ("report", "month-end", "-l", name, "--as-of", first_of_month.isoformat(), "--close")
+    done = ledger(database_url, *run)
+    assert done.returncode == 0, done.stderr
+    assert f"closed through {through}" in done.stderr
+    assert json.loads(done.stdout)["ledger"] == name
+    again = ledger(database_url, *run)  # the same key: replayed, nothing closed twice
+    assert again.returncode == 0, again.stderr
+    listed = json.loads(ledger(database_url, "period", "list", "-l", name).stdout)
+    assert listed["closed_through"] == through
+    assert [h["type"] for h in listed["history"]] == ["close"]
+    assert listed["history"][0]["reason"] == "month-end close"
+
+    today = datetime.now(UTC).date().isoformat()
+    early = ledger(database_url, "period", "close", "-l", name, "--through", today, "--reason", "x")
+    assert early.returncode == 2 and early.stderr.count("\n") == 1
+    assert "has not ended" in early.stderr
+    reopened = ledger(
+        database_url, "period", "reopen", "-l", name, "--from", through, "--reason", "late bill"
+    )
+    assert reopened.returncode == 0, reopened.stderr
+    assert json.loads(reopened.stdout)["type"] == "reopen"
+    # The month of the last instant reported: the first instant of a month reports the one before.
+    assert month_through(datetime(2026, 12, 1, tzinfo=UTC)) == date(2026, 11, 30)
+    assert month_through(datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC)) == date(2026, 11, 30)
+    assert month_through(datetime(2026, 3, 1, 0, 0, 1, tzinfo=UTC)) == date(2026, 3, 31)
