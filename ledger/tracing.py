@@ -4,10 +4,12 @@ A transfer's trace (the request's, continued from a W3C ``traceparent`` header i
 one) holds the HTTP server span (FastAPI's own instrumentation, given our provider), then
 ``ledger.queue_wait`` (from the writer's queue until its group is taken), then
 ``ledger.write`` (its part in the group, linked to the group's span) with ``ledger.commit``
-under it (the group's COMMIT, which it shares). The group has a trace of its own,
-``ledger.group``, linked to each request it serves, holding the transaction: ``ledger.load``
-(the head lock and every read, pipelined: one round trip), ``ledger.decide`` (the rules, no
-I/O), ``ledger.append`` (the set-based inserts), ``db.commit``.
+under it (the group's COMMIT, which it shares). The group's span, ``ledger.group``, is shared
+by the requests it serves: a child of the first (sampled) one, linked to and from every one;
+it holds the transaction: ``ledger.load`` (the head lock and every read, pipelined: one round
+trip), ``ledger.decide`` (the rules, no I/O), ``ledger.append`` (the set-based inserts),
+``db.commit``. A request whose trace is not sampled (``OTEL_TRACES_SAMPLER``) makes none of
+these, and a group none of whose requests is sampled makes none either.
 
 Configured from the standard environment variables, read once, by :func:`from_environment`:
 
@@ -132,8 +134,9 @@ def _exporter(name: str) -> SpanExporter:
 
 
 def span(name: str, **attributes: Any) -> contextlib.AbstractContextManager[Any]:
-    """A child span of the current one, or a shared no-op when tracing is off."""
-    if TRACER is None:
+    """A child of the current span if that one is recorded; else (tracing off, or a trace not
+    sampled) a shared no-op. Never a root: the write path's spans belong to a group."""
+    if TRACER is None or not trace.get_current_span().is_recording():
         return _NULL
     return TRACER.start_as_current_span(name, attributes=attributes)
 
@@ -147,8 +150,12 @@ class Queued:
 
 
 def queued(commands: int) -> Queued | None:
-    """Starts the queue wait under the current span (the request's); None when off."""
+    """Starts the queue wait under the current span (the request's); None when off, or when
+    the request's trace is not sampled (OTEL_TRACES_SAMPLER): then nothing is made for it."""
     if TRACER is None:
+        return None
+    current = trace.get_current_span().get_span_context()
+    if current.is_valid and not current.trace_flags.sampled:
         return None
     parent = otel_context.get_current()
     wait = TRACER.start_span(
@@ -186,18 +193,22 @@ def group(
 def _group(
     tracer: trace.Tracer, ledger: str, units: Sequence[_Traced], commands: int
 ) -> Iterator[None]:
-    queued_units = [u.trace for u in units if u.trace is not None]
-    for q in queued_units:
+    waiting = [u.trace for u in units if u.trace is not None]
+    queued_units = [q for q in waiting if q.wait.is_recording()]  # sampled
+    for q in waiting:
         q.wait.end()
+    if not queued_units:  # no request of the group is sampled: nothing to record
+        yield
+        return
     attributes: dict[str, str | int] = {
         "ledger.name": ledger,
         "ledger.commands": commands,
         "ledger.units": len(units),
     }
-    # A trace of its own: the group serves many requests, each in its own trace.
+    # Under the first request it serves (so that it is sampled with it), linked to every one
     top = tracer.start_span(
         "ledger.group",
-        context=otel_context.Context(),
+        context=queued_units[0].parent,
         attributes=attributes,
         links=[trace.Link(q.wait.get_span_context()) for q in queued_units[:_LINKS_MAX]],
     )
