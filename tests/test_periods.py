@@ -292,31 +292,79 @@ def test_reopening_needs_the_periods_scope_and_is_recorded_with_who_and_why(
     assert again.status_code == 409 and again.json()["code"] == "period_not_closed"
 
 
-def test_a_real_server_closes_and_refuses_a_back_dated_posting_with_httpx(
+def test_what_docs_api_md_shows_of_periods_amendments_and_parts_works_on_a_real_server(
     database_url: str,
 ) -> None:
+    """docs/api.md (Transfers, Periods) through a real ``ledger serve`` and httpx."""
     name = "ps" + secrets.token_hex(5)
     yesterday = datetime.now(UTC).date() - timedelta(days=1)
     at = datetime.combine(yesterday, datetime.min.time(), UTC).isoformat()
     with served(database_url) as (base, token), httpx.Client(
         base_url=base, headers=bearer(token), timeout=30
     ) as http:
+        v1 = f"/v1/ledgers/{name}"
         assert http.post("/v1/ledgers", json={"name": name}).status_code == 201
         for account, kind in (("bank", "asset"), ("users:alice", "liability")):
-            http.post(f"/v1/ledgers/{name}/accounts", json={"name": account, "type": kind})
+            http.post(f"{v1}/accounts", json={"name": account, "type": kind})
+        early = http.post(f"{v1}/transfers", json=body("100", datetime.fromisoformat(at)),
+                          headers=key("e"))
+        assert early.status_code == 201, early.text
+        controller = make_key(database_url, ["periods"], [name])
         closed = http.post(
-            f"/v1/ledgers/{name}/periods/close",
-            json={"through": yesterday.isoformat(), "reason": "month end"},
-            headers=key("c"),
+            f"{v1}/periods/close",
+            json={"through": yesterday.isoformat(), "reason": "October closed"},
+            headers={**key("close-oct"), **bearer(controller)},
         )
         assert closed.status_code == 201, closed.text
+        assert closed.json()["actor"] == "lk_" + controller.split("_")[1]
         posted = http.post(
-            f"/v1/ledgers/{name}/transfers",
-            json={**body("1"), "effective_at": at},
-            headers=key("t"),
+            f"{v1}/transfers", json={**body("1"), "effective_at": at}, headers=key("t")
         )
         assert posted.status_code == 422 and posted.json()["code"] == "period_closed"
-        assert http.get(f"/v1/ledgers/{name}").json()["closed_through"] == yesterday.isoformat()
+        fix = http.post(
+            f"{v1}/transfers", json=body("1", corrects=early.json()["key"]), headers=key("f")
+        )
+        assert fix.status_code == 201, fix.text
+        found = http.get(
+            f"{v1}/transfers", params={"metadata": f"corrects={early.json()['key']}"}
+        )
+        assert found.status_code == 200, found.text
+        assert [t["key"] for t in found.json()["items"]] == [fix.json()["key"]]
+        assert http.get(v1).json()["closed_through"] == yesterday.isoformat()
+        reopened = http.post(
+            f"{v1}/periods/reopen",
+            json={"from": yesterday.isoformat(), "reason": "late invoice"},
+            headers={**key("r"), **bearer(controller)},
+        )
+        assert reopened.status_code == 201, reopened.text
+        periods = http.get(f"{v1}/periods").json()
+        assert [h["type"] for h in periods["history"]] == ["close", "reopen"]
+
+        amended = http.put(
+            f"{v1}/transfers/{early.json()['key']}/metadata",
+            json={"metadata": {"invoice": "F-9"}},
+            headers=key("m"),
+        )
+        assert amended.status_code == 200 and amended.json()["metadata"] == {"invoice": "F-9"}
+        three = [
+            {"debit": "bank", "credit": "users:alice", "amount": a, "asset": "USD/2"}
+            for a in ("100", "50", "30")
+        ]
+        hold = http.post(
+            f"{v1}/transfers", json={"postings": three, "pending": True}, headers=key("h")
+        ).json()
+        cap = http.post(
+            f"{v1}/transfers/{hold['key']}/post",
+            json={"amounts": ["100", "0", "20"]},
+            headers=key("c"),
+        )
+        assert cap.status_code == 201, cap.text
+        back = http.post(
+            f"{v1}/transfers/{cap.json()['key']}/reverse", json={}, headers=key("b")
+        )
+        assert back.status_code == 201 and back.json()["original_key"] == hold["key"]
+        shown = http.get(f"{v1}/transfers/{hold['key']}").json()
+        assert shown["reversed"] == ["100", "0", "20"]
 
 
 # --- The command line -------------------------------------------------------------------------
