@@ -4,11 +4,15 @@ bounded, and the Grafana dashboard (deploy/grafana/ledger.json) built on them al
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
@@ -16,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ledger import limits
 from ledger.settings import Settings
-from tests.support import ROOT, api_client, bearer, make_key
+from tests.support import ROOT, api_client, bearer, make_key, served
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "ledger.json"
 SETTINGS = Settings(projections=False, relay=False)
@@ -161,7 +165,20 @@ def test_webhook_failures_and_dead_letters_are_counted(
             " (%s, 2, 'AssetDefined', 'pending', 2), (%s, 3, 'AssetDefined', 'delivered', 3)",
             (subscription, limits.webhook_attempts_max, subscription, subscription),
         )
-    after = _scrape(client, metrics_key)
+    try:
+        after = _scrape(client, metrics_key)
+    finally:  # no relay of a later test may try to deliver these
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE webhook_deliveries SET state = 'delivered' WHERE subscription_id = %s"
+                " AND state = 'pending'",
+                (subscription,),
+            )
+            conn.execute(
+                "UPDATE webhook_subscriptions SET deleted_at = now(), deleted_by = 'test'"
+                " WHERE id = %s",
+                (subscription,),
+            )
 
     def delta(name: str, **labels: str) -> float:
         return _value(after, name, **labels) - _value(before, name, **labels)
@@ -230,3 +247,29 @@ def test_the_grafana_dashboard_uses_only_metrics_the_server_exports(
     # Each metric of the list above is on the dashboard
     shown = {m for e in exprs for m in re.findall(r"\b(ledger_[a-z_]+)\b", e)}
     assert {n for n in EXPECTED if not any(s.startswith(n) for s in shown)} == set()
+
+
+def test_a_served_ledger_is_scraped_with_a_metrics_only_key_made_by_the_cli(
+    database_url: str,
+) -> None:
+    """docs/operations.md, "Metrics and dashboards": the key it makes, a real server, a real
+    client (as Prometheus would scrape it)."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")},
+        "LEDGER_DATABASE_URL": database_url,
+        "LEDGER_LOG_LEVEL": "warning",
+    }
+    made = subprocess.run(
+        [sys.executable, "-m", "ledger", "keys", "create", "--name", "prometheus",
+         "--scope", "metrics"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    token = json.loads(made.stdout)["token"]
+    with served(database_url) as (base, _):
+        scraped = httpx.get(base + "/metrics", headers=bearer(token), timeout=10)
+        assert scraped.status_code == 200, scraped.text
+        names = {f.name for f in text_string_to_metric_families(scraped.text)}
+        assert set(EXPECTED) <= names, set(EXPECTED) - names
+        # Only the metrics: the same key reads nothing else
+        assert httpx.get(base + "/v1/ledgers", headers=bearer(token)).status_code == 403
