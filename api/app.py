@@ -27,6 +27,7 @@ from api.middleware import OPENAPI_URL, BodyBudget, Guard
 from ledger import keys, limits, metrics, postgres, tracing
 from ledger.service import LedgerService
 from ledger.settings import Settings
+from projections.webhooks import networks as webhook_networks
 
 logger = structlog.get_logger(__name__)
 
@@ -66,7 +67,7 @@ async def _project(url: str, log_level: str) -> None:
                 process.kill()
 
 
-async def _relay(url: str, nats_url: str | None, log_level: str) -> None:
+async def _relay(url: str, nats_url: str | None, log_level: str, allowed: str) -> None:
     """Runs the relay (projections/publisher.py) in a child process, restarted if it exits:
     from the start with a NATS URL, else once a webhook subscription exists."""
     from projections.publisher import relay_from
@@ -81,7 +82,9 @@ async def _relay(url: str, nats_url: str | None, log_level: str) -> None:
                     process = None
                 if nats_url or await _webhooks_exist(url):
                     process = context.Process(
-                        target=relay_from, args=(url, nats_url, log_level), name="ledger-relay"
+                        target=relay_from,
+                        args=(url, nats_url, log_level, allowed),
+                        name="ledger-relay",
                     )
                     process.start()
             await asyncio.sleep(limits.projection_retry_pause_s)
@@ -137,7 +140,12 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
         if settings.relay:
             background.append(
                 asyncio.create_task(
-                    _relay(database_url, settings.publish_nats_url, settings.log_level),
+                    _relay(
+                        database_url,
+                        settings.publish_nats_url,
+                        settings.log_level,
+                        settings.webhook_allowed_networks,
+                    ),
                     name="relay",
                 )
             )
@@ -179,6 +187,7 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
         },
     )
     app.state.insecure_no_auth = settings.insecure_no_auth
+    app.state.webhook_networks = webhook_networks(settings.webhook_allowed_networks)
     publishing = settings.publish_nats_url is not None  # else its lag counts once it has run
     app.state.database_url = database_url
     app.state.read_database_url = settings.read_database_url or database_url

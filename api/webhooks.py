@@ -18,7 +18,7 @@ from api.middleware import ParsedBodyRoute
 from api.routes import LedgerPath, Limit, _problems, json_response, service
 from ledger import errors, limits
 from ledger.events import EVENT_CLASSES
-from projections.webhooks import new_secret
+from projections.webhooks import check_target, new_secret
 
 router = APIRouter(prefix="/v1", tags=["webhooks"], route_class=ParsedBodyRoute)
 WebhookId = Annotated[str, Path(pattern=r"^wh_[0-9a-f]{16}$")]
@@ -57,6 +57,7 @@ async def create_webhook(ledger: LedgerPath, body: WebhookIn, request: Request) 
     unknown = sorted(set(body.event_types) - EVENT_TYPES)
     if unknown:
         raise errors.InvalidRequest(f"unknown event type {unknown[0]!r}")
+    await check_target(body.url, request.app.state.webhook_networks)
     svc = service(request)
     ref = await svc.ledger_ref(ledger)
     secret = new_secret()

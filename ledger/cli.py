@@ -862,7 +862,12 @@ def publish(
             with psycopg.connect(url) as conn:  # a wrong URL or schema: one line, exit 2
                 conn.execute("SELECT FROM tracking, webhook_deliveries LIMIT 0")
             # From here on, the database or the broker going away is waited out, not fatal.
-            publisher.relay_until(url, nats_url or settings.publish_nats_url, lambda: False)
+            publisher.relay_until(
+                url,
+                nats_url or settings.publish_nats_url,
+                lambda: False,
+                settings.webhook_allowed_networks,
+            )
 
     _run(action)
 

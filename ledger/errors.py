@@ -354,6 +354,15 @@ class DeadDeliveryNotFound(LedgerError):
     status = 404
 
 
+class WebhookTargetRefused(LedgerError):
+    code = "webhook_target_refused"
+    title = (
+        "The webhook URL's host resolves to an address the server may not call (a private,"
+        " loopback or link-local one not in LEDGER_WEBHOOK_ALLOWED_NETWORKS), or to none"
+    )
+    status = 422
+
+
 class WebhookLimitReached(LedgerError):
     code = "webhook_limit_reached"
     title = "The ledger has as many webhook subscriptions as it may (webhooks_per_ledger_max)"

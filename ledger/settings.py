@@ -5,11 +5,12 @@ An unknown or malformed ``LEDGER_*`` variable stops the program with a one-line 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ledger import limits
@@ -89,6 +90,13 @@ class Settings(BaseSettings):
             " event to it (or run `ledger publish`)"
         ),
     )
+    webhook_allowed_networks: str = Field(
+        "",
+        description=(
+            "Networks (comma-separated CIDRs) besides public addresses that webhook URLs may"
+            " reach, such as 10.20.0.0/16 for receivers inside your network; empty: public only"
+        ),
+    )
     relay: bool = Field(
         True,
         description=(
@@ -120,6 +128,13 @@ class Settings(BaseSettings):
         ),
     )
 
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            ipaddress.ip_network(part, strict=False)  # ValueError: one line at start
+        return value
 
 def load_settings() -> Settings:
     known = {PREFIX + name.upper() for name in Settings.model_fields}

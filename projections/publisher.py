@@ -174,16 +174,18 @@ async def relay(
     nats_url: str | None,
     stop: Callable[[], bool] = lambda: False,
     schedule: Schedule | None = None,
+    allowed_networks: str = "",
 ) -> None:
     """Publishes to JetStream (if ``nats_url``) and delivers webhooks (retried on ``schedule``,
     by default the one in ``ledger/limits.py``) until ``stop()``; woken by the log's ``NOTIFY``,
     and at least every ``relay_interval_s``."""
-    from projections.webhooks import Deliverer
+    from projections.webhooks import Deliverer, networks
+    from projections.webhooks import Schedule as Retries
 
     pool = postgres.async_pool(url, 2)
     await pool.open(wait=True, timeout=limits.pool_timeout_s)
     publisher = Publisher(pool, nats_url) if nats_url else None
-    deliverer = Deliverer(pool, schedule)
+    deliverer = Deliverer(pool, schedule or Retries(allowed_networks=networks(allowed_networks)))
     try:
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as listener:
             await listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
@@ -220,21 +222,25 @@ async def relay(
         await pool.close()
 
 
-def relay_until(url: str, nats_url: str | None, stop: Callable[[], bool]) -> None:
+def relay_until(
+    url: str, nats_url: str | None, stop: Callable[[], bool], allowed_networks: str = ""
+) -> None:
     """:func:`relay` until ``stop()``, started again after any failure (the database gone, say):
     ``ledger publish``."""
     while not stop():
         try:
-            asyncio.run(relay(url, nats_url, stop))
+            asyncio.run(relay(url, nats_url, stop, allowed_networks=allowed_networks))
         except Exception:
             logger.exception("relay failed; retrying")
             time.sleep(limits.relay_retry_pause_s)
 
 
-def relay_from(url: str, nats_url: str | None, log_level: str) -> None:
+def relay_from(
+    url: str, nats_url: str | None, log_level: str, allowed_networks: str = ""
+) -> None:
     """The server's relay process: until the server that started it is gone."""
     from ledger.logging import configure_logging
 
     configure_logging(log_level)
     parent = os.getppid()
-    relay_until(url, nats_url, lambda: os.getppid() != parent)
+    relay_until(url, nats_url, lambda: os.getppid() != parent, allowed_networks)

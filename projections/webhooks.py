@@ -22,15 +22,18 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import ipaddress
 import secrets
+import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 from psycopg_pool import AsyncConnectionPool
 
-from ledger import limits
+from ledger import errors, limits
 from projections.publisher import message_id, payload
 
 logger = structlog.get_logger("webhooks")
@@ -53,12 +56,54 @@ def backoff_s(attempts: int, first_s: float, max_s: float) -> float:
     return float(min(first_s * 2 ** (attempts - 1), max_s))
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def networks(text: str) -> tuple[Network, ...]:
+    """``LEDGER_WEBHOOK_ALLOWED_NETWORKS``: comma-separated CIDRs."""
+    try:
+        return tuple(
+            ipaddress.ip_network(part.strip(), strict=False)
+            for part in text.split(",") if part.strip()
+        )
+    except ValueError as exc:
+        raise errors.InvalidRequest(f"LEDGER_WEBHOOK_ALLOWED_NETWORKS: {exc}") from None
+
+
+async def check_target(url: str, allowed: tuple[Network, ...]) -> None:
+    """Refuses a URL whose host resolves to anything but public addresses (or the networks an
+    operator allowed): a key with the ``ledgers`` scope must not be able to make the server call
+    its own loopback, the cloud's metadata service or the internal network (SSRF). Checked when
+    a subscription is made and again before every delivery, since DNS answers change; a host
+    whose answer changes between this check and the connection is the residual risk, which
+    an egress proxy or firewall closes (docs/security.md)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        found = await asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_STREAM
+        )
+    except (OSError, ValueError) as exc:
+        raise errors.WebhookTargetRefused(f"{host!r} does not resolve: {exc}") from None
+    for *_, address in found:
+        ip = ipaddress.ip_address(address[0])
+        if ip.is_global or any(ip in network for network in allowed):
+            continue
+        raise errors.WebhookTargetRefused(
+            f"{host!r} resolves to {ip}, which is not public; allow its network with"
+            " LEDGER_WEBHOOK_ALLOWED_NETWORKS if the receiver really lives there"
+        )
+
+
 @dataclass
 class Schedule:
     attempts_max: int = limits.webhook_attempts_max
     backoff_first_s: float = limits.webhook_backoff_first_ms / 1000
     backoff_max_s: float = limits.webhook_backoff_max_ms / 1000
     timeout_s: float = limits.webhook_timeout_ms / 1000
+    allowed_networks: tuple[Network, ...] = field(default_factory=tuple)
+    """Besides public addresses, where receivers may be (LEDGER_WEBHOOK_ALLOWED_NETWORKS)."""
 
 
 class Deliverer:
@@ -183,6 +228,10 @@ class Deliverer:
             "webhook-timestamp": str(timestamp),
             "webhook-signature": sign(secret, msg_id, timestamp, body),
         }
+        try:
+            await check_target(url, self.schedule.allowed_networks)
+        except errors.WebhookTargetRefused as exc:
+            return None, f"{exc.code}: {exc.detail}"[:200]
         try:
             # One bound for the whole exchange (httpx's applies to each read or write), inside
             # the claim, so that a slow receiver is not sent the same event by another relay.

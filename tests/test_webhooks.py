@@ -5,6 +5,7 @@ through the API."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -27,7 +28,10 @@ from fastapi.testclient import TestClient
 from ledger.settings import Settings
 from tests.support import api_client, served
 
-NO_RELAY = Settings(relay=False, projections=False)  # the test runs its own relay
+# The test runs its own relay; its receivers listen on loopback, which a server refuses to
+# call unless told (SSRF: test_a_webhook_to_a_private_address_is_refused_unless_allowed).
+LOOPBACK = "127.0.0.0/8"
+NO_RELAY = Settings(relay=False, projections=False, webhook_allowed_networks=LOOPBACK)
 
 
 @pytest.fixture(autouse=True)
@@ -129,9 +133,11 @@ def relay_process(url: str, attempts_max: int, backoff_first_s: float) -> None:
     import asyncio
 
     from projections.publisher import relay
-    from projections.webhooks import Schedule
+    from projections.webhooks import Schedule, networks
 
-    schedule = Schedule(attempts_max, backoff_first_s, backoff_first_s * 8, 2.0)
+    schedule = Schedule(
+        attempts_max, backoff_first_s, backoff_first_s * 8, 2.0, networks(LOOPBACK)
+    )
     asyncio.run(relay(url, None, schedule=schedule))
 
 
@@ -326,7 +332,10 @@ def test_a_real_server_starts_its_relay_once_a_subscription_exists_and_delivers(
     database_url: str, ledger_name: str
 ) -> None:
     receiver = Receiver(answer=lambda n: 200)
-    with receiving(receiver), served(database_url, env={"LEDGER_RELAY": "true"}) as (base, token):
+    with receiving(receiver), served(
+        database_url,
+        env={"LEDGER_RELAY": "true", "LEDGER_WEBHOOK_ALLOWED_NETWORKS": LOOPBACK},
+    ) as (base, token):
         auth = {"Authorization": f"Bearer {token}"}
         r = httpx.post(f"{base}/v1/ledgers", json={"name": ledger_name}, headers=auth, timeout=30)
         assert r.status_code == 201, r.text
@@ -409,3 +418,61 @@ def test_delivered_rows_are_pruned_after_their_retention_and_pending_or_dead_one
         assert asyncio.run(prune()) == 1
         left = [(d["position"], d["state"]) for d in deliveries(client, ledger_name, hook)]
     assert left == [(2, "delivered"), (3, "dead")]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/hook",
+        "http://localhost/hook",
+        "http://169.254.169.254/latest/meta-data",  # a cloud's metadata service
+        "http://10.1.2.3/hook",
+        "http://[::1]/hook",
+        "http://no-such-host.invalid/hook",
+    ],
+)
+def test_a_webhook_to_a_private_address_is_refused_unless_allowed(
+    database_url: str, ledger_name: str, url: str
+) -> None:
+    with api_client(database_url, Settings(relay=False, projections=False)) as client:
+        setup_ledger(client, ledger_name)
+        r = client.post(f"/v1/ledgers/{ledger_name}/webhooks", json={"url": url})
+        assert r.status_code == 422, r.text
+        assert r.json()["code"] == "webhook_target_refused"
+    allowed = "127.0.0.0/8,::1/128,10.0.0.0/8,169.254.0.0/16"
+    settings = Settings(relay=False, projections=False, webhook_allowed_networks=allowed)
+    with api_client(database_url, settings) as client:
+        r = client.post(f"/v1/ledgers/{ledger_name}/webhooks", json={"url": url})
+        assert r.status_code == (422 if "invalid" in url else 201), r.text
+
+
+def test_a_delivery_is_refused_again_when_the_host_turns_private_after_subscribing(
+    database_url: str, ledger_name: str
+) -> None:
+    """The check is repeated before each attempt: a relay not allowed loopback records the
+    refusal as the attempt's error instead of calling the receiver."""
+    with receiving(Receiver(lambda n: 200)) as receiver, api_client(
+        database_url, NO_RELAY
+    ) as client:
+        setup_ledger(client, ledger_name)
+        hook = client.post(
+            f"/v1/ledgers/{ledger_name}/webhooks", json={"url": receiver.url, "after": 0}
+        ).json()
+
+        from ledger import postgres
+        from projections.webhooks import Deliverer, Schedule
+
+        async def one_pass() -> None:
+            pool = postgres.async_pool(database_url, 2)
+            await pool.open()
+            deliverer = Deliverer(pool, Schedule(1, 0.01, 0.01, 2.0, ()))
+            try:
+                await deliverer.step()
+            finally:
+                await deliverer.close()
+                await pool.close()
+
+        asyncio.run(one_pass())
+        dead = deliveries(client, ledger_name, hook["id"], "dead")
+        assert dead and "webhook_target_refused" in str(dead[0])
+        assert receiver.got == []
