@@ -402,6 +402,18 @@ class SignedHistoryLost(LedgerError):
     status = 409
 
 
+# --- The server's own fault: nothing happened; retrying will not help ------------------------
+
+
+class Misconfigured(LedgerError):
+    code = "server_misconfigured"
+    title = (
+        "The database refused the server's login this operation (its grants or URL are wrong):"
+        " nothing happened"
+    )
+    status = 500
+
+
 # --- Transient: the outcome is unknown or nothing happened; retry with the same key ----------
 
 
@@ -452,6 +464,7 @@ _ADVICE = {
     408: "Send the whole request promptly (the connection is closed).",
     409: "The resource's state forbids it: read it, then decide.",
     413: "Split the request.",
+    500: "Tell the operator (the server's database grants); retrying will not help until then.",
     415: "Send `Content-Type: application/json`.",
     422: "Fix the request; do not resend it as is.",
     429: "Wait `Retry-After` seconds, then resend (with the same Idempotency-Key).",

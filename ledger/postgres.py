@@ -140,6 +140,10 @@ def translate(exc: BaseException) -> errors.LedgerError:
         return errors.Timeout("the database did not answer in time; retry with the same key")
     if isinstance(exc, psycopg.errors.NumericValueOutOfRange):
         return errors.Overflow("a total would exceed 38 digits")
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        # Not transient: a "retry" answer would have well-behaved clients retry for ever. (A
+        # read-only transaction is transient: a failover's old primary, soon left behind.)
+        return errors.Misconfigured(f"the database refused: {type(exc).__name__}")
     return errors.Unavailable(f"the database failed: {type(exc).__name__}")
 
 

@@ -50,3 +50,16 @@ def test_waiting_for_another_embedded_start_is_bounded(
         with pytest.raises(embedded.EmbeddedError, match="over 0 s"):
             embedded.EmbeddedPostgres(tmp_path / "pgdata").start()
     assert not (tmp_path / "pgdata").exists()
+
+
+def test_a_refused_grant_is_not_answered_as_retryable_but_a_read_only_primary_is() -> None:
+    import psycopg
+
+    from ledger import errors
+    from ledger.postgres import translate
+
+    refused = translate(psycopg.errors.InsufficientPrivilege("permission denied"))
+    assert isinstance(refused, errors.Misconfigured) and refused.status == 500
+    # An old primary after a failover is read-only until the client reaches the new one.
+    moved = translate(psycopg.errors.ReadOnlySqlTransaction("read-only"))
+    assert isinstance(moved, errors.Unavailable) and moved.status == 503
