@@ -89,7 +89,13 @@ def test_a_replica_read_with_min_position_sees_the_write_it_names(ha: cluster.Cl
                 f"/v1/ledgers/{name}/accounts", json={"name": account, "type": "liability"}
             )
             assert opened.status_code == 201, opened.text
-        # The replica stops replaying (synchronous commit waits for its flush, not its replay).
+        # Both accounts on the replica (an answer's position: the account's opening) ...
+        seen = client.get(
+            f"/v1/ledgers/{name}/accounts/alice",
+            params={"min_position": opened.json()["opened_at_position"]},
+        )
+        assert seen.status_code == 200, seen.text
+        # ... then it stops replaying (synchronous commit waits for its flush, not its replay).
         with psycopg.connect(standby.url, autocommit=True) as admin:
             admin.execute("SELECT pg_wal_replay_pause()")
             try:
