@@ -36,7 +36,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ledger import domain, postgres  # noqa: E402
+from ledger import domain, keys, postgres  # noqa: E402
 from ledger.migrate import migrate  # noqa: E402
 from ledger.money import parse_asset  # noqa: E402
 from ledger.replay import replay  # noqa: E402
@@ -48,6 +48,8 @@ ACCOUNTS = 10_000
 IN_PROCESS_CEILING = 40_000
 """Transfers/s the in-process figures make commands for (well above what they reach)."""
 LEDGER = "bench"
+TOKEN = [""]
+"""The bench's API key (one with every scope, made on the bench's database), sent by wrk."""
 
 
 # --- The Postgres cluster ----------------------------------------------------------------------
@@ -198,6 +200,7 @@ local batch = tonumber(os.getenv("BENCH_BATCH") or "0")
 local accounts = %d
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_TOKEN")
 local function pair()
   local a = math.random(0, accounts - 1)
   local b = math.random(0, accounts - 2)
@@ -256,6 +259,7 @@ def wrk(
         "BENCH_HOT": "1" if hot else "0",
         "BENCH_DELAY_MS": str(delay_ms),
         "BENCH_BATCH": str(batch),
+        "BENCH_TOKEN": TOKEN[0],
     }
     try:
         out = subprocess.run(
@@ -283,6 +287,8 @@ def wrk(
         script.unlink()
     line = next(line for line in out.splitlines() if line.startswith("RESULT "))
     result: dict[str, float] = json.loads(line[len("RESULT ") :])
+    # Refused requests (401, 429, 4xx, 5xx) or timeouts would count as throughput: none may.
+    assert not result["errors"], f"bench: wrk saw {result['errors']} errors: {out}"
     result["rate"] = result["requests"] / result["seconds"]
     return result
 
@@ -297,6 +303,15 @@ def transfer(key: str, hot: bool = False) -> domain.PostTransfer:
     return domain.PostTransfer(
         key, (domain.Posting(f"a{a}", f"a{b}", USD, random.randint(1, 10**5)),)
     )
+
+
+async def make_key(url: str) -> str:
+    """An API key with every scope, made as `ledger keys create` makes one."""
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        key = await keys.create(conn, "bench", ["*"], [], "bench")
+        await conn.commit()
+    token: str = key["token"]
+    return token
 
 
 async def setup_ledger(svc: LedgerService) -> None:
@@ -465,6 +480,7 @@ def main() -> None:
                 await setup_ledger(svc)
                 await svc.close()
                 await pool.close()
+                TOKEN[0] = await make_key(url)
 
             asyncio.run(prepare())
             conditions["accounts"] = ACCOUNTS
