@@ -229,7 +229,11 @@ def test_postings_page_newest_first_with_a_cursor(database_url: str, ledger_name
 def test_the_database_refuses_to_change_or_delete_history(
     database_url: str, owner_database_url: str, ledger_name: str
 ) -> None:
-    run(database_url, lambda svc: setup(svc, ledger_name, "alice"))
+    async def body(svc: LedgerService) -> None:  # a row in every table the statements touch
+        await setup(svc, ledger_name, "alice", "bob")
+        await svc.post_transfer(ledger_name, pay("t1", "alice", "bob", 7), META)
+
+    run(database_url, body)
     with psycopg.connect(owner_database_url) as conn:  # the triggers refuse even the owner
         for statement in (
             "UPDATE events SET topic = 'x'",
