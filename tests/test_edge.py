@@ -7,6 +7,7 @@ Every socket is on 127.0.0.1; every wait is bounded; the servers are stopped at 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -285,14 +286,14 @@ def test_websocket_streams_do_not_count_against_the_http_connection_cap(
         created = httpx.post(base + "/v1/ledgers", json={"name": name}, headers=auth)
         assert created.status_code == 201
         url = base.replace("http", "ws") + f"/v1/ledgers/{name}/events/stream?after=0"
-        streams = [connect(url, additional_headers=auth, open_timeout=10) for _ in range(3)]
-        try:
+        with contextlib.ExitStack() as stack:
+            streams = [
+                stack.enter_context(connect(url, additional_headers=auth, open_timeout=10))
+                for _ in range(3)
+            ]
             for stream in streams:
                 assert '"position"' in str(stream.recv(timeout=10))  # each one is live
             assert _healthy(base)  # and HTTP still has its two connections
-        finally:
-            for stream in streams:
-                stream.close()
 
 
 # --- TLS --------------------------------------------------------------------------------
