@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
@@ -215,4 +216,30 @@ async def projection_status(ledger: LedgerPath, request: Request) -> Response:
         with postgres.connect(request.app.state.database_url) as conn:
             return runner.status(conn, ledger)
 
-    return json_response({"items": await asyncio.to_thread(read)})
+    async with _direct_connection(request):
+        items = await asyncio.to_thread(read)
+    return json_response({"items": items})
+
+
+@contextlib.asynccontextmanager
+async def _direct_connection(request: Request) -> AsyncIterator[None]:
+    """A slot for a connection opened outside the pools (synchronous code run in a thread):
+    at most ``read_pool_size`` at once per process, so that a flood of such requests cannot
+    use up the database's connections (the writers' pool would then fail to reconnect).
+    Waiting for a slot is bounded by ``pool_timeout_s``, like a pool's, then 503."""
+    import asyncio
+
+    from ledger import limits
+
+    state = request.app.state
+    if getattr(state, "direct_connections", None) is None:
+        state.direct_connections = asyncio.Semaphore(service(request).read_pool.max_size)
+    try:
+        async with asyncio.timeout(limits.pool_timeout_s):
+            await state.direct_connections.acquire()
+    except TimeoutError:
+        raise errors.Unavailable("too many reads at once; retry shortly") from None
+    try:
+        yield
+    finally:
+        state.direct_connections.release()

@@ -750,3 +750,25 @@ def test_every_operation_in_the_openapi_document_refuses_an_unknown_query_parame
             assert r.json()["code"] == "unknown_query_parameter"
             checked += 1
     assert checked >= 30
+
+
+def test_reads_on_connections_outside_the_pools_are_bounded_in_number(
+    client: TestClient, ledger: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ledger import limits
+
+    path = f"/v1/ledgers/{ledger}/projections"
+    assert client.get(path).status_code == 200
+    state: Any = client.app.state  # type: ignore[attr-defined]
+    slots = state.direct_connections
+    taken = 0
+    while not slots.locked():  # as if that many such reads were running
+        client.portal.call(slots.acquire)  # type: ignore[attr-defined]
+        taken += 1
+    assert taken == state.service.read_pool.max_size
+    monkeypatch.setattr(limits, "pool_timeout_s", 0.2)
+    r = client.get(path)
+    assert r.status_code == 503 and r.json()["code"] == "unavailable"
+    for _ in range(taken):
+        slots.release()
+    assert client.get(path).status_code == 200
