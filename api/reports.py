@@ -213,7 +213,7 @@ async def projection_status(ledger: LedgerPath, request: Request) -> Response:
     await svc.ledger_ref(ledger)
 
     def read() -> list[dict[str, Any]]:
-        with postgres.connect(request.app.state.database_url) as conn:
+        with postgres.connect(request.app.state.read_database_url) as conn:
             return runner.status(conn, ledger)
 
     async with _direct_connection(request):
