@@ -14,7 +14,7 @@ from api import auth
 from api.middleware import ParsedBodyRoute
 from api.replica import FRESH
 from api.routes import AccountPath, LedgerPath, _problems, json_response, service
-from ledger import errors
+from ledger import errors, limits
 from projections import reports
 
 router = APIRouter(prefix="/v1", tags=["reports"], route_class=ParsedBodyRoute)
@@ -57,19 +57,28 @@ async def report(
     recorded_at: Time = None,
     effective_at: Time = None,
     format: Format = "json",
+    subtotal_depth: Annotated[
+        int,
+        Query(
+            ge=1,
+            le=limits.report_subtotal_depth_max,
+            description="Subtotals per account prefix of 1 to this many `:` segments",
+        ),
+    ] = 1,
 ) -> Response:
     """`trial-balance`: every account's debits and credits per asset (per asset they are
     equal); `balance-sheet`: assets, liabilities and equity on their normal sides, with earnings
-    to date; `income-statement`: revenue, expenses and net income to date."""
+    to date; `income-statement`: revenue, expenses and net income to date. Every balance is on
+    its account's normal side (`side`), with subtotals per account prefix."""
     svc = service(request)
     at = reports.point(as_of, recorded_at, effective_at)
     kind = REPORTS[report]
     return await _answer(
         svc,
         lambda c: (
-            reports.trial_balance(c, ledger, at)
+            reports.trial_balance(c, ledger, at, subtotal_depth)
             if kind == "trial_balance"
-            else reports.statement_of(c, ledger, at, kind)
+            else reports.statement_of(c, ledger, at, kind, subtotal_depth)
         ),
         format,
         f"{ledger}-{report}",
@@ -107,6 +116,68 @@ async def account_statement(
 
 
 @router.get(
+    "/ledgers/{ledger}/journal", responses=_problems,
+    openapi_extra=auth.scope("read"), dependencies=[FRESH],
+)
+async def journal(
+    ledger: LedgerPath,
+    request: Request,
+    basis: Annotated[Literal["recorded", "effective"], Query()] = "recorded",
+    format: Annotated[Literal["csv", "jsonl"], Query()] = "jsonl",
+    start: Annotated[
+        str | None, Query(alias="from", max_length=64, description="A position or a time")
+    ] = None,
+    end: Annotated[
+        str | None, Query(alias="to", max_length=64, description="A position or a time")
+    ] = None,
+) -> Response:
+    """The general ledger: every posting that moved posted amounts in `(from, to]`, one line
+    each with its transfer, accounts, amount (minor units and decimal), both times and its
+    event's hash; CSV or JSON lines, streamed (constant memory whatever the period)."""
+    import asyncio
+    import itertools
+
+    from starlette.responses import StreamingResponse
+
+    from ledger import postgres
+    from projections import journal as gl
+
+    await service(request).ledger_ref(ledger)
+    since = reports.period_start(start, basis)
+    until = reports.parse_point(end, basis)
+    url = request.app.state.read_database_url
+
+    def first() -> tuple[Any, Any, list[dict[str, Any]]]:  # errors come before the first byte
+        conn = postgres.connect(url)
+        try:
+            conn.execute(f"SET statement_timeout = {limits.journal_statement_timeout_ms}")
+            lines = gl.entries(conn, ledger, since, until)
+            return conn, lines, list(itertools.islice(lines, 1))
+        except BaseException:
+            conn.close()
+            raise
+
+    conn, lines, head = await asyncio.to_thread(first)
+
+    def every() -> Any:
+        try:
+            yield from head
+            yield from lines
+        finally:
+            lines.close()
+            conn.close()
+
+    name = f"{ledger}-journal"
+    if format == "csv":
+        return StreamingResponse(
+            gl.as_csv(every()),
+            media_type="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
+        )
+    return StreamingResponse(gl.as_json_lines(every()), media_type="application/x-ndjson")
+
+
+@router.get(
     "/ledgers/{ledger}/positions", responses=_problems, openapi_extra=auth.scope("read"),
     dependencies=[FRESH],
 )
@@ -115,13 +186,28 @@ async def positions(
     request: Request,
     holder: Annotated[str | None, Query(max_length=128)] = None,
     as_of: AsOf = None,
+    recorded_at: Time = None,
+    effective_at: Time = None,
 ) -> Response:
     """Per holder and asset: quantity, pending, cost basis and realised P&L (average cost and
-    FIFO). From the projection; with `as_of`, replayed from the log up to that position."""
+    FIFO). From the projection; with `as_of` (a position) or `recorded_at` (the last position
+    recorded at or before it), replayed from the log up to that position. Positions follow the
+    log's order (lots, cost, P&L), so `effective_at` is refused."""
     svc = service(request)
     from projections import positions as model
 
+    if effective_at is not None:
+        raise errors.InvalidRequest(
+            "positions are on the recorded axis only (lots and cost follow the log's order):"
+            " give as_of or recorded_at"
+        )
+    if as_of is not None and recorded_at is not None:
+        raise errors.InvalidRequest("give as_of or recorded_at (both name a log position)")
     ref = await svc.ledger_ref(ledger)
+    if recorded_at is not None:
+        from ledger import queries
+
+        as_of = await queries.position_at(svc, ref.id, recorded_at)
     if as_of is None:
         async with svc.read_pool.connection() as conn:
             rows = await (

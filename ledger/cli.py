@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 import psycopg
 import typer
 
+from ledger import limits
 from ledger.embedded import EmbeddedError, database_url, owner_database_url
 from ledger.errors import LedgerError
 from ledger.migrate import check_before_serving
@@ -252,7 +253,7 @@ def replay(
         balances = [
             {
                 "account": a,
-                "asset": s,
+                "asset": result.names.get(s, s),
                 "debits_posted": str(t[0]),
                 "credits_posted": str(t[1]),
                 "debits_pending": str(t[2]),
@@ -260,7 +261,9 @@ def replay(
             }
             for (a, s), t in sorted(result.balances.items())
         ]
-        totals = {asset: str(net) for asset, net in sorted(result.totals().items())}
+        totals = {
+            result.names.get(code, code): str(net) for code, net in sorted(result.totals().items())
+        }
         report = {
             "ledger": ledger,
             "position": result.position,
@@ -415,6 +418,13 @@ app.add_typer(report_app, name="report")
 AsOfOption = Annotated[str | None, typer.Option("--as-of", help="A position or a recorded time")]
 EffectiveOption = Annotated[str | None, typer.Option("--effective-at", help="An ISO 8601 time")]
 CsvOption = Annotated[bool, typer.Option("--csv", help="CSV (for a spreadsheet) instead of JSON")]
+DepthOption = Annotated[
+    int,
+    typer.Option(
+        "--subtotal-depth", min=1, max=limits.report_subtotal_depth_max,
+        help="Subtotals per account prefix of 1 to this many ':' segments",
+    ),
+]
 
 
 def _report(
@@ -425,6 +435,7 @@ def _report(
     csv: bool,
     account: str | None = None,
     start: str | None = None,
+    depth: int = 1,
 ) -> None:
     from projections import reports
 
@@ -435,12 +446,12 @@ def _report(
         async def run(pool: Any) -> dict[str, Any]:
             async with pool.connection() as conn:
                 if kind == "trial_balance":
-                    return await reports.trial_balance(conn, ledger, at)
+                    return await reports.trial_balance(conn, ledger, at, depth)
                 if kind == "account_statement":
                     assert account is not None
                     first = reports.period_start(start, basis)
                     return await reports.account_statement(conn, ledger, account, first, at)
-                return await reports.statement_of(conn, ledger, at, kind)
+                return await reports.statement_of(conn, ledger, at, kind, depth)
 
         report = _with_pool(settings, run)
         print(
@@ -456,9 +467,10 @@ def report_trial_balance(
     as_of: AsOfOption = None,
     effective_at: EffectiveOption = None,
     csv: CsvOption = False,
+    depth: DepthOption = 1,
 ) -> None:
     """Debits and credits of every account per asset (they must balance)."""
-    _report("trial_balance", ledger, as_of, effective_at, csv)
+    _report("trial_balance", ledger, as_of, effective_at, csv, depth=depth)
 
 
 @report_app.command("balance-sheet")
@@ -467,9 +479,10 @@ def report_balance_sheet(
     as_of: AsOfOption = None,
     effective_at: EffectiveOption = None,
     csv: CsvOption = False,
+    depth: DepthOption = 1,
 ) -> None:
     """Assets, liabilities, equity and earnings on their normal sides."""
-    _report("balance_sheet", ledger, as_of, effective_at, csv)
+    _report("balance_sheet", ledger, as_of, effective_at, csv, depth=depth)
 
 
 @report_app.command("income-statement")
@@ -478,9 +491,10 @@ def report_income_statement(
     as_of: AsOfOption = None,
     effective_at: EffectiveOption = None,
     csv: CsvOption = False,
+    depth: DepthOption = 1,
 ) -> None:
     """Revenue, expenses and net income to date."""
-    _report("income_statement", ledger, as_of, effective_at, csv)
+    _report("income_statement", ledger, as_of, effective_at, csv, depth=depth)
 
 
 @report_app.command("month-end")
@@ -554,6 +568,37 @@ def report_statement(
         account,
         start,
     )
+
+
+@report_app.command("journal")
+def report_journal(
+    ledger: LedgerOption,
+    start: Annotated[
+        str | None, typer.Option("--from", help="Position or time (exclusive)")
+    ] = None,
+    end: Annotated[str | None, typer.Option("--to", help="Position or time (inclusive)")] = None,
+    basis: Annotated[
+        str, typer.Option(help="recorded (positions, recorded times) or effective (times)")
+    ] = "recorded",
+    csv: CsvOption = False,
+) -> None:
+    """The general ledger: every posting booked in the period, one line each, streamed to
+    stdout as JSON lines (or CSV)."""
+    from ledger import postgres
+    from projections import journal, reports
+
+    def action(settings: Settings) -> None:
+        if basis not in ("recorded", "effective"):
+            raise LedgerError(f"--basis {basis!r}: recorded or effective")
+        since, until = reports.period_start(start, basis), reports.parse_point(end, basis)
+        with database_url(settings) as url, postgres.connect(url) as conn:
+            lines = journal.entries(conn, ledger, since, until)
+            chunks = journal.as_csv(lines) if csv else journal.as_json_lines(lines)
+            for chunk in chunks:
+                sys.stdout.write(chunk if isinstance(chunk, str) else chunk.decode())
+            sys.stdout.flush()
+
+    _run(action)
 
 
 def _with_pool(settings: Settings, work: Callable[[Any], Any]) -> Any:

@@ -47,6 +47,13 @@ search_chunk_events: Final = 500
 """Candidates a search reads from Postgres at a time."""
 aggregate_groups_max: Final = 10_000
 """Rows (group and asset) one aggregate of balances by prefix answers at most."""
+report_subtotal_depth_max: Final = 8
+"""Deepest account prefix (in ``:`` segments) a report subtotals by (``subtotal_depth``)."""
+journal_statement_timeout_ms: Final = 600_000
+"""Longest a journal export's query may run over HTTP (a long period streams for a while)."""
+journal_fetch_rows: Final = 2_000
+"""Entries a journal export reads from Postgres at a time (its memory does not grow with the
+period: it streams)."""
 
 # Write path
 group_transfers_max: Final = 2_000

@@ -55,6 +55,9 @@ class Replay:
     """The first position of a transfer dated in a period closed when it was recorded."""
     _codes: dict[str, str] = field(default_factory=dict, repr=False)
     """``CODE/SCALE`` → ``CODE``, parsed once per asset."""
+    names: dict[str, str] = field(default_factory=dict, repr=False)
+    """``CODE`` → ``CODE/SCALE``: how the API names an asset (balances are keyed by code, as
+    Postgres keeps them, for the audit's comparison)."""
 
     def apply(self, position: int, topic: str, state: bytes) -> None:
         assert position == self.position + 1, f"gap in the log before position {position}"
@@ -98,6 +101,7 @@ class Replay:
         code = self._codes.get(asset)
         if code is None:
             code = self._codes[asset] = asset.partition("/")[0]
+            self.names[code] = asset
         balances = self.balances
         debit = balances.get((posting["debit"], code))
         if debit is None:

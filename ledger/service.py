@@ -383,18 +383,49 @@ class LedgerService:
                 " WHERE b.account_id = %s ORDER BY b.asset",
                 (as_of, account_id),
             )
+        guard = {"rule": row[4], "limits": {f"{c}/{scales[c]}": v for c, v in row[5].items()}}
+        metadata, frozen, closed = row[2], row[6], row[7]
+        if as_of is not None:  # what was true then, not now: from the account's own events
+            metadata, guard, frozen, closed = await self._account_at(ref, name, as_of)
         return {
             "name": name,
             "type": row[1],
-            "metadata": row[2],
+            "metadata": metadata,
             "opened_at_position": row[3],
-            "guard": {"rule": row[4], "limits": {f"{c}/{scales[c]}": v for c, v in row[5].items()}},
-            "frozen": row[6],
-            "closed": row[7],
+            "guard": guard,
+            "frozen": frozen,
+            "closed": closed,
             "as_of": as_of,
             "effective_at": None if effective_at is None else effective_at.isoformat(),
             "balances": [_balance_json(r, scales) for r in balances],
         }
+
+    async def _account_at(
+        self, ref: log.LedgerRef, name: str, as_of: int
+    ) -> tuple[dict[str, Any], dict[str, Any], bool, bool]:
+        """An account's metadata, guard, frozen and closed flags after position ``as_of``,
+        folded from its own events: one range of the partial index ``events_account_history``
+        (migration 0008), so the cost depends on that account's few events, never on the log."""
+        rows = await self._all(
+            "SELECT topic, state FROM events WHERE ledger_id = %s AND event_account(state) = %s"
+            f" AND position <= %s AND topic IN ({_ACCOUNT_TOPICS_SQL}) ORDER BY position",
+            (ref.id, name, as_of),
+        )
+        metadata: dict[str, Any] = {}
+        guard: dict[str, Any] = {"rule": "none", "limits": {}}
+        frozen = closed = False
+        for topic, state in rows:
+            data = orjson.loads(bytes(state))
+            kind = topic.rpartition(":")[2]
+            if kind in ("AccountOpened", "AccountMetadataUpdated"):
+                metadata = data["metadata"]
+            elif kind == "AccountGuardSet":
+                guard = {"rule": data["rule"], "limits": data["limits"]}
+            elif kind in ("AccountFrozen", "AccountUnfrozen"):
+                frozen = kind == "AccountFrozen"
+            elif kind == "AccountClosed":
+                closed = True
+        return metadata, guard, frozen, closed
 
     async def transfer(self, ledger: str, key: str, as_of: int | None = None) -> dict[str, Any]:
         """The transfer as first answered, with its metadata as amended last (at or before
@@ -581,6 +612,17 @@ class LedgerService:
             except psycopg.Error as exc:
                 raise translate(exc) from exc
         raise AssertionError("unreachable")
+
+
+_ACCOUNT_TOPICS_SQL = ", ".join(
+    f"'ledger.events:{name}'"
+    for name in (
+        "AccountOpened", "AccountGuardSet", "AccountFrozen", "AccountUnfrozen", "AccountClosed",
+        "AccountMetadataUpdated",
+    )
+)
+"""The predicate of the partial index ``events_account_history``, literally (so the planner
+can use the index, which it cannot prove for a parameter)."""
 
 
 # --- Rendering ---------------------------------------------------------------------------------

@@ -86,6 +86,66 @@ def period_start(text: str | None, basis: str) -> Point:
     return Point("position", position=0)
 
 
+def side_of(account_type: str) -> str:
+    """The side an account type's balance is normally on: ``debit`` for assets and expenses,
+    ``credit`` for liabilities, equity and revenue."""
+    return "debit" if account_type in NORMAL_DEBIT else "credit"
+
+
+def on_side(side: str, debits: int, credits: int) -> int:
+    """A balance on ``side``: debits - credits on the debit side, credits - debits on the
+    credit side (positive when the account holds what its type normally holds)."""
+    return debits - credits if side == "debit" else credits - debits
+
+
+async def closed_through(conn: psycopg.AsyncConnection[Any], ledger: str) -> str | None:
+    """The ledger's last closed effective date (``YYYY-MM-DD``), or None: read through
+    ``to_jsonb`` so that a schema without period close answers None rather than failing."""
+    row = await (
+        await conn.execute(
+            "SELECT to_jsonb(l) ->> 'closed_through' FROM ledgers l WHERE name = %s", (ledger,)
+        )
+    ).fetchone()
+    return None if row is None or row[0] is None else str(row[0])
+
+
+def subtotals(
+    rows: list[dict[str, Any]], depth: int, section: str | None = None
+) -> list[dict[str, Any]]:
+    """Per account prefix (its first 1..``depth`` ``:`` segments) and asset: the accounts'
+    debits, credits and balance. A prefix is a subtotal only when it has accounts below it
+    (``users`` for ``users:alice``), not for an account alone at the top. The balance is on
+    the accounts' common normal side; a prefix mixing both sides states ``debit``."""
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        segments = r["account"].split(":")
+        for k in range(1, min(depth, len(segments) - 1) + 1):
+            prefix = ":".join(segments[:k])
+            g = groups.setdefault(
+                (prefix, r["asset"]),
+                {"prefix": prefix, "depth": k, "asset": r["asset"], "accounts": 0,
+                 "debits": 0, "credits": 0, "sides": set()},
+            )
+            g["accounts"] += 1
+            g["debits"] += r["debits"]
+            g["credits"] += r["credits"]
+            g["sides"].add(side_of(r["type"]))
+    out = []
+    for (_, _), g in sorted(groups.items()):
+        side = g.pop("sides").pop() if len(g["sides"]) == 1 else "debit"
+        out.append(
+            {
+                **({"section": section} if section else {}),
+                **g,
+                "side": side,
+                "balance": str(on_side(side, g["debits"], g["credits"])),
+                "debits": str(g["debits"]),
+                "credits": str(g["credits"]),
+            }
+        )
+    return out
+
+
 async def _ledger(conn: psycopg.AsyncConnection[Any], name: str) -> tuple[int, int, dict[str, int]]:
     row = await (
         await conn.execute("SELECT id, head_position FROM ledgers WHERE name = %s", (name,))
@@ -162,16 +222,26 @@ def _money(amount: int, scale: int) -> str:
     return sign + (digits[:-scale] + "." + digits[-scale:] if scale else digits)
 
 
+def _produced(closed: str | None) -> dict[str, Any]:
+    """What a report says of closed periods when it was produced (nothing if none is)."""
+    return {} if closed is None else {"closed_through": closed}
+
+
 async def trial_balance(
-    conn: psycopg.AsyncConnection[Any], ledger: str, at: Point
+    conn: psycopg.AsyncConnection[Any], ledger: str, at: Point, depth: int = 1
 ) -> dict[str, Any]:
+    """Every account's debits and credits per asset, and its balance on its normal side
+    (``side``), with subtotals per account prefix down to ``depth`` segments."""
     rows, scales, position = await balances_at(conn, ledger, at)
     lines: list[dict[str, Any]] = []
     totals: dict[str, list[int]] = {}
+    kept = []
     for r in rows:
         if r["debits"] == r["credits"] == 0:
             continue
         asset = f"{r['asset']}/{scales[r['asset']]}"
+        kept.append({**r, "asset": asset})
+        side = side_of(r["type"])
         lines.append(
             {
                 "account": r["account"],
@@ -179,7 +249,8 @@ async def trial_balance(
                 "asset": asset,
                 "debits": str(r["debits"]),
                 "credits": str(r["credits"]),
-                "balance": str(r["debits"] - r["credits"]),
+                "side": side,
+                "balance": str(on_side(side, r["debits"], r["credits"])),
             }
         )
         t = totals.setdefault(asset, [0, 0])
@@ -190,7 +261,9 @@ async def trial_balance(
         "ledger": ledger,
         **at.label(),
         "position": position,
+        **_produced(await closed_through(conn, ledger)),
         "lines": lines,
+        "subtotals": subtotals(kept, depth),
         "totals": [
             {"asset": a, "debits": str(d), "credits": str(c), "balanced": d == c}
             for a, (d, c) in sorted(totals.items())
@@ -199,14 +272,20 @@ async def trial_balance(
 
 
 async def statement_of(
-    conn: psycopg.AsyncConnection[Any], ledger: str, at: Point, kind: str
+    conn: psycopg.AsyncConnection[Any], ledger: str, at: Point, kind: str, depth: int = 1
 ) -> dict[str, Any]:
     """A balance sheet (asset, liability, equity, and the period's earnings) or the cumulative
-    income statement, each balance on its account type's normal side."""
+    income statement, each balance on its account type's normal side, with subtotals per
+    section and account prefix down to ``depth`` segments."""
     rows, scales, position = await balances_at(conn, ledger, at)
     sections: dict[str, dict[str, list[dict[str, str]]]] = {}
     totals: dict[str, dict[str, int]] = {}
+    by_section: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
+        if r["type"] in SECTIONS[kind] and r["debits"] != r["credits"]:
+            by_section.setdefault(r["type"], []).append(
+                {**r, "asset": f"{r['asset']}/{scales[r['asset']]}"}
+            )
         sign = 1 if r["type"] in NORMAL_DEBIT else -1
         normal = sign * (r["debits"] - r["credits"])
         asset = f"{r['asset']}/{scales[r['asset']]}"
@@ -216,7 +295,12 @@ async def statement_of(
         by_type[r["type"]] += normal
         if r["type"] in SECTIONS[kind] and normal:
             sections.setdefault(r["type"], {}).setdefault(asset, []).append(
-                {"account": r["account"], "balance": str(normal)}
+                {
+                    "account": r["account"],
+                    "debits": str(r["debits"]),
+                    "credits": str(r["credits"]),
+                    "balance": str(normal),
+                }
             )
     summary = []
     for asset, t in sorted(totals.items()):
@@ -246,7 +330,13 @@ async def statement_of(
         "ledger": ledger,
         **at.label(),
         "position": position,
+        **_produced(await closed_through(conn, ledger)),
         "sections": sections,
+        "subtotals": [
+            s
+            for section in SECTIONS[kind]
+            for s in subtotals(by_section.get(section, []), depth, section)
+        ],
         "summary": summary,
     }
 
@@ -268,11 +358,16 @@ async def account_statement(
     account_id = int(row[0])
     if "effective" in (start.kind, end.kind):
         low, high = start.time, end.time
-        where = "e.effective_at > %s AND e.effective_at <= %s"
+        # The head on the effective axis is every effective time ("infinity" in Postgres).
+        where = "e.effective_at > %s AND e.effective_at <= coalesce(%s::timestamptz, 'infinity')"
         bounds: tuple[Any, Any] = (low or datetime.min.replace(tzinfo=None), high)
         opening_sql = "e.effective_at <= %s"
         opening_arg: Any = low
+        # Lines in the order they took effect, so that each running balance is one the
+        # account had on this axis (in log order, a back-dated entry came last).
+        order = "e.effective_at, e.position, e.leg"
     else:
+        order = "e.position, e.leg"
         low_pos = await _position(conn, ledger_id, head, start) if start.kind != "head" else head
         high_pos = await _position(conn, ledger_id, head, end)
         where = "e.position > %s AND e.position <= %s"
@@ -299,7 +394,7 @@ async def account_statement(
             "SELECT e.asset, e.position, e.leg, e.debit, e.amount, e.effective_at, ev.recorded_at,"
             " convert_from(ev.state, 'UTF8')::jsonb ->> 'key'"
             " FROM entries e JOIN events ev ON ev.ledger_id = %s AND ev.position = e.position"
-            f" WHERE e.account_id = %s AND e.posted AND {where} ORDER BY e.position, e.leg",
+            f" WHERE e.account_id = %s AND e.posted AND {where} ORDER BY {order}",
             (ledger_id, account_id, *bounds),
         )
     ).fetchall()
@@ -328,6 +423,7 @@ async def account_statement(
         "ledger": ledger,
         "account": account,
         "type": row[1],
+        "side": side_of(row[1]),
         "from": start.label(),
         "to": end.label(),
         "opening": [
@@ -400,25 +496,42 @@ def to_csv(report: dict[str, Any]) -> str:
                 "debits",
                 "credits",
                 "balance",
+                "side",
+                "line",
+                "prefix",
             ]
         )
+
+        def amounts(x: dict[str, Any]) -> list[str]:
+            a = x["asset"]
+            d, c, b = x["debits"], x["credits"], x["balance"]
+            return [d, c, b, money(d, a), money(c, a), money(b, a), x["side"]]
+
         for line in report["lines"]:
-            a = line["asset"]
-            w.writerow(
-                [
-                    line["account"],
-                    line["type"],
-                    a,
-                    line["debits"],
-                    line["credits"],
-                    line["balance"],
-                    money(line["debits"], a),
-                    money(line["credits"], a),
-                    money(line["balance"], a),
-                ]
-            )
+            row = [line["account"], line["type"], line["asset"], *amounts(line)]
+            w.writerow([*row, "account", ""])
+        for sub in report.get("subtotals", []):
+            w.writerow(["", "", sub["asset"], *amounts(sub), "subtotal", sub["prefix"]])
+        for t in report["totals"]:
+            a = t["asset"]
+            d, c = t["debits"], t["credits"]
+            w.writerow(["", "", a, d, c, "", money(d, a), money(c, a), "", "", "total", ""])
+        _closed_row(w, report, 12)
     elif kind in SECTIONS:
-        w.writerow(["section", "account", "asset", "balance_minor", "balance"])
+        w.writerow(
+            [
+                "section",
+                "account",
+                "asset",
+                "balance_minor",
+                "balance",
+                "side",
+                "debits_minor",
+                "credits_minor",
+                "line",
+                "prefix",
+            ]
+        )
         for section, by_asset in report["sections"].items():
             for asset, lines in by_asset.items():
                 for line in lines:
@@ -429,8 +542,30 @@ def to_csv(report: dict[str, Any]) -> str:
                             asset,
                             line["balance"],
                             money(line["balance"], asset),
+                            side_of(section),
+                            line.get("debits", ""),
+                            line.get("credits", ""),
+                            "account",
+                            "",
                         ]
                     )
+        for sub in report.get("subtotals", []):
+            a = sub["asset"]
+            w.writerow(
+                [
+                    sub["section"],
+                    "",
+                    a,
+                    sub["balance"],
+                    money(sub["balance"], a),
+                    sub["side"],
+                    sub["debits"],
+                    sub["credits"],
+                    "subtotal",
+                    sub["prefix"],
+                ]
+            )
+        _closed_row(w, report, 10)
     else:
         w.writerow(
             [
@@ -499,8 +634,16 @@ def to_csv(report: dict[str, Any]) -> str:
     return out.getvalue()
 
 
+def _closed_row(w: _Writer, report: dict[str, Any], width: int) -> None:
+    """A last row saying which periods were closed when the report was produced."""
+    if report.get("closed_through"):
+        w.writerow(["closed_through", report["closed_through"], *[""] * (width - 2)])
+
+
 def month_end_csv(trial: dict[str, Any], positions: list[dict[str, Any]]) -> str:
-    """Balances (from a trial balance) and positions at the same point, in one CSV table."""
+    """Balances (from a trial balance) and positions at the same point, in one CSV table.
+    One sign convention throughout: every balance and quantity is on its normal side
+    (``side``), with the debits and credits beside it for balances."""
     out = io.StringIO()
     w = _Writer(out)
     w.writerow(
@@ -516,23 +659,35 @@ def month_end_csv(trial: dict[str, Any], positions: list[dict[str, Any]]) -> str
             "realised_pnl_average",
             "cost_basis_fifo",
             "realised_pnl_fifo",
+            "side",
+            "debits_minor",
+            "credits_minor",
+            "debits",
+            "credits",
         ]
     )
     for line in trial["lines"]:
         asset = line["asset"]
+        scale = int(asset.split("/")[1])
+        debits, credits = line.get("debits", ""), line.get("credits", "")
         w.writerow(
             [
                 "balance",
                 line["account"],
                 asset,
                 line["balance"],
-                _money(int(line["balance"]), int(asset.split("/")[1])),
+                _money(int(line["balance"]), scale),
                 "",
                 "",
                 "",
                 "",
                 "",
                 "",
+                line.get("side", ""),
+                debits,
+                credits,
+                _money(int(debits), scale) if debits else "",
+                _money(int(credits), scale) if credits else "",
             ]
         )
     for p in positions:
@@ -550,6 +705,13 @@ def month_end_csv(trial: dict[str, Any], positions: list[dict[str, Any]]) -> str
                 p["average_cost"]["realised_pnl"],
                 p["fifo"]["cost_basis"],
                 p["fifo"]["realised_pnl"],
+                "normal",
+                "",
+                "",
+                "",
+                "",
             ]
         )
+    if trial.get("closed_through"):
+        w.writerow(["closed_through", trial["closed_through"], *[""] * 14])
     return out.getvalue()

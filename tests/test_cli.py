@@ -126,7 +126,7 @@ def test_money_moves_and_reports_come_out_through_the_command_line(
 
     report = ledger(database_url, "report", "trial-balance", "-l", name, "--csv")
     rows = {r["account"]: r for r in csv.DictReader(io.StringIO(report.stdout))}
-    assert rows["shop"]["balance"] == "-2.00"
+    assert rows["shop"]["balance"] == "2.00" and rows["shop"]["side"] == "credit"  # revenue
     month_end = ledger(
         database_url, "report", "month-end", "-l", name, "--as-of", "2999-01-01T00:00:00Z", "--csv"
     )
@@ -140,7 +140,7 @@ def test_money_moves_and_reports_come_out_through_the_command_line(
     assert ledger(database_url, "export", "-l", name, "--out", str(out)).returncode == 0
     replayed = ledger(database_url, "replay", "-l", name, "--until", "5")
     rebuilt = json.loads(replayed.stdout)
-    assert rebuilt["position"] == 5 and rebuilt["net_posted_per_asset"] == {"USD": "0"}
+    assert rebuilt["position"] == 5 and rebuilt["net_posted_per_asset"] == {"USD/2": "0"}
     assert {p["holder"] for p in rebuilt["positions"]} == {"a", "b"}
     missing = ledger(database_url, "verify", "-l", "nope")
     assert (

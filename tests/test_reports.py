@@ -115,4 +115,4 @@ def test_csv_exports_carry_minor_units_and_exact_decimals(books: Any) -> None:
     assert r.headers["content-type"].startswith("text/csv")
     rows = {row["account"]: row for row in csv.DictReader(io.StringIO(r.text))}
     assert rows["bank"]["balance_minor"] == "75000" and rows["bank"]["balance"] == "750.00"
-    assert rows["fees"]["balance"] == "-2.50"
+    assert rows["fees"]["balance"] == "2.50" and rows["fees"]["side"] == "credit"  # revenue
