@@ -201,7 +201,9 @@ class AmendIn(Strict):
             raise errors.PartialAmountsMismatch(
                 f"amounts has at most {limits.postings_per_transfer_max} items"
             )
-        return tuple(0 if v in ("0", 0) else parse_amount(v) for v in value)
+        # "0" (or the integer 0; never false or 0.0) is none of that posting.
+        zero = [v == "0" or (type(v) is int and v == 0) for v in value]
+        return tuple(0 if z else parse_amount(v) for z, v in zip(zero, value, strict=True))
 
 
 class VoidIn(Strict):

@@ -19,7 +19,6 @@ from ledger import audit, domain, errors, postgres
 from ledger.events import canonical_json
 from ledger.money import Asset
 from tests.support import api_client, bearer, make_key
-from tests.test_import import second_database  # noqa: F401 (a fixture: another database)
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 USD = Asset("USD", 2)
@@ -398,11 +397,10 @@ def build_issue_13_ledger(url: str, name: str) -> None:
 
 
 def test_an_export_with_periods_amendments_partials_asset_maxima_and_keyed_account_commands_imports_row_for_row(  # noqa: E501
-    database_url: str, second_database: str, tmp_path: Any,  # noqa: F811 (the fixture)
+    database_url: str, second_database: str, tmp_path: Any,
 ) -> None:
-    from tests.test_cli import ledger
-    from tests.test_import import tables
-    from tests.test_tamper import KEY, PUBLIC
+    from tests.support import KEY, PUBLIC, tables
+    from tests.support import cli as ledger
 
     name = "x" + secrets.token_hex(6)
     build_issue_13_ledger(database_url, name)
@@ -471,3 +469,22 @@ def test_verify_checks_the_keys_of_account_commands_against_their_meta_idempoten
         conn.rollback()
     bad = [c for c in report.checks if not c["ok"]]
     assert [c["check"] for c in bad] == ["idempotency_keys_match_events"]
+
+
+def test_amounts_take_digits_and_zero_but_not_false_floats_or_signs(
+    client: TestClient, books: str
+) -> None:
+    v1 = f"/v1/ledgers/{books}"
+    hold = client.post(
+        f"{v1}/transfers", json={"postings": postings("7", "8"), "pending": True},
+        headers=key("h"),
+    ).json()
+    for bad in ([False, "8"], [0.0, "8"], ["-1", "8"], ["07", "8"], "7", []):
+        r = client.post(
+            f"{v1}/transfers/{hold['key']}/post", json={"amounts": bad}, headers=key("b")
+        )
+        assert r.status_code == 422, (bad, r.text)
+    url = f"{v1}/transfers/{hold['key']}/post"
+    r = client.post(url, json={"amounts": [0, 8]}, headers=key("z"))
+    assert r.status_code == 201, r.text
+    assert [p["amount"] for p in r.json()["postings"]] == ["0", "8"]
