@@ -69,6 +69,22 @@ def database_url(owner_database_url: str) -> str:
 
 
 @pytest.fixture
+def second_database(server_url: str) -> Iterator[str]:
+    """Another, empty, migrated database on the same server (the cluster a ledger moves to),
+    logged in as ``ledger_app``; dropped afterwards."""
+    db = f"ledger_import_{secrets.token_hex(4)}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{db}"')
+    url = make_conninfo(**{**conninfo_to_dict(server_url), "dbname": db})
+    try:
+        migrate(url)
+        yield login_as(url, APP_ROLE)  # import runs as the server's login, not the owner
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+@pytest.fixture
 def ledger_name() -> str:
     """A ledger name no other test uses."""
     return f"t{secrets.token_hex(6)}"

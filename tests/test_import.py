@@ -5,24 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ledger import audit, domain, postgres
-from ledger.migrate import migrate
 from ledger.money import Asset
-from ledger.postgres import APP_ROLE, login_as
 from ledger.service import LedgerService
-from tests.test_cli import ledger
-from tests.test_tamper import KEY, PUBLIC, rechain
+from tests.support import KEY, PUBLIC, build_sealed, rechain, tables
+from tests.support import cli as ledger
 
 USD, GBP = Asset("USD", 2), Asset("GBP", 2)
 HOUR_AGO = datetime.now(UTC) - timedelta(hours=1)
@@ -75,57 +69,6 @@ def build_every_kind_of_event(url: str, name: str) -> None:
             await pool.close()
 
     asyncio.run(body())
-
-
-@pytest.fixture
-def second_database(server_url: str) -> Iterator[str]:
-    """Another, empty, migrated database on the same server: the cluster a ledger moves to."""
-    db = f"ledger_import_{secrets.token_hex(4)}"
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{db}"')
-    url = make_conninfo(**{**conninfo_to_dict(server_url), "dbname": db})
-    try:
-        migrate(url)
-        yield login_as(url, APP_ROLE)  # import runs as the server's login, not the owner
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-
-
-def tables(url: str, name: str) -> dict[str, Any]:
-    """What a ledger is, without its database ids: every row of every table, by name."""
-    with postgres.connect(url) as conn:
-        lid = conn.execute("SELECT id FROM ledgers WHERE name = %s", (name,)).fetchone()
-        assert lid is not None
-        q = lambda sql: [tuple(r) for r in conn.execute(sql, {"l": lid[0]})]  # noqa: E731
-        return {
-            table: q(sql)
-            for table, sql in {
-                "head": "SELECT head_position, head_hash, head_recorded_at FROM ledgers"
-                " WHERE id = %(l)s",
-                "events": "SELECT position, topic, state, recorded_at, hash FROM events"
-                " WHERE ledger_id = %(l)s ORDER BY position",
-                "accounts": "SELECT name, type, metadata, position, guard, guard_limits, frozen,"
-                " closed FROM accounts WHERE ledger_id = %(l)s ORDER BY name",
-                "balances": "SELECT a.name, b.asset, b.debits_posted, b.credits_posted,"
-                " b.debits_pending, b.credits_pending, b.version, b.position FROM balances b"
-                " JOIN accounts a ON a.id = b.account_id WHERE a.ledger_id = %(l)s"
-                " ORDER BY 1, 2",
-                "entries": "SELECT a.name, e.asset, e.position, e.leg, e.debit, e.posted,"
-                " e.amount, e.effective_at, e.debits_posted, e.credits_posted,"
-                " e.debits_pending, e.credits_pending FROM entries e"
-                " JOIN accounts a ON a.id = e.account_id WHERE a.ledger_id = %(l)s"
-                " ORDER BY 3, 4, 5",
-                "keys": "SELECT key, position, request_hash FROM transfers"
-                " WHERE ledger_id = %(l)s ORDER BY key",
-                "status": "SELECT key, status, expires_at, amounts, reversed FROM"
-                " transfer_status WHERE ledger_id = %(l)s ORDER BY key",
-                "assets": "SELECT code, scale, position FROM assets WHERE ledger_id = %(l)s"
-                " ORDER BY code",
-                "checkpoints": "SELECT tree_size, root, signed_at, key_id, signature FROM"
-                " checkpoints WHERE ledger_id = %(l)s ORDER BY tree_size",
-            }.items()
-        }
 
 
 def line_of(export: str, key: str) -> int:
@@ -237,9 +180,7 @@ def test_checkpoints_signed_before_and_after_a_key_rotation_verify_with_both_pub
 ) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from tests.test_tamper import build
-
-    build(database_url, ledger_name, transfers=3)  # sealed with the old key
+    build_sealed(database_url, ledger_name, transfers=3)  # sealed with the old key
     rotated = Ed25519PrivateKey.generate()
     more = ("transfer", "post", "-l", ledger_name, "-k", "after-rotation", "--debit", "a",
              "--credit", "b", "--amount", "7", "--asset", "USD/2")
@@ -269,9 +210,7 @@ def test_a_copy_that_ends_before_a_kept_checkpoint_is_reported_as_signed_history
 ) -> None:
     """The drill of tests/test_restore.py without pgBackRest: the copy is an import of an
     export taken before the last checkpoint the auditor kept."""
-    from tests.test_tamper import build
-
-    build(database_url, ledger_name, transfers=3)  # sealed
+    build_sealed(database_url, ledger_name, transfers=3)  # sealed
     path = tmp_path / "early.jsonl"
     assert ledger(database_url, "export", "-l", ledger_name, "--out", str(path)).returncode == 0
     key = PUBLIC.public_bytes_raw().hex()

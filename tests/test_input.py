@@ -24,8 +24,7 @@ from ledger import limits
 from ledger.events import MAPPER, TOPICS, AssetDefined
 from projections import reports
 from projections.positions import holder_of
-from tests.support import api_client, bearer, served
-from tests.test_cli import ledger as cli
+from tests.support import api_client, bearer, cli, served
 
 PROBLEM = "application/problem+json"
 BIGINT_MAX = 2**63 - 1

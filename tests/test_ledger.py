@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 import pytest
@@ -12,32 +11,7 @@ import pytest
 from ledger import domain, errors, log, postgres
 from ledger.money import Asset
 from ledger.service import LedgerService
-
-T = TypeVar("T")
-USD = Asset("USD", 2)
-META: dict[str, Any] = {"actor": "test"}
-
-
-def run(url: str, body: Callable[[LedgerService], Awaitable[T]], pool_size: int = 4) -> T:
-    """Runs ``body`` with a fresh service (own pool, own writers), as a separate server would."""
-    return asyncio.run(_service_call(url, body, pool_size))
-
-
-def pay(key: str, debit: str, credit: str, amount: int, asset: Asset = USD) -> domain.PostTransfer:
-    return domain.PostTransfer(key, (domain.Posting(debit, credit, asset, amount),))
-
-
-async def setup(svc: LedgerService, ledger: str, *accounts: str) -> None:
-    await svc.create_ledger(ledger, None, META)
-    for name in accounts:
-        await svc.open_account(ledger, domain.OpenAccount(name, "liability"), META)
-
-
-def balance(account: dict[str, Any], asset: str = "USD/2") -> int:
-    for b in account["balances"]:
-        if b["asset"] == asset:
-            return int(b["net_posted"])
-    return 0
+from tests.support import META, balance, pay, run, service_call, setup
 
 
 def test_a_replayed_key_returns_the_original_transfer(database_url: str, ledger_name: str) -> None:
@@ -82,26 +56,13 @@ def test_concurrent_duplicates_from_separate_servers_apply_once(
 
     async def servers(_: LedgerService) -> list[bool]:
         # Three independent services (own pools, own writers) racing on one key.
-        loop_results = await asyncio.gather(*[_service_call(database_url, race) for _ in range(3)])
+        loop_results = await asyncio.gather(*[service_call(database_url, race) for _ in range(3)])
         return [flag for flags in loop_results for flag in flags]
 
     flags = run(database_url, servers)
     assert flags.count(False) == 1 and len(flags) == 30
     account = run(database_url, lambda svc: svc.account(ledger_name, "bob"))
     assert balance(account) == 7
-
-
-async def _service_call(
-    url: str, body: Callable[[LedgerService], Awaitable[T]], pool_size: int = 2
-) -> T:
-    pool = postgres.async_pool(url, pool_size)
-    await pool.open()
-    svc = LedgerService(pool)
-    try:
-        return await body(svc)
-    finally:
-        await svc.close()
-        await pool.close()
 
 
 def test_sixteen_clients_on_two_hot_accounts_lose_no_update(
@@ -124,7 +85,7 @@ def test_sixteen_clients_on_two_hot_accounts_lose_no_update(
         # 16 clients spread over 4 independent services: contention both in the writer queue
         # and on the ledger's head row lock in Postgres.
         async def group(g: int) -> list[int]:
-            return await _service_call(
+            return await service_call(
                 database_url,
                 lambda svc: asyncio.gather(*[client(svc, g * 4 + k) for k in range(4)]),
             )
@@ -292,7 +253,7 @@ def test_a_writer_does_not_trust_its_cache_after_another_server_wrote(
         await a.post_transfer(ledger_name, pay("spend-a3", "wallet", "shop", 5), META)
 
     # Two services at once (own pools, own writers, own caches), as two servers would be.
-    run(database_url, lambda a: _service_call(database_url, lambda b: both(a, b)))
+    run(database_url, lambda a: service_call(database_url, lambda b: both(a, b)))
     wallet = run(database_url, lambda svc: svc.account(ledger_name, "wallet"))
     assert balance(wallet) == 0 and wallet["balances"][0]["version"] == 5
 

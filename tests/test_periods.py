@@ -376,11 +376,11 @@ def test_month_end_close_closes_the_month_it_reports_once_and_the_period_command
     import json
 
     from ledger.periods import month_through
-    from tests.test_cli import ledger
-    from tests.test_tamper import build
+    from tests.support import build_sealed
+    from tests.support import cli as ledger
 
     name = "pc" + secrets.token_hex(5)
-    build(database_url, name, transfers=1)
+    build_sealed(database_url, name, transfers=1)
     first_of_month = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     through = (first_of_month.date() - timedelta(days=1)).isoformat()
     run = ("report", "month-end", "-l", name, "--as-of", first_of_month.isoformat(), "--close")

@@ -10,15 +10,8 @@ from typing import Any
 import pytest
 
 from ledger import domain, errors, limits
-from ledger.money import Asset
 from ledger.service import LedgerService
-from tests.test_ledger import META, _service_call, balance, run, setup
-
-USD = Asset("USD", 2)
-
-
-def pay(key: str, debit: str, credit: str, amount: int, **kw: Any) -> domain.PostTransfer:
-    return domain.PostTransfer(key, (domain.Posting(debit, credit, USD, amount),), **kw)
+from tests.support import META, balance, pay, run, service_call, setup
 
 
 def totals(account: dict[str, Any]) -> dict[str, int]:
@@ -317,7 +310,7 @@ def test_racing_post_and_void_on_one_hold_exactly_one_wins(
 
     async def race(_: LedgerService) -> list[str]:
         async def server(base: int) -> list[str]:
-            return await _service_call(
+            return await service_call(
                 database_url,
                 lambda svc: asyncio.gather(*[contender(svc, base + k) for k in range(4)]),
             )
@@ -357,7 +350,7 @@ def test_many_clients_draining_a_guarded_account_never_cross_the_guard(
 
     async def drain(_: LedgerService) -> int:
         async def server(base: int) -> list[int]:
-            return await _service_call(
+            return await service_call(
                 database_url,
                 lambda svc: asyncio.gather(*[drainer(svc, base + k) for k in range(4)]),
             )

@@ -6,7 +6,6 @@ database as a superuser who switched off the append-only triggers (as an adminis
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import json
@@ -17,37 +16,8 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ledger import audit, domain, merkle, postgres
-from ledger.log import chain_hash, genesis_hash
-from ledger.money import Asset
-from ledger.service import LedgerService
-
-USD = Asset("USD", 2)
-KEY = Ed25519PrivateKey.generate()
-PUBLIC = KEY.public_key()
-
-
-def build(url: str, ledger: str, transfers: int = 12) -> None:
-    async def body() -> None:
-        pool = postgres.async_pool(url, 2)
-        await pool.open()
-        svc = LedgerService(pool)
-        try:
-            await svc.create_ledger(ledger, None, {})
-            for name in ("a", "b", "c"):
-                await svc.open_account(ledger, domain.OpenAccount(name, "liability"), {})
-            for i in range(transfers):
-                posting = domain.Posting("a", "b", USD, 100 + i)
-                await svc.post_transfer(ledger, domain.PostTransfer(f"t{i}", (posting,)), {})
-            hold = domain.PostTransfer("h", (domain.Posting("b", "c", USD, 5),), pending=True)
-            await svc.post_transfer(ledger, hold, {})
-        finally:
-            await svc.close()
-            await pool.close()
-
-    asyncio.run(body())
-    with postgres.connect(url) as conn:
-        audit.seal(conn, ledger, KEY)
+from ledger import audit, merkle, postgres
+from tests.support import PUBLIC, build_sealed, rechain
 
 
 def exported(url: str, ledger: str) -> list[str]:
@@ -59,7 +29,7 @@ def exported(url: str, ledger: str) -> list[str]:
 
 @pytest.fixture
 def sealed(database_url: str, ledger_name: str) -> Iterator[tuple[str, list[str]]]:
-    build(database_url, ledger_name)
+    build_sealed(database_url, ledger_name)
     yield ledger_name, exported(database_url, ledger_name)
 
 
@@ -69,20 +39,6 @@ def failed(lines: list[str], ledger: str) -> list[str]:
 
 def event_lines(lines: list[str]) -> list[int]:
     return [i for i, line in enumerate(lines) if '"position"' in line]
-
-
-def rechain(lines: list[str], ledger: str) -> list[str]:
-    """What a forger without the key does: recompute every hash so the chain holds."""
-    previous = genesis_hash(ledger)
-    out = []
-    for line in lines:
-        item = json.loads(line)
-        if "position" in item:
-            previous = chain_hash(previous, item["position"], item["topic"], item["state"].encode())
-            item["hash"] = previous.hex()
-            line = json.dumps(item)
-        out.append(line)
-    return out
 
 
 def test_an_untouched_export_verifies_offline(sealed: tuple[str, list[str]]) -> None:
@@ -191,7 +147,7 @@ def test_a_valid_export_of_another_ledger_is_caught_by_name_genesis_and_signatur
 ) -> None:
     ledger, _ = sealed
     other = ledger + "x"
-    build(database_url, other)
+    build_sealed(database_url, other)
     theirs = exported(database_url, other)
     assert audit.verify_export(theirs, PUBLIC, other).ok  # valid as itself
     assert "ledger_name" in failed(theirs, ledger)
