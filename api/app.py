@@ -224,7 +224,11 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
         principal_of(request.scope).require("metrics")
         service = app.state.service
         await metrics.refresh(
-            service.pool, service.read_pool, app.state.notifier.count, publishing
+            service.pool,
+            service.read_pool,
+            app.state.notifier.count,
+            publishing,
+            queued=sum(writer.queued for writer in service.writers.all()),
         )
 
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -34,7 +34,8 @@ GROUP_SECONDS = Histogram(
 COMMANDS = Counter("ledger_commands_total", "Commands decided", ["outcome"])
 QUEUED = Gauge(
     "ledger_writer_queued_commands",
-    "Commands waiting for the writers of this process (all ledgers: labels stay bounded)",
+    "Commands waiting for the writers of this process (all ledgers: labels stay bounded),"
+    " counted at each scrape",
 )
 RETRIES = Counter("ledger_writer_retries_total", "Write transactions retried")
 COMMIT_SECONDS = Histogram(
@@ -113,13 +114,16 @@ def observe_pools(pools: dict[str, Any]) -> None:
 
 
 async def refresh(
-    write_pool: Any, read_pool: Any, stream_clients: int, publishing: bool
+    write_pool: Any, read_pool: Any, stream_clients: int, publishing: bool, queued: int = 0
 ) -> None:
     """Brings the scrape-time metrics up to date: two small queries on the read pool (one
     row each: sums, never a series per ledger). A database that does not answer leaves the
     last values and counts an error; the scrape still answers."""
     observe_pools({"write": write_pool, "read": read_pool})
     STREAM_CLIENTS.set(stream_clients)
+    # Counted now, not when a group is taken: a writer stuck on its database still shows
+    # the commands piling up behind it.
+    QUEUED.set(queued)
     try:
         async with read_pool.connection(timeout=limits.metrics_query_timeout_s) as conn:
             lags = await (await conn.execute(_LAGS_SQL)).fetchone()

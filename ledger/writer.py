@@ -55,7 +55,6 @@ class LedgerWriter:
         synchronous standby (pg_auto_failover's wait_primary): LEDGER_REQUIRE_SYNC_STANDBY."""
         self._queue: deque[_Unit] = deque()
         self._queued_items = 0
-        self._queued_reported = 0  # this writer's share of metrics.QUEUED
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.cache = log.Cache()
@@ -132,9 +131,6 @@ class LedgerWriter:
 
     async def _write_group(self, conn: psycopg.AsyncConnection[Any], group: list[_Unit]) -> None:
         items = [item for unit in group for item in unit.items]
-        # One series for all ledgers (a label per ledger would grow without bound)
-        metrics.QUEUED.inc(self._queued_items - self._queued_reported)
-        self._queued_reported = self._queued_items
         started = time.perf_counter()
         try:
             with tracing.group(self.ledger.name, group, len(items)):

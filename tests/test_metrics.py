@@ -273,3 +273,35 @@ def test_a_served_ledger_is_scraped_with_a_metrics_only_key_made_by_the_cli(
         assert set(EXPECTED) <= names, set(EXPECTED) - names
         # Only the metrics: the same key reads nothing else
         assert httpx.get(base + "/v1/ledgers", headers=bearer(token)).status_code == 403
+
+
+def test_queue_depth_counts_the_commands_waiting_behind_a_stuck_writer(
+    client: TestClient, metrics_key: dict[str, str], database_url: str
+) -> None:
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    ledger = _ledger(client, 0)
+    body = {"postings": [{"debit": "bank", "credit": "users:alice", "amount": "1",
+                          "asset": "USD/2"}]}
+
+    def post(key: str) -> int:
+        return client.post(
+            f"/v1/ledgers/{ledger}/transfers", json=body, headers={"Idempotency-Key": key}
+        ).status_code
+
+    with psycopg.connect(database_url) as blocker, ThreadPoolExecutor(3) as pool:
+        # Another session holds the ledger's head lock: the writer's group waits on it
+        blocker.execute("SELECT 1 FROM ledgers WHERE name = %s FOR UPDATE", (ledger,))
+        first = pool.submit(post, "q0")
+        time.sleep(0.3)  # taken into a group, now waiting for the lock
+        behind = [pool.submit(post, f"q{n}") for n in (1, 2)]
+        deadline = time.monotonic() + 3  # well within lock_timeout_ms
+        queued = 0.0
+        while time.monotonic() < deadline and queued < 2:
+            queued = _value(_scrape(client, metrics_key), "ledger_writer_queued_commands")
+            time.sleep(0.05)
+        blocker.rollback()
+        assert queued == 2
+        assert [f.result(timeout=30) for f in (first, *behind)] == [201, 201, 201]
+    assert _value(_scrape(client, metrics_key), "ledger_writer_queued_commands") == 0
