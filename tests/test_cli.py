@@ -11,29 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-
-def ledger(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")},
-        "LEDGER_DATABASE_URL": url,
-        "LEDGER_LOG_LEVEL": "warning",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "ledger", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+from tests.support import build_sealed
+from tests.support import cli as ledger
 
 
 def test_money_moves_and_reports_come_out_through_the_command_line(
     database_url: str, tmp_path: Path
 ) -> None:
     name = "c" + secrets.token_hex(5)
-    from tests.test_tamper import build  # a ledger with a sealed checkpoint
-
-    build(database_url, name, transfers=3)
+    build_sealed(database_url, name, transfers=3)  # a ledger with a sealed checkpoint
     assert (
         ledger(
             database_url, "account", "open", "-l", name, "-n", "shop", "--type", "revenue"

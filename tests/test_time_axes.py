@@ -198,7 +198,7 @@ def test_a_liability_holding_money_shows_a_positive_balance_on_its_credit_side(
 def test_the_month_end_csv_shows_one_sign_for_a_wallet_on_its_balance_and_position_rows(
     database_url: str, client: TestClient, wallets: str
 ) -> None:
-    from tests.test_cli import ledger as cli
+    from tests.support import cli
 
     done = cli(database_url, "report", "month-end", "-l", wallets, "--as-of",
                "2999-01-01T00:00:00Z", "--csv")
@@ -267,7 +267,7 @@ def test_ledger_replay_names_assets_as_the_api_does(
 ) -> None:
     import json
 
-    from tests.test_cli import ledger as cli
+    from tests.support import cli
 
     done = cli(database_url, "replay", "-l", wallets)
     assert done.returncode == 0, done.stderr
