@@ -51,8 +51,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = 4
 PAUSE_S = 0.02
 """Each client's pause between transfers: about 4 x 40 = 160 transfers/s offered."""
-BEFORE_KILL_S = 3.0
-AFTER_RECOVERY_S = 3.0
+BEFORE_KILL_S = 2.0
+AFTER_RECOVERY_S = 2.0
 RUN_MAX_S = 75.0
 SETTLE_MAX_S = 60.0
 
