@@ -494,6 +494,37 @@ def test_with_sync_required_a_primary_without_a_standby_refuses_writes(
     assert isinstance(refused, errors.NotReplicated) and refused.status == 503
 
 
+# --- No writable primary (no cluster needed) -------------------------------------------------
+
+
+def test_with_no_writable_primary_a_write_is_refused_within_primary_wait_ms() -> None:
+    """A pool whose every host refuses (a failover under way): the queued command is answered
+    503 ``unavailable``, saying nothing was written, within ``primary_wait_ms``, not after
+    the 30 s request timeout with an unknown outcome."""
+    from ledger import limits
+    from ledger.writer import LedgerWriter
+
+    async def body() -> tuple[BaseException | None, float]:
+        pool = postgres.async_pool(f"host=127.0.0.1 port={cluster.free_port()} dbname=x", 1)
+        await pool.open(wait=False)
+        writer = LedgerWriter(pool, log.LedgerRef(1, "nowhere"))
+        posting = domain.Posting("a", "b", Asset("USD", 2), 1)
+        started = time.monotonic()
+        try:
+            await writer.submit([(domain.PostTransfer("k", (posting,)), {})])
+            return None, 0.0
+        except errors.LedgerError as error:
+            return error, time.monotonic() - started
+        finally:
+            await writer.close()
+            await pool.close()
+
+    error, seconds = asyncio.run(body())
+    assert isinstance(error, errors.Unavailable) and error.status == 503, error
+    assert "nothing was written" in error.detail
+    assert seconds < limits.primary_wait_ms / 1000 + 1.0, seconds
+
+
 # --- The writer's cache across a failover (no cluster needed) --------------------------------
 
 
