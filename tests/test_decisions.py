@@ -7,7 +7,7 @@ whose changes are forgotten, a replayed account, a proof verifier that crashes o
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time, timedelta, timezone
 
 import pytest
 
@@ -305,3 +305,151 @@ def test_verifiers_answer_false_and_never_crash_on_sizes_or_proofs_that_cannot_b
     one = merkle.consistency_proof(1, LEAVES)
     assert merkle.verify_consistency(1, 5, LEAVES[0], top, one)
     assert not merkle.verify_consistency(1, 5, LEAVES[1], top, one)
+
+
+# --- Per-posting amounts, movements, amendments, closed periods, corrections -------------------
+
+
+def held_two(state: domain.LedgerState) -> None:
+    domain.decide(state, pay("h", ("a", "b", 40), ("c", "d", 10), pending=True), 5, NOW)
+
+
+@pytest.mark.parametrize("make", [domain.PostPending, domain.ReverseTransfer])
+def test_per_posting_amounts_are_one_per_posting_not_all_zero_and_not_with_amount(
+    make: type[domain.PostPending] | type[domain.ReverseTransfer],
+) -> None:
+    most = limits.postings_per_transfer_max
+    assert make("k", "t", amounts=(1,)).amounts == (1,)
+    assert make("k", "t", amounts=(0,) * (most - 1) + (1,)).amounts is not None
+    assert make("k", "t", amounts=(0, 1)).amounts == (0, 1)
+    for bad in ((), (1,) * (most + 1)):
+        with pytest.raises(errors.PartialAmountsMismatch):
+            make("k", "t", amounts=bad)
+    with pytest.raises(errors.PartialAmountsMismatch):
+        make("k", "t", amount=1, amounts=(1,))
+    with pytest.raises(errors.InvalidRequest):
+        make("k", "t", amounts=(0, 0))
+
+
+def test_posting_a_hold_by_per_posting_amounts_posts_each_and_releases_the_rest() -> None:
+    state = fresh()
+    held_two(state)
+    with pytest.raises(errors.PartialAmountsMismatch):
+        domain.decide(state, domain.PostPending("p", "h", amounts=(30,)), 6, NOW)
+    with pytest.raises(errors.PostAmountExceedsPending):
+        domain.decide(state, domain.PostPending("p", "h", amounts=(30, 11)), 6, NOW)
+    decision = domain.decide(state, domain.PostPending("p", "h", amounts=(30, 0)), 6, NOW)
+    assert [p["amount"] for p in decision.fields["postings"]] == ["30", "0"]
+    assert totals(state, "a") == (30, 0, 0, 0) and totals(state, "c") == (0, 0, 0, 0)
+    capture = state.transfers["p"]
+    assert (capture.key, capture.position, capture.kind, capture.pending_key) == (
+        "p",
+        6,
+        "capture",
+        "h",
+    )
+
+
+def test_reversing_a_capture_reverses_its_hold_and_a_void_or_reversal_is_not_reversible() -> None:
+    state = fresh()
+    held_two(state)
+    domain.decide(state, domain.PostPending("p", "h"), 6, NOW)
+    back = domain.decide(state, domain.ReverseTransfer("r", "p", amounts=(15, 0)), 7, NOW)
+    assert back.fields["original_key"] == "h" and state.transfers["h"].reversed == [15, 0]
+    movement = state.transfers["r"]
+    assert (movement.key, movement.position, movement.kind) == ("r", 7, "movement")
+    with pytest.raises(errors.PartialAmountsMismatch):
+        domain.decide(state, domain.ReverseTransfer("r2", "h", amounts=(1, 1, 1)), 8, NOW)
+    with pytest.raises(errors.TransferNotReversible):
+        domain.decide(state, domain.ReverseTransfer("r2", "r"), 8, NOW)
+    domain.decide(state, pay("h2", ("a", "b", 5), pending=True), 8, NOW)
+    domain.decide(state, domain.VoidPending("v", "h2"), 9, NOW)
+    assert (state.transfers["v"].key, state.transfers["v"].kind) == ("v", "movement")
+    with pytest.raises(errors.TransferNotReversible):
+        domain.decide(state, domain.ReverseTransfer("r3", "v"), 10, NOW)
+
+
+def test_a_transfers_metadata_is_amended_by_key_of_any_kind_of_transfer() -> None:
+    state = fresh()
+    domain.decide(state, pay("t", ("a", "b", 5)), 5, NOW)
+    domain.decide(state, domain.ReverseTransfer("r", "t", 1), 6, NOW)
+    for key in ("t", "r"):
+        amend = domain.AmendTransferMetadata("m" + key, key, {"note": "x"})
+        decision = domain.decide(state, amend, 7, NOW)
+        assert decision.event == "TransferMetadataAmended"
+        assert decision.fields == {"key": "m" + key, "transfer_key": key, "metadata": {"note": "x"}}
+    state.transfers["acct"] = domain.TransferRecord("acct", 3, "other", (), "posted", [], [])
+    for key in ("nope", "acct"):
+        with pytest.raises(errors.TransferNotFound):
+            domain.decide(state, domain.AmendTransferMetadata("m", key, {}), 8, NOW)
+
+
+def test_only_ended_days_close_and_only_later_ones_than_already_closed() -> None:
+    state = fresh()
+    today = NOW.date()
+    with pytest.raises(errors.PeriodNotEnded):
+        domain.decide(state, domain.ClosePeriod(today, "eod"), 5, NOW)
+    yesterday = today - timedelta(days=1)
+    earlier = today - timedelta(days=3)
+    decision = domain.decide(state, domain.ClosePeriod(earlier, "month end", "c1"), 5, NOW)
+    assert decision.event == "PeriodClosed" and state.closed_through == earlier
+    assert decision.fields == {"key": "c1", "through": earlier.isoformat(), "reason": "month end"}
+    for again in (earlier, earlier - timedelta(days=1)):
+        with pytest.raises(errors.PeriodAlreadyClosed):
+            domain.decide(state, domain.ClosePeriod(again, "x"), 6, NOW)
+    domain.decide(state, domain.ClosePeriod(yesterday, "x"), 6, NOW)
+    assert state.closed_through == yesterday
+
+
+def test_reopening_starts_the_day_given_and_needs_something_closed_from_then() -> None:
+    state = fresh()
+    day = NOW.date() - timedelta(days=5)
+    with pytest.raises(errors.PeriodNotClosed):
+        domain.decide(state, domain.ReopenPeriod(day, "x"), 5, NOW)
+    domain.decide(state, domain.ClosePeriod(day, "x"), 5, NOW)
+    with pytest.raises(errors.PeriodNotClosed):
+        domain.decide(state, domain.ReopenPeriod(day + timedelta(days=1), "x"), 6, NOW)
+    decision = domain.decide(state, domain.ReopenPeriod(day, "fix", "o1"), 6, NOW)
+    before = day - timedelta(days=1)
+    assert state.closed_through == before
+    assert decision.fields == {
+        "key": "o1",
+        "from_date": day.isoformat(),
+        "closed_through": before.isoformat(),
+        "reason": "fix",
+    }
+    everything = domain.decide(state, domain.ReopenPeriod(date.min, "all"), 7, NOW)
+    assert state.closed_through is None and everything.fields["closed_through"] is None
+
+
+def test_no_posting_takes_effect_on_a_closed_day_in_utc() -> None:
+    state = fresh()
+    closed = NOW.date() - timedelta(days=2)
+    domain.decide(state, domain.ClosePeriod(closed, "x"), 5, NOW)
+    last = datetime.combine(closed, time.max, UTC)
+    for at in (last, last.astimezone(timezone(timedelta(hours=2)))):  # the next day in +02:00
+        with pytest.raises(errors.PeriodClosed):
+            domain.decide(state, pay("t", ("a", "b", 1), effective_at=at), 6, NOW)
+    domain.decide(
+        state, pay("t", ("a", "b", 1), effective_at=last + timedelta(microseconds=1)), 6, NOW
+    )
+
+
+def test_a_correction_must_name_a_transfer_of_this_ledger() -> None:
+    state = fresh()
+    domain.decide(state, pay("t", ("a", "b", 5)), 5, NOW)
+    state.transfers["acct"] = domain.TransferRecord("acct", 3, "other", (), "posted", [], [])
+    for ref in ("nope", "acct", 5, None):
+        with pytest.raises(errors.TransferNotFound):
+            domain.decide(state, pay("c", ("b", "a", 5), metadata={"corrects": ref}), 6, NOW)
+    domain.decide(state, pay("c", ("b", "a", 5), metadata={"corrects": "t"}), 6, NOW)
+
+
+def test_a_chain_that_fails_forgets_a_period_it_closed_and_one_that_succeeds_keeps_it() -> None:
+    state = fresh()
+    day = NOW.date() - timedelta(days=1)
+    for end in ("restore", "keep"):
+        saved = state.snapshot()
+        state.closed_through = day
+        getattr(state, end)(saved)
+        assert state.closed_through == (day if end == "keep" else None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -521,6 +521,26 @@ REQUEST_BYTES: list[tuple[domain.Idempotent, bytes]] = [
         domain.UpdateAccountMetadata("a", {"x": 1}, key="k"),
         b'{"metadata":{"x":1},"set_metadata":"a"}',
     ),
+    (
+        domain.PostPending("k", "hold-1", amounts=(450, 0)),
+        b'{"amounts":["450","0"],"metadata":{},"post_pending":"hold-1"}',
+    ),
+    (
+        domain.ReverseTransfer("k", "t-1", amounts=(0, 25)),
+        b'{"amounts":["0","25"],"metadata":{},"reverse":"t-1"}',
+    ),
+    (
+        domain.AmendTransferMetadata("k", "t-1", {"n": 1}),
+        b'{"amend_metadata":"t-1","metadata":{"n":1}}',
+    ),
+    (
+        domain.ClosePeriod(date(2026, 10, 31), "month end", "k"),
+        b'{"close_period":"2026-10-31","reason":"month end"}',
+    ),
+    (
+        domain.ReopenPeriod(date(2026, 10, 1), "fix", "k"),
+        b'{"reason":"fix","reopen_period":"2026-10-01"}',
+    ),
 ]
 
 
@@ -550,6 +570,11 @@ PINNED_REQUEST_HASHES = [
     "ec0dc27f453a1f1d",
     "ff703d2c9c0c364b",
     "f383e0ef99e6ac30",
+    "4d36e51d8176c76e",
+    "73c78d6e21c74bcb",
+    "d21ace4c520064ba",
+    "0223f0c0863e1477",
+    "0be60976634bb177",
 ]
 
 
@@ -638,6 +663,26 @@ def test_a_reused_key_with_the_same_request_is_a_replay_whatever_the_link() -> N
 AMEND_CHANGES: list[tuple[domain.Idempotent, domain.Idempotent]] = [
     (domain.PostPending("k", "p"), domain.PostPending("k", "q")),
     (domain.PostPending("k", "p"), domain.PostPending("k", "p", 5)),
+    (domain.PostPending("k", "p", amounts=(1, 0)), domain.PostPending("k", "p", amounts=(0, 1))),
+    (domain.ReverseTransfer("k", "t", 1), domain.ReverseTransfer("k", "t", amounts=(1,))),
+    (domain.AmendTransferMetadata("k", "t", {}), domain.AmendTransferMetadata("k", "u", {})),
+    (domain.AmendTransferMetadata("k", "t", {}), domain.AmendTransferMetadata("k", "t", {"a": 1})),
+    (
+        domain.ClosePeriod(date(2026, 1, 1), "x", "k"),
+        domain.ClosePeriod(date(2026, 1, 2), "x", "k"),
+    ),
+    (
+        domain.ClosePeriod(date(2026, 1, 1), "x", "k"),
+        domain.ClosePeriod(date(2026, 1, 1), "y", "k"),
+    ),
+    (
+        domain.ReopenPeriod(date(2026, 1, 1), "x", "k"),
+        domain.ReopenPeriod(date(2026, 1, 2), "x", "k"),
+    ),
+    (
+        domain.ReopenPeriod(date(2026, 1, 1), "x", "k"),
+        domain.ReopenPeriod(date(2026, 1, 1), "y", "k"),
+    ),
     (domain.PostPending("k", "p", 5), domain.PostPending("k", "p", 6)),
     (domain.PostPending("k", "p"), domain.PostPending("k", "p", metadata={"a": 1})),
     (domain.VoidPending("k", "p"), domain.VoidPending("k", "q")),
