@@ -32,6 +32,8 @@ GROUP_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
 )
 COMMANDS = Counter("ledger_commands_total", "Commands decided", ["outcome"])
+for _outcome in ("accepted", "refused"):  # both series from the start (0, not absent)
+    COMMANDS.labels(_outcome)
 QUEUED = Gauge(
     "ledger_writer_queued_commands",
     "Commands waiting for the writers of this process (all ledgers: labels stay bounded),"

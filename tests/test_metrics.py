@@ -234,6 +234,8 @@ def _exprs(node: Any) -> Iterator[str]:
 def test_the_grafana_dashboard_uses_only_metrics_the_server_exports(
     client: TestClient, metrics_key: dict[str, str]
 ) -> None:
+    _ledger(client, 1)  # every series has a sample
+    _scrape(client, metrics_key)
     exported: set[str] = set()
     for family in _scrape(client, metrics_key).values():
         exported |= {s.name for s in family.samples} | {family.name}
