@@ -233,6 +233,7 @@ def test_the_same_account_or_asset_again_replays_and_a_different_one_is_refused(
     assert isinstance(g.decide(domain.DefineAsset(USD, 5), {}), errors.AssetExists)
     opened = g.decide(domain.OpenAccount("e", "asset"), {})
     assert isinstance(opened, log.Committed) and state.accounts["e"].id == 77
+    assert not opened.replayed
     assert g.decide(domain.OpenAccount("e", "asset"), {}) == 11
     defined = g.decide(domain.DefineAsset(Asset("XAU", 4)), {})
     assert isinstance(defined, log.Committed)
@@ -260,6 +261,21 @@ def test_a_linked_chain_that_succeeds_keeps_its_changes() -> None:
     g.decide_chain(chain)  # type: ignore[arg-type]
     assert totals(state, "b") == (2, 5, 0, 0) and type(state.balances) is dict
     assert set(g.known_keys) == {"x1", "x2"}
+
+
+def test_a_linked_chain_that_fails_keeps_the_keys_known_before_it() -> None:
+    state = fresh()
+    g = group(state)
+    known = pay("k", ("a", "b", 5))
+    g.known_keys["k"] = (3, known.request_hash())
+    replay = pay("k", ("a", "b", 5), linked=True)
+    g.decide_chain([(replay, {}), (pay("x", ("a", "zz", 1)), {})])
+    assert [getattr(o, "code", o) for o in g.outcomes] == [
+        "linked_transfer_failed",
+        "account_not_found",
+    ]
+    assert g.known_keys == {"k": (3, known.request_hash())}
+    assert g.decide(known, {}) == 3  # still a replay: never decided a second time
 
 
 def test_a_linked_chain_failing_on_a_reused_key_leaves_no_conflict_behind() -> None:
