@@ -18,8 +18,7 @@ from fastapi.testclient import TestClient
 
 from projections import journal
 from projections.reports import Point, parse_point, period_start
-from tests.support import api_client
-from tests.test_cli import ledger as cli
+from tests.support import api_client, cli
 
 TRANSFERS = 3_000
 

@@ -128,11 +128,14 @@ def test_an_effective_statement_orders_lines_by_effective_time_with_balances_tha
     back = (datetime.now(UTC) - timedelta(days=3)).isoformat()
     _move(client, ledger, "backdated", "bank", "users:bob", "1000", effective_at=back)
     url = f"/v1/ledgers/{ledger}/accounts/users:bob/statement"
-    report = client.get(url, params={"basis": "effective"}).json()
+    soon = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
+    report = client.get(url, params={"basis": "effective", "to": soon}).json()
     assert [line["transfer"] for line in report["lines"]] == ["backdated", "deposit", "withdraw"]
     assert [line["balance"] for line in report["lines"]] == ["1000", "1500", "1300"]
     assert report["closing"] == [{"asset": "USD/2", "balance": "1300"}]
     assert report["side"] == "credit"
+    # Without `to`, the period runs to every effective time (it answered no lines at all).
+    assert client.get(url, params={"basis": "effective"}).json()["lines"] == report["lines"]
     # On the recorded axis the log's order stays.
     recorded = client.get(url).json()
     assert [line["transfer"] for line in recorded["lines"]] == ["deposit", "withdraw", "backdated"]
