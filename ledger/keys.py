@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import psycopg
+from psycopg_pool import PoolTimeout
+
 from ledger import errors, limits
 
 SCOPES = (
@@ -289,13 +292,17 @@ class Authenticator:
         return entry.principal
 
     async def _read(self, key_id: str, now: float) -> _Cached:
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT name, secret_sha256, scopes, ledgers, expires_at, revoked_at"
-                " FROM api_keys WHERE id = %s",
-                (key_id,),
-            )
-            row = await cur.fetchone()
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT name, secret_sha256, scopes, ledgers, expires_at, revoked_at"
+                    " FROM api_keys WHERE id = %s",
+                    (key_id,),
+                )
+                row = await cur.fetchone()
+        except (psycopg.Error, PoolTimeout) as exc:
+            # The key cannot be checked now: retryable, never "unauthorized" nor a bare 500.
+            raise errors.Unavailable(f"cannot check the API key: {type(exc).__name__}") from None
         if len(self._cache) >= limits.keys_cached_max:
             self._cache.clear()  # bounded: unknown ids sprayed at us cannot grow it
         previous = self._cache.get(key_id)
@@ -308,7 +315,10 @@ class Authenticator:
         return entry
 
     async def _mark_used(self, key_id: str) -> None:
-        async with self.pool.connection() as conn:
-            await conn.execute(
-                "UPDATE api_keys SET last_used_at = now() WHERE id = %s", (key_id,)
-            )
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute(
+                    "UPDATE api_keys SET last_used_at = now() WHERE id = %s", (key_id,)
+                )
+        except (psycopg.Error, PoolTimeout):
+            pass  # only a statistic: the request it came with goes on (and so does the key)

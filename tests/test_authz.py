@@ -329,3 +329,29 @@ def _first_start(tmp_path: Path) -> None:
     process, _ = start()
     assert token not in stop(process)  # and never again
     assert key_file.read_text().strip() == token
+
+
+def test_a_key_that_cannot_be_checked_is_a_retryable_503_not_401_nor_500() -> None:
+    """The database is unreachable (nothing listens on the port): the caller may retry."""
+    import asyncio
+
+    from psycopg_pool import AsyncConnectionPool
+
+    from ledger import errors
+
+    async def check() -> errors.LedgerError:
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            f"host=127.0.0.1 port={free_port()} dbname=x user=x connect_timeout=1",
+            min_size=1, open=False, timeout=1.0,
+        )
+        await pool.open(wait=False)
+        try:
+            await keys.Authenticator(pool).authenticate("Bearer " + keys.new_token()[2])
+        except errors.LedgerError as refused:
+            return refused
+        finally:
+            await pool.close()
+        raise AssertionError("an unreachable database authenticated a key")
+
+    refused = asyncio.run(check())
+    assert isinstance(refused, errors.Unavailable) and refused.status == 503
