@@ -307,6 +307,9 @@ def test_verifiers_answer_false_and_never_crash_on_sizes_or_proofs_that_cannot_b
     proof = merkle.inclusion_proof(0, LEAVES)
     assert merkle.verify_inclusion(LEAVES[0], 0, 5, proof, top)
     assert not merkle.verify_inclusion(LEAVES[4], -1, 5, proof, top)
+    pair = merkle.root(LEAVES[:2])  # index -1 read as "the rightmost leaf" would verify:
+    assert merkle.verify_inclusion(LEAVES[1], 1, 2, [LEAVES[0]], pair)
+    assert not merkle.verify_inclusion(LEAVES[1], -1, 2, [LEAVES[0]], pair)
     assert not merkle.verify_inclusion(LEAVES[0], 0, 0, [], top)
     three = merkle.root(LEAVES[:3])
     honest = merkle.consistency_proof(3, LEAVES)
