@@ -292,6 +292,101 @@ def test_a_stale_or_failed_cache_is_emptied_and_the_group_reads_postgres(
     assert balance(alice) == -10
 
 
+def _random_groups(seed: int, groups: int) -> list[list[domain.Command]]:
+    """Groups of commands of every kind the cache touches: transfers in two assets (some
+    pending, some linked, some repeated keys), captures, voids, reversals, guards, freezing,
+    an account opened mid-way and one closed. Seeded: the same list every run."""
+    import random
+
+    rng = random.Random(seed)
+    usd, eur = Asset("USD", 2), Asset("EUR", 2)
+    names = ["a", "b", "c", "d"]
+    keys: list[str] = []
+    pending: list[str] = []
+    out: list[list[domain.Command]] = []
+    for g in range(groups):
+        group: list[domain.Command] = []
+        if g == groups // 2:
+            group.append(domain.OpenAccount("e", "asset"))
+            names.append("e")
+        if g == groups - 2:
+            group.append(domain.CloseAccount("d"))
+        for i in range(rng.randint(1, 6)):
+            key, roll = f"k{g}.{i}", rng.random()
+            if roll < 0.45:
+                debit, credit = rng.sample(names, 2)
+                is_pending = rng.random() < 0.3
+                posting = domain.Posting(debit, credit, rng.choice((usd, eur)), rng.randint(1, 90))
+                linked = rng.random() < 0.15 and i < 5
+                command = domain.PostTransfer(key, (posting,), pending=is_pending, linked=linked)
+                group.append(command)
+                (pending if is_pending else keys).append(key)
+            elif roll < 0.55 and pending:
+                target = rng.choice(pending)
+                group.append(domain.PostPending(key, target, rng.choice((None, 1, 10_000))))
+            elif roll < 0.62 and pending:
+                group.append(domain.VoidPending(key, rng.choice(pending)))
+            elif roll < 0.70 and keys:
+                group.append(domain.ReverseTransfer(key, rng.choice(keys), rng.choice((None, 1))))
+            elif roll < 0.78 and keys:  # a replay, or a reused key with another request
+                again = rng.choice(keys)
+                group.append(domain.PostTransfer(again, (domain.Posting("a", "b", usd, 1),)))
+            elif roll < 0.88:
+                rule = rng.choice(("none", "debits_must_not_exceed_credits"))
+                limits = {"USD": rng.randint(0, 50)} if rule != "none" else {}
+                group.append(domain.SetGuard(rng.choice(names), rule, limits))  # type: ignore[arg-type]
+            else:
+                group.append(domain.SetFrozen(rng.choice(names), rng.random() < 0.5))
+        out.append(group)
+    return out
+
+
+def test_the_writer_decides_the_same_with_and_without_its_cache(
+    database_url: str, ledger_name: str
+) -> None:
+    """ADR 0010: the cache only saves reads. The same groups written to two ledgers, one with
+    a writer's cache kept across groups and one with none, give the same outcome per command
+    and the same rows."""
+    from tests.support import tables
+
+    groups = _random_groups(seed=11, groups=40)
+    cached_name, uncached_name = ledger_name + "c", ledger_name + "u"
+
+    def outcome(o: log.Outcome) -> tuple[Any, ...]:
+        if isinstance(o, errors.LedgerError):
+            return ("refused", o.code)
+        return (type(o.event).__name__, o.event.originator_version, o.replayed)
+
+    async def body(svc: LedgerService) -> tuple[list[Any], list[Any], int]:
+        results: list[list[Any]] = []
+        hits = 0
+        for name, cache in ((cached_name, log.Cache()), (uncached_name, None)):
+            await setup(svc, name, "a", "b", "c", "d")
+            ref = await svc.ledger_ref(name)
+            got = []
+            async with svc.pool.connection() as conn:
+                for group in groups:
+                    outcomes = await log.write(conn, ref, [(c, META) for c in group], cache)
+                    assert len(outcomes) == len(group)  # paired: one outcome per command
+                    got.append([outcome(o) for o in outcomes])
+                    if cache is not None:
+                        assert cache.position == await svc.head(name)  # kept, and current
+                        hits += bool(cache.balances)
+            results.append(got)
+        return results[0], results[1], hits
+
+    with_cache, without, hits = run(database_url, body)
+    assert with_cache == without
+    kinds = {o[0] for group in with_cache for o in group}
+    assert {"TransferPosted", "TransferPending", "refused"} <= kinds  # the workload bit
+    assert hits == len(groups)  # every group after the first could use the cache
+    ours, theirs = tables(database_url, cached_name), tables(database_url, uncached_name)
+    for table in ("accounts", "balances", "keys", "status"):
+        assert ours[table] == theirs[table], table
+    strip = lambda rows: [r[:7] + r[8:] for r in rows]  # noqa: E731 (effective_at: a clock)
+    assert strip(ours["entries"]) == strip(theirs["entries"])
+
+
 def test_the_replay_stream_reads_ahead_and_can_be_left_early(
     database_url: str, ledger_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
