@@ -599,7 +599,7 @@ class _Driver:
             self.results.clear()
             return True
         started = time.monotonic()
-        status = _wait(_fork(session, None), 600)
+        status = _wait(_fork(session, None, 600), 600)
         self.baseline_s = time.monotonic() - started
         if status != "survived":
             print(f"\nthe tests fail without any mutant ({status}): fix them first")
@@ -619,7 +619,7 @@ class _Driver:
                 m = next(queue, None)
                 if m is None:
                     break
-                running[_fork(session, m)] = (m, time.monotonic())
+                running[_fork(session, m, timeout_s)] = (m, time.monotonic())
             if not running:
                 return True
             for pid, (m, began) in list(running.items()):
@@ -642,13 +642,14 @@ class _Driver:
             time.sleep(0.01)
 
 
-def _fork(session: Any, mutant: Mutant | None) -> int:
+def _fork(session: Any, mutant: Mutant | None, timeout_s: float) -> int:
     pid = os.fork()
     if pid:
         return pid
     code = 3
     try:
         os.setsid()
+        signal.alarm(int(timeout_s) + 5)  # never outlives the run, even if the parent dies
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1)
         os.dup2(null, 2)
