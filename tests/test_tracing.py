@@ -234,6 +234,23 @@ def test_an_exporter_it_cannot_honour_is_one_line_error() -> None:
     assert tracing.TRACER is None
 
 
+def test_serve_with_an_exporter_it_cannot_honour_stops_with_one_line(tmp_path: Any) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("LEDGER_", "OTEL_"))},
+        "LEDGER_DATA_DIR": str(tmp_path / "data"),
+        "OTEL_TRACES_EXPORTER": "zipkin",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "ledger", "serve"], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "ledger: OTEL_TRACES_EXPORTER='zipkin' is not supported; use otlp, console or none"
+    ]
+    assert not (tmp_path / "data").exists()  # refused before anything started
+
+
 def test_a_served_ledger_with_the_console_exporter_traces_a_request_and_logs_its_trace_id(
     database_url: str,
 ) -> None:
