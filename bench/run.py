@@ -440,6 +440,151 @@ def _p99(values: list[float]) -> float:
     return sorted(values)[max(0, int(len(values) * 0.99) - 1)]
 
 
+# --- The regression guard (--check) ---------------------------------------------------------------
+
+BASELINE = ROOT / "bench" / "baseline.json"
+CHECK_TOLERANCE = 0.25
+"""A figure fails the check when its ratio to pgbench is more than this far below its baseline."""
+CHECK_SECONDS = 5
+PGBENCH_CHECK_SECONDS = 3
+CHECK_FIGURES = {
+    "http_single": "single transfers over HTTP, 64 connections",
+    "http_batch_1000": "batch endpoint, 1,000 items, 4 connections",
+    "in_process_batches": "in-process, 1,000-transfer batches, 4 submitters",
+    "in_process_single": "in-process, single transfers, 64 submitters",
+}
+
+
+def check_pass(server_url: str) -> dict[str, float]:
+    """One pass of the quick profile: each figure of ``CHECK_FIGURES`` as a ratio to pgbench
+    TPC-B (4 clients, prepared) measured just before and just after it (the mean of the two),
+    so that the other load on a shared machine moves both sides of each ratio alike."""
+    seconds = CHECK_SECONDS
+    tps: list[float] = []
+    values: dict[str, float] = {}
+    with database(server_url, "pgbench") as bench_db:
+        subprocess.run(
+            [pgbench_path(), "-i", "-s", "10", "-q", bench_db],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+
+        def baseline() -> None:
+            tps.append(pgbench(bench_db, 4, PGBENCH_CHECK_SECONDS))
+
+        with database(server_url, "ledger_check") as url:
+            migrate(url)
+
+            async def prepare() -> None:
+                pool = postgres.async_pool(url, 4)
+                await pool.open()
+                svc = LedgerService(pool)
+                await setup_ledger(svc)
+                await svc.close()
+                await pool.close()
+                TOKEN[0] = await make_key(url)
+
+            asyncio.run(prepare())
+            with server(url) as (port, _):
+                wrk(port, 16, 2)  # warm up
+                baseline()
+                values["http_single"] = wrk(port, 64, seconds)["rate"]
+                baseline()
+                values["http_batch_1000"] = http_batches(port, url, 1000, 4, seconds)
+                baseline()
+
+            async def direct() -> None:
+                pool = postgres.async_pool(url, 8)
+                await pool.open()
+                svc = LedgerService(pool)
+                values["in_process_batches"] = await in_process(svc, 1000, 4, seconds)
+                await asyncio.to_thread(baseline)
+                values["in_process_single"] = await in_process(svc, 1, 64, seconds)
+                await svc.close()
+                await pool.close()
+
+            asyncio.run(direct())
+            baseline()
+    print("check: pgbench " + " / ".join(f"{t:,.0f}" for t in tps) + " tps", flush=True)
+    ratios = {}
+    for n, (name, value) in enumerate(values.items()):
+        ratios[name] = value / ((tps[n] + tps[n + 1]) / 2)
+        print(f"check: {CHECK_FIGURES[name]:<52} {value:>10,.0f}/s {ratios[name]:6.2f}x")
+    return ratios
+
+
+def git_head() -> str:
+    out = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    return out.stdout.strip() or "unknown"
+
+
+def check(write_baseline: bool, passes: int) -> int:
+    """``--check``: 0 if every ratio is within ``CHECK_TOLERANCE`` of the committed baseline
+    (one rerun first if not); ``--write-baseline``: the median of ``passes`` passes, written."""
+    if not shutil.which("wrk"):
+        raise SystemExit("bench --check: wrk is needed (apt-get install -y wrk)")
+    started = time.monotonic()
+    with cluster() as (server_url, _):
+        if write_baseline:
+            load_before = os.getloadavg()[0]
+            runs = [check_pass(server_url) for _ in range(passes)]
+            load = f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+            ratios = {k: round(statistics.median(r[k] for r in runs), 3) for k in CHECK_FIGURES}
+            BASELINE.write_text(
+                json.dumps(
+                    {
+                        "set_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        "measured_at_commit": git_head(),
+                        "machine": (
+                            f"{os.cpu_count()} cores, {load}; Postgres"
+                            f" {settings_of(server_url)['postgres']} (embedded wheel, tuned as in"
+                            " bench/README.md); load generator, server and Postgres on the"
+                            " same cores"
+                        ),
+                        "passes": [{k: round(v, 3) for k, v in r.items()} for r in runs],
+                        "figures": CHECK_FIGURES,
+                        "ratios": ratios,
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
+            print(f"check: baseline written to {BASELINE.relative_to(ROOT)}: {ratios}")
+            return 0
+        baseline: dict[str, float] = json.loads(BASELINE.read_text())["ratios"]
+        best: dict[str, float] = {}
+        for attempt in (1, 2):
+            for name, ratio in check_pass(server_url).items():
+                best[name] = max(best.get(name, 0.0), ratio)
+            failing = {
+                name: ratio
+                for name, ratio in best.items()
+                if ratio < baseline[name] * (1 - CHECK_TOLERANCE)
+            }
+            if not failing:
+                break
+            if attempt == 1:
+                print(f"check: below the baseline ({', '.join(failing)}); running once more")
+    took = time.monotonic() - started
+    for name, ratio in best.items():
+        verdict = "FAIL" if name in failing else "ok"
+        print(
+            f"check: {verdict:<4} {name:<20} {ratio:6.2f}x (baseline {baseline[name]:.2f}x,"
+            f" floor {baseline[name] * (1 - CHECK_TOLERANCE):.2f}x)"
+        )
+    print(f"check: {took:.0f} s")
+    if failing:
+        print(
+            "check: a figure fell more than 25 % below its baseline (bench/baseline.json)."
+            " Profile it (docs/performance.md); update the baseline only by a commit that says why."
+        )
+        return 1
+    return 0
+
+
 # --- The run ---------------------------------------------------------------------------------------
 
 
@@ -447,7 +592,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="about two minutes")
     parser.add_argument("--huge", action="store_true", help="also look up at 10^7 events (long)")
+    parser.add_argument(
+        "--check", action="store_true", help="compare with bench/baseline.json (< 3 minutes)"
+    )
+    parser.add_argument(
+        "--write-baseline",
+        metavar="PASSES",
+        type=int,
+        help="measure the --check figures PASSES times and write their median as the baseline",
+    )
     args = parser.parse_args()
+    if args.check or args.write_baseline:
+        sys.exit(check(bool(args.write_baseline), args.write_baseline or 0))
     quick = args.quick
     seconds = 5 if quick else 15
     rows: list[tuple[str, float, str, bool]] = []  # (figure, value, unit, is a rate)
