@@ -251,8 +251,8 @@ def _group(
 
 
 def commit_started() -> trace.Span | None:
-    """The ``db.commit`` span (ended by :func:`commit_ended`); None when off."""
-    if TRACER is None:
+    """The ``db.commit`` span (ended by :func:`commit_ended`); None when off or not sampled."""
+    if TRACER is None or not trace.get_current_span().is_recording():
         return None
     commit = TRACER.start_span("db.commit", attributes={"db.system.name": "postgresql"})
     state = _GROUP.get()
