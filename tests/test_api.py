@@ -62,7 +62,10 @@ def test_the_walk_through_posts_a_transfer_and_shows_balances(
     alice = client.get(f"/v1/ledgers/{ledger}/accounts/users:alice").json()
     assert alice["balances"][0]["credits_posted"] == "1500"
     current = client.get(f"/v1/ledgers/{ledger}/transfers/k1").json()
-    assert current == {**transfer, "status": "posted", "reversed": None}
+    # reversed: a list per posting on every transfer that can be reversed (issue 13: was null).
+    assert current == {
+        **transfer, "status": "posted", "reversed": ["0"], "metadata_position": 5,
+    }
     totals = client.get(f"/v1/ledgers/{ledger}/balances").json()["totals"]
     assert [(t["asset"], t["net_posted"]) for t in totals] == [("USD/2", "0")]
     events = client.get(f"/v1/ledgers/{ledger}/events", params={"after": 4}).json()["items"]
