@@ -13,6 +13,7 @@ far, called every so often (every 1,000 events, say): they know nothing of termi
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -68,12 +69,15 @@ class Progress:
         stream: TextIO | None = None,
         terminal: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
+        columns: int | None = None,
     ) -> None:
         self.label = label
         self.total = total
         self.unit = unit
         self.stream = stream if stream is not None else sys.stderr
         self.terminal = _is_terminal(self.stream) if terminal is None else terminal
+        self.columns = columns or (_columns(self.stream) if self.terminal else 80)
+        """A longer line would wrap, and ``\r`` would redraw only its last part."""
         self.clock = clock
         self.started = clock()
         self.done = 0
@@ -121,6 +125,7 @@ class Progress:
 
     def _draw(self, now: float) -> None:
         line = render(self.label, self.done, self.total, now - self.started, self.unit)
+        line = line[: self.columns - 1]
         self.stream.write("\r" + line + "\x1b[K")  # \x1b[K: erase what a longer line left
         self.stream.flush()
         self._drawn = True
@@ -159,6 +164,13 @@ def _is_terminal(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def _columns(stream: TextIO) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
 
 
 def every(callback: Callback | None, done: int) -> None:

@@ -60,6 +60,15 @@ def test_on_a_terminal_the_bar_is_redrawn_in_place_at_most_every_redraw_interval
     assert "100% 10,000/10,000 events" in text.split("\r")[-1]
 
 
+def test_on_a_narrow_terminal_the_line_is_cut_rather_than_wrapped() -> None:
+    out = io.StringIO()
+    with Progress("replaying", 10**7, stream=out, terminal=True, columns=40) as progress:
+        progress(5 * 10**6)
+    lines = [part.removesuffix("\x1b[K\n").removesuffix("\x1b[K")
+             for part in out.getvalue().split("\r") if part]
+    assert lines and all(len(line) == 39 for line in lines), lines
+
+
 def test_in_logs_a_line_every_tenth_or_every_interval(caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
     caplog.set_level("INFO", logger="ledger.progress")
