@@ -29,7 +29,7 @@ class KeyIn(BaseModel):
     name: str = Field(min_length=1, max_length=64)
     scopes: list[str] = Field(min_length=1, max_length=len(keys.SCOPES) + 1)
     ledgers: list[str] = Field(default_factory=list, max_length=64)
-    expires_at: AwareDatetime | None = None
+    expires_at: AwareDatetime | None = Field(None, strict=False)  # ISO 8601 text in JSON
 
 
 class RotateIn(BaseModel):
@@ -54,6 +54,14 @@ async def _visible_key(request: Request, key_id: str) -> dict[str, Any]:
     return key
 
 
+async def _manageable_key(request: Request, key_id: str) -> dict[str, Any]:
+    """A key the caller may rotate or revoke: one it could have created (rotating a key with
+    more rights would hand the caller a token with those rights)."""
+    key = await _visible_key(request, key_id)
+    keys.check_grant(auth.principal_of(request.scope), key["scopes"], key["ledgers"])
+    return key
+
+
 @router.post(
     "/keys", status_code=201, responses=_problems, openapi_extra=auth.scope("keys")
 )
@@ -61,9 +69,10 @@ async def create_key(body: KeyIn, request: Request) -> Response:
     """Creates a key and answers its token, once: store it now, it is not kept."""
     principal = auth.principal_of(request.scope)
     keys.check_grant(principal, body.scopes, body.ledgers)
+    expires_at = keys.earliest(body.expires_at, principal.expires_at)  # never outlives its maker
     async with service(request).pool.connection() as conn:
         key = await keys.create(
-            conn, body.name, body.scopes, body.ledgers, principal.actor, body.expires_at
+            conn, body.name, body.scopes, body.ledgers, principal.actor, expires_at
         )
     return json_response(key, 201)
 
@@ -85,7 +94,7 @@ async def get_key(key_id: KeyId, request: Request) -> Response:
 @router.post("/keys/{key_id}/revoke", responses=_problems, openapi_extra=auth.scope("keys"))
 async def revoke_key(key_id: KeyId, request: Request) -> Response:
     """Revokes the key: within a second no server accepts it. Idempotent."""
-    await _visible_key(request, key_id)
+    await _manageable_key(request, key_id)
     actor = auth.principal_of(request.scope).actor
     async with service(request).pool.connection() as conn:
         return json_response(await keys.revoke(conn, key_id, actor))
@@ -100,8 +109,11 @@ async def revoke_key(key_id: KeyId, request: Request) -> Response:
 async def rotate_key(key_id: KeyId, body: RotateIn, request: Request) -> Response:
     """A new key with the same name, scopes and ledgers; the old one keeps working for
     `grace_seconds` (0: revoked at once)."""
-    await _visible_key(request, key_id)
-    actor = auth.principal_of(request.scope).actor
+    await _manageable_key(request, key_id)
+    principal = auth.principal_of(request.scope)
     async with service(request).pool.connection() as conn:
-        key = await keys.rotate(conn, key_id, actor, timedelta(seconds=body.grace_seconds))
+        key = await keys.rotate(
+            conn, key_id, principal.actor, timedelta(seconds=body.grace_seconds),
+            not_after=principal.expires_at,
+        )
     return json_response(key, 201)

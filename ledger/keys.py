@@ -219,11 +219,19 @@ async def revoke(conn: Any, key_id: str, revoked_by: str) -> dict[str, Any]:
 
 
 async def rotate(
-    conn: Any, key_id: str, rotated_by: str, grace: timedelta = timedelta(0)
+    conn: Any,
+    key_id: str,
+    rotated_by: str,
+    grace: timedelta = timedelta(0),
+    not_after: datetime | None = None,
 ) -> dict[str, Any]:
-    """A new key with the old one's name, scopes and ledgers; the old one stops working after
-    ``grace`` (at once by default), so that its users can switch without an outage."""
+    """A new key with the old one's name, scopes, ledgers and expiry (no later than
+    ``not_after``: the rotating key's own); the old one stops working after ``grace`` (at once
+    by default), so that its users can switch without an outage."""
     old = await get(conn, key_id)
+    expires_at = earliest(
+        datetime.fromisoformat(old["expires_at"]) if old["expires_at"] else None, not_after
+    )
     if old["revoked_at"] is not None:
         raise errors.InvalidRequest(f"{key_id} is revoked; create a new key instead")
     if grace <= timedelta(0):
@@ -235,9 +243,14 @@ async def rotate(
             (grace, _bare(key_id)),
         )
     return await create(
-        conn, old["name"], old["scopes"], old["ledgers"], rotated_by,
+        conn, old["name"], old["scopes"], old["ledgers"], rotated_by, expires_at,
         replaces=_bare(key_id),
     )
+
+
+def earliest(a: datetime | None, b: datetime | None) -> datetime | None:
+    """The earlier of two expiries (None: never)."""
+    return b if a is None else a if b is None else min(a, b)
 
 
 async def count_active(conn: Any) -> int:

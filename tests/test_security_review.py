@@ -1,0 +1,99 @@
+"""Findings of the security review of 2026-11-30 (docs/security.md), each shown by a test that
+failed before its fix."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from ledger.settings import Settings
+from tests.support import bearer, make_key, make_key_record
+
+
+def _client(database_url: str) -> TestClient:
+    return TestClient(create_app(database_url, Settings()))
+
+
+def _key_row(c: TestClient, admin: str, key_id: str) -> dict[str, Any]:
+    r = c.get(f"/v1/keys/{key_id}", headers=bearer(admin))
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def test_a_keys_key_cannot_rotate_a_key_with_more_rights_and_so_obtain_its_token(
+    database_url: str,
+) -> None:
+    # Before: rotation answered the new token of any visible key, whatever its rights, so a key
+    # with only `keys` got a `*` token by rotating the admin's key.
+    admin = make_key_record(database_url, ("*",), name="victim-admin")
+    keys_only = make_key(database_url, ("keys",))
+    team_admin = make_key_record(database_url, ("*",), ("team-a",), name="team-admin")
+    team_keys = make_key(database_url, ("keys", "read"), ("team-*",))
+    with _client(database_url) as c:
+        r = c.post(f"/v1/keys/{admin['id']}/rotate", json={}, headers=bearer(keys_only))
+        assert r.status_code == 403, r.text
+        assert "token" not in r.text
+        r = c.post(f"/v1/keys/{team_admin['id']}/rotate", json={}, headers=bearer(team_keys))
+        assert r.status_code == 403, r.text
+        # Nothing changed: the victims still work and are not revoked.
+        assert _key_row(c, admin["token"], admin["id"])["revoked_at"] is None
+        assert _key_row(c, admin["token"], team_admin["id"])["revoked_at"] is None
+
+
+def test_a_keys_key_cannot_revoke_a_key_with_more_rights(database_url: str) -> None:
+    admin = make_key_record(database_url, ("*",), name="victim-admin")
+    keys_only = make_key(database_url, ("keys",))
+    with _client(database_url) as c:
+        r = c.post(f"/v1/keys/{admin['id']}/revoke", json={}, headers=bearer(keys_only))
+        assert r.status_code == 403, r.text
+        assert _key_row(c, admin["token"], admin["id"])["revoked_at"] is None
+
+
+def test_a_key_may_still_rotate_and_revoke_keys_within_its_own_rights(database_url: str) -> None:
+    keys_read = make_key(database_url, ("keys", "read"), ("team-*",))
+    minor = make_key_record(database_url, ("read",), ("team-b",), name="minor")
+    with _client(database_url) as c:
+        r = c.post(f"/v1/keys/{minor['id']}/rotate", json={}, headers=bearer(keys_read))
+        assert r.status_code == 201, r.text
+        new = r.json()
+        assert new["scopes"] == ["read"] and new["ledgers"] == ["team-b"]
+        r = c.post(f"/v1/keys/{new['id']}/revoke", json={}, headers=bearer(keys_read))
+        assert r.status_code == 200, r.text
+
+
+def test_a_key_that_expires_cannot_make_a_key_that_outlives_it(database_url: str) -> None:
+    # Before: an expiring key created (or rotated itself into) a key that never expired.
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    admin = make_key(database_url)
+    expiring = make_key_record(database_url, ("keys", "read"), expires_at=soon)
+    with _client(database_url) as c:
+        r = c.post(
+            "/v1/keys", json={"name": "forever", "scopes": ["read"]},
+            headers=bearer(expiring["token"]),
+        )
+        assert r.status_code == 201, r.text
+        made = r.json()["expires_at"]
+        assert made is not None and datetime.fromisoformat(made) <= soon
+        later = (soon + timedelta(days=30)).isoformat()
+        r = c.post(
+            "/v1/keys", json={"name": "later", "scopes": ["read"], "expires_at": later},
+            headers=bearer(expiring["token"]),
+        )
+        assert r.status_code == 201, r.text
+        assert datetime.fromisoformat(r.json()["expires_at"]) <= soon
+        r = c.post(
+            f"/v1/keys/{expiring['id']}/rotate", json={}, headers=bearer(expiring["token"])
+        )
+        assert r.status_code == 201, r.text
+        rotated = r.json()
+        assert rotated["expires_at"] is not None
+        assert datetime.fromisoformat(rotated["expires_at"]) <= soon
+        # A rotation by a key that never expires keeps the rotated key's own expiry.
+        victim = make_key_record(database_url, ("read",), expires_at=soon)
+        r = c.post(f"/v1/keys/{victim['id']}/rotate", json={}, headers=bearer(admin))
+        assert r.status_code == 201, r.text
+        assert datetime.fromisoformat(r.json()["expires_at"]) <= soon
