@@ -488,3 +488,40 @@ def test_amounts_take_digits_and_zero_but_not_false_floats_or_signs(
     r = client.post(url, json={"amounts": [0, 8]}, headers=key("z"))
     assert r.status_code == 201, r.text
     assert [p["amount"] for p in r.json()["postings"]] == ["0", "8"]
+
+
+def test_the_new_event_kinds_are_stored_as_these_bytes() -> None:
+    """Known answers for the events issue 13 added, as the write path's group makes them (the
+    state is what the hash chain covers: tests/test_vectors.py pins the formula)."""
+    from ledger import log
+
+    accounts = {n: domain.Account(i + 1, n, "liability", {}, i + 2) for i, n in enumerate("ab")}
+    state = domain.LedgerState({"USD": 2}, accounts, {})
+    loaded = log._Loaded(4, bytes(32), NOW, {}, state, {"USD": 1}, [], [])
+    group = log._Group(log.LedgerRef(1, "main"), loaded)
+    two = (domain.Posting("a", "b", USD, 10), domain.Posting("b", "a", USD, 5))
+    commands: list[domain.Command] = [
+        domain.PostTransfer("h", two, pending=True),
+        domain.PostPending("p", "h", amounts=(10, 0)),
+        domain.AmendTransferMetadata("m", "p", {"n": 1}),
+        domain.ClosePeriod(datetime(2026, 11, 20).date(), "why", "c"),
+        domain.ReopenPeriod(datetime(2026, 11, 20).date(), "because", "r"),
+    ]
+    for command in commands:
+        assert isinstance(group.decide(command, {"actor": "k"}), log.Committed)
+    at = b'"recorded_at":"2026-11-24T12:00:00.000000+00:00"'
+    assert [a.stored.state for a in group.accepted[1:]] == [
+        b'{"effective_at":"2026-11-24T12:00:00.000000+00:00","key":"p","meta":{"actor":"k"},'
+        b'"metadata":{},"pending_key":"h","postings":[{"amount":"10","asset":"USD/2",'
+        b'"credit":"b","debit":"a"},{"amount":"0","asset":"USD/2","credit":"a","debit":"b"}],'
+        + at + b"}",
+        b'{"key":"m","meta":{"actor":"k"},"metadata":{"n":1},' + at + b',"transfer_key":"p"}',
+        b'{"key":"c","meta":{"actor":"k"},"reason":"why",' + at + b',"through":"2026-11-20"}',
+        b'{"closed_through":"2026-11-19","from_date":"2026-11-20","key":"r","meta":{"actor":"k"},'
+        b'"reason":"because",' + at + b"}",
+    ]
+    assert [a.stored.topic for a in group.accepted[2:]] == [
+        "ledger.events:TransferMetadataAmended",
+        "ledger.events:PeriodClosed",
+        "ledger.events:PeriodReopened",
+    ]
