@@ -436,6 +436,41 @@ async def lookups(svc: LedgerService, samples: int) -> dict[str, float]:
     }
 
 
+async def finance_lookups(
+    svc: LedgerService, samples: int, ledger: str = LEDGER, accounts: int = ACCOUNTS
+) -> dict[str, float]:
+    """Issue 13's queries at the log's current size: a transfers page filtered by account and
+    metadata (the worst case for a page: a metadata value no transfer has, so the page walks
+    every candidate of the account, at most ``search_scan_events_max``), and the balances of
+    every account under a prefix (``a1``: a1, a10-a19, a100-a199, ...: 1,111 of 10,000)
+    summed, as of a random position."""
+    from ledger import queries
+
+    head = await svc.head(ledger)
+    pages, aggregates, examined = [], [], []
+    where = queries.TransferFilter
+    for _ in range(samples):
+        name = f"a{random.randrange(accounts)}"
+        t = time.perf_counter()
+        page = await queries.search_transfers(
+            svc, ledger, where(account=name, metadata=("order=none",)), None, 100
+        )
+        pages.append((time.perf_counter() - t) * 1000)
+        examined.append(page["examined"])
+        at = queries.PointInTime(random.randint(head // 2, head), None)
+        t = time.perf_counter()
+        found = await queries.aggregate(svc, ledger, "a1", None, at)
+        aggregates.append((time.perf_counter() - t) * 1000)
+        assert found["groups"], "bench: the prefix aggregate found no account"
+    return {
+        "filtered_page_p50_ms": statistics.median(pages),
+        "filtered_page_p99_ms": _p99(pages),
+        "filtered_page_examined_p50": statistics.median(examined),
+        "aggregate_p50_ms": statistics.median(aggregates),
+        "aggregate_p99_ms": _p99(aggregates),
+    }
+
+
 def _p99(values: list[float]) -> float:
     return sorted(values)[max(0, int(len(values) * 0.99) - 1)]
 
@@ -785,6 +820,24 @@ def main() -> None:
                             f"7. history page (100) at {size:,} events: p50 / p99",
                             found["page_p50_ms"],
                             f"ms  / {found['page_p99_ms']:.2f}",
+                            False,
+                        )
+                    )
+                    more = await finance_lookups(svc, 50)
+                    rows.append(
+                        (
+                            f"9. filtered transfers page at {size:,} events: p50 / p99",
+                            more["filtered_page_p50_ms"],
+                            f"ms  / {more['filtered_page_p99_ms']:.2f}"
+                            f" ({more['filtered_page_examined_p50']:,.0f} examined)",
+                            False,
+                        )
+                    )
+                    rows.append(
+                        (
+                            f"9. prefix aggregate at {size:,} events: p50 / p99",
+                            more["aggregate_p50_ms"],
+                            f"ms  / {more['aggregate_p99_ms']:.2f}",
                             False,
                         )
                     )
