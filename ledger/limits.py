@@ -60,9 +60,10 @@ group_transfers_max: Final = 2_000
 """Most commands coalesced into one database transaction by a ledger's writer."""
 writer_queue_commands_max: Final = 20_000
 """Commands waiting for a ledger's writer; past this, new ones are refused with 503."""
-writer_cache_entries_max: Final = 200_000
-"""Accounts (and, separately, balances) a ledger's writer keeps between its transactions;
-past this the cache is emptied and refilled from Postgres as groups need it."""
+writer_cache_entries_max: Final = 400_000
+"""Accounts and balances the writers of a server process keep between their transactions, all
+ledgers together (one budget, ``log.CacheBudget``); past this the least recently used ledgers'
+caches are emptied and refilled from Postgres as groups need them."""
 lock_timeout_ms: Final = 5_000
 statement_timeout_ms: Final = 30_000
 request_timeout_ms: Final = 30_000

@@ -17,6 +17,7 @@ the group are unaffected.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -134,6 +135,42 @@ async def ledger_id(conn: psycopg.AsyncConnection[Any], name: str) -> int:
     return int(row[0])
 
 
+class CacheBudget:
+    """One bound on what the writers' caches of a server process hold together: at most
+    ``entries_max`` accounts and balances across every ledger (not per ledger: a server writing
+    to many ledgers would otherwise keep each one's accounts, without a bound on the sum).
+
+    A cache that grows past it at its commit empties the caches kept least recently first; a
+    cache whose group is in flight is never emptied under it (its group read from it before
+    the head check): it is marked, counted as gone, and empties itself at its commit before it
+    keeps its group's state. So the sum may exceed the budget only until those groups commit."""
+
+    def __init__(self, entries_max: int = limits.writer_cache_entries_max) -> None:
+        self.entries_max = entries_max
+        self.used = 0
+        # id(cache) -> (cache, entries charged), least recently kept first
+        self._held: OrderedDict[int, tuple[Cache, int]] = OrderedDict()
+
+    def charge(self, cache: Cache, entries: int) -> None:
+        """``cache`` now holds ``entries``: over the budget, the least recently kept go."""
+        _, before = self._held.pop(id(cache), (cache, 0))
+        self.used += entries - before
+        if entries:
+            self._held[id(cache)] = (cache, entries)
+        leaving = 0  # held by caches in use, which will empty themselves at their commit
+        for key in list(self._held):
+            if self.used - leaving <= self.entries_max:
+                break
+            other, held = self._held[key]
+            if other.busy:
+                other.evicted = True
+                leaving += held
+                continue
+            del self._held[key]
+            self.used -= held
+            other.empty()
+
+
 @dataclass(slots=True)
 class Cache:
     """Accounts and balances as of ``position``, kept by a ledger's writer between groups.
@@ -157,8 +194,20 @@ class Cache:
     :class:`~ledger.domain.Balance`. Tuples of integers, because Python's collector stops
     tracking those: the cache never lengthens its full passes, nor makes them more frequent
     (as ~200,000 ``Balance`` objects would: ~45 ms a pass, measured)."""
+    budget: CacheBudget | None = None
+    """Shared by every writer of the process (``writer.Writers``); None: this cache alone."""
+    busy: bool = False
+    """A group is between reading this cache and keeping its state: not to be emptied."""
+    evicted: bool = False
+    """The budget wanted it emptied while busy: it empties itself at its next keep."""
 
     def clear(self) -> None:
+        self.empty()
+        if self.budget is not None:
+            self.budget.charge(self, 0)
+
+    def empty(self) -> None:
+        self.evicted = False
         self.position = 0
         self.hash = b""
         self.assets = {}
@@ -174,11 +223,12 @@ class Cache:
         head_hash: bytes = b"",
     ) -> None:
         """After a commit at ``position``: remember what the group read and wrote."""
-        if (
-            len(self.accounts) + len(state.accounts) > limits.writer_cache_entries_max
-            or len(self.balances) + len(state.balances) > limits.writer_cache_entries_max
+        entries_max = self.budget.entries_max if self.budget else limits.writer_cache_entries_max
+        if self.evicted or (
+            len(self.accounts) + len(self.balances) + len(state.accounts) + len(state.balances)
+            > entries_max
         ):
-            self.clear()
+            self.empty()
         self.assets = {code: (scale, assets[code]) for code, scale in state.assets.items()}
         self.posting_max = dict(state.posting_max)
         self.accounts.update(state.accounts)
@@ -189,6 +239,8 @@ class Cache:
                 balances[key] = b.fields()
         self.position = position
         self.hash = head_hash
+        if self.budget is not None:
+            self.budget.charge(self, len(self.accounts) + len(self.balances))
 
 
 async def write(
@@ -203,6 +255,7 @@ async def write(
     if anything fails, it is emptied."""
     cache = cache if cache is not None else Cache()
     commit = None
+    cache.busy = True  # the budget may not empty it under this group (CacheBudget)
     try:
         with tracing.span("ledger.transaction", **{"db.system.name": "postgresql"}):
             try:
@@ -212,8 +265,10 @@ async def write(
             finally:
                 tracing.commit_ended(commit)
     except BaseException:
+        cache.busy = False
         cache.clear()
         raise
+    cache.busy = False
     cache.keep(group.position, group.state, group.asset_positions, group.hash)
     return outcomes
 

@@ -46,7 +46,11 @@ class _Unit:
 
 class LedgerWriter:
     def __init__(
-        self, pool: AsyncConnectionPool[Any], ledger: log.LedgerRef, require_sync: bool = False
+        self,
+        pool: AsyncConnectionPool[Any],
+        ledger: log.LedgerRef,
+        require_sync: bool = False,
+        cache_budget: log.CacheBudget | None = None,
     ) -> None:
         self.pool = pool
         self.ledger = ledger
@@ -57,7 +61,7 @@ class LedgerWriter:
         self._queued_items = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.cache = log.Cache()
+        self.cache = log.Cache(budget=cache_budget or log.CacheBudget())
         self.groups_written = 0
         self.items_written = 0
 
@@ -247,12 +251,14 @@ class Writers:
         self.pool = pool
         self.require_sync = require_sync
         self._writers: dict[str, LedgerWriter] = {}
+        self.cache_budget = log.CacheBudget()
+        """One bound on every ledger's writer cache together (not one per ledger)."""
 
     def get(self, ledger: log.LedgerRef) -> LedgerWriter:
         writer = self._writers.get(ledger.name)
         if writer is None:
             writer = self._writers[ledger.name] = LedgerWriter(
-                self.pool, ledger, self.require_sync
+                self.pool, ledger, self.require_sync, self.cache_budget
             )
         return writer
 
