@@ -208,7 +208,8 @@ def test_a_key_can_grant_only_what_it_has_and_sees_only_its_own_ledgers(
         assert all("token" not in k and "secret" not in json.dumps(k)
                    for k in c.get("/v1/keys", headers=bearer(admin)).json()["items"])
         outside = next(iter(everyone - mine))
-        assert c.get(f"/v1/keys/{outside}", headers=bearer(team)).status_code == 404
+        hidden = c.get(f"/v1/keys/{outside}", headers=bearer(team))
+        assert hidden.status_code == 404 and hidden.json()["code"] == "key_not_found"
         assert c.post(f"/v1/keys/{outside}/revoke", headers=bearer(team), json={}
                       ).status_code == 404
 
