@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
@@ -146,18 +148,28 @@ async def journal(
     since = reports.period_start(start, basis)
     until = reports.parse_point(end, basis)
     url = request.app.state.read_database_url
+    # The stream's connection is opened outside the pools: it holds one of their slots until
+    # it is closed (or dropped unread, when the client goes away before the first chunk).
+    slots = await _direct_slot(request)
+    loop = asyncio.get_running_loop()
 
-    def first() -> tuple[Any, Any, list[dict[str, Any]]]:  # errors come before the first byte
-        conn = postgres.connect(url)
+    def first() -> tuple[Any, Any, list[dict[str, Any]], Any]:  # errors before the first byte
+        try:
+            conn = postgres.connect(url)
+        except BaseException:
+            loop.call_soon_threadsafe(slots.release)
+            raise
+        release = weakref.finalize(conn, loop.call_soon_threadsafe, slots.release)
         try:
             conn.execute(f"SET statement_timeout = {limits.journal_statement_timeout_ms}")
             lines = gl.entries(conn, ledger, since, until)
-            return conn, lines, list(itertools.islice(lines, 1))
+            return conn, lines, list(itertools.islice(lines, 1)), release
         except BaseException:
             conn.close()
+            release()
             raise
 
-    conn, lines, head = await asyncio.to_thread(first)
+    conn, lines, head, release = await asyncio.to_thread(first)
 
     def every() -> Any:
         try:
@@ -166,6 +178,7 @@ async def journal(
         finally:
             lines.close()
             conn.close()
+            release()
 
     name = f"{ledger}-journal"
     if format == "csv":
@@ -313,10 +326,15 @@ async def _direct_connection(request: Request) -> AsyncIterator[None]:
     at most ``read_pool_size`` at once per process, so that a flood of such requests cannot
     use up the database's connections (the writers' pool would then fail to reconnect).
     Waiting for a slot is bounded by ``pool_timeout_s``, like a pool's, then 503."""
-    import asyncio
+    slots = await _direct_slot(request)
+    try:
+        yield
+    finally:
+        slots.release()
 
-    from ledger import limits
 
+async def _direct_slot(request: Request) -> asyncio.Semaphore:
+    """Takes a slot of :func:`_direct_connection`'s; the caller releases it."""
     state = request.app.state
     if getattr(state, "direct_connections", None) is None:
         state.direct_connections = asyncio.Semaphore(service(request).read_pool.max_size)
@@ -325,7 +343,5 @@ async def _direct_connection(request: Request) -> AsyncIterator[None]:
             await state.direct_connections.acquire()
     except TimeoutError:
         raise errors.Unavailable("too many reads at once; retry shortly") from None
-    try:
-        yield
-    finally:
-        state.direct_connections.release()
+    slots: asyncio.Semaphore = state.direct_connections
+    return slots

@@ -6,11 +6,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
 from ledger.settings import Settings
-from tests.support import bearer, make_key, make_key_record
+from tests.support import api_client, bearer, make_key, make_key_record
 
 
 def _client(database_url: str) -> TestClient:
@@ -97,3 +98,34 @@ def test_a_key_that_expires_cannot_make_a_key_that_outlives_it(database_url: str
         r = c.post(f"/v1/keys/{victim['id']}/rotate", json={}, headers=bearer(admin))
         assert r.status_code == 201, r.text
         assert datetime.fromisoformat(r.json()["expires_at"]) <= soon
+
+
+def test_journal_exports_hold_a_bounded_number_of_database_connections(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: each export opened its own connection, outside the pools and without a bound, so
+    # a read key could use up Postgres's connections (and starve the writers) with parallel
+    # exports read slowly. Now each holds one of the read_pool_size slots while it streams.
+    from ledger import limits
+
+    with api_client(database_url) as c:
+        assert c.post("/v1/ledgers", json={"name": "review-journal"}).status_code in (201, 409)
+        path = "/v1/ledgers/review-journal/journal?format=csv"
+        assert c.get(path).status_code == 200
+        state: Any = c.app.state  # type: ignore[attr-defined]
+        slots = state.direct_connections
+        assert not slots.locked()  # the finished export gave its slot back
+        taken = 0
+        while not slots.locked():  # as if that many exports were streaming
+            c.portal.call(slots.acquire)  # type: ignore[attr-defined]
+            taken += 1
+        assert taken == state.service.read_pool.max_size
+        monkeypatch.setattr(limits, "pool_timeout_s", 0.2)
+        r = c.get(path)
+        assert r.status_code == 503 and r.json()["code"] == "unavailable"
+        for _ in range(taken):
+            slots.release()
+        assert c.get(path).status_code == 200
+        r = c.get("/v1/ledgers/review-journal/journal?from=not-a-point")
+        assert r.status_code in (400, 422), r.text
+        assert slots._value == taken  # neither the answer nor the refusal kept a slot
