@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -75,11 +76,14 @@ class Node:
     name: str
     pgdata: Path
     port: int
+    host: str = "127.0.0.1"
+    netns: str | None = None
+    """The network namespace the node runs in (its own host, for partitions), if any."""
     process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"host=127.0.0.1 port={self.port} dbname={DBNAME} user=postgres"
+        return f"host={self.host} port={self.port} dbname={DBNAME} user=postgres"
 
     def postmaster_pid(self) -> int | None:
         try:
@@ -94,6 +98,8 @@ class Cluster:
     monitor: Node
     nodes: list[Node] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
+    link: str | None = None
+    """The host side of the veth pair to the namespaced node: down is a partition."""
 
     # --- running pg_autoctl -------------------------------------------------------------------
 
@@ -107,17 +113,20 @@ class Cluster:
             "LANG": "C.UTF-8",
         }
 
-    def _argv(self, *args: str, program: str = "pg_autoctl") -> list[str]:
-        argv = [program, *args]
+    def _argv(self, *args: str, netns: str | None = None) -> list[str]:
+        argv = ["pg_autoctl", *args]
         if os.geteuid() == 0:
-            return ["runuser", "-u", "postgres", "--", "env", *_env_args(self._env()), *argv]
-        return argv
+            argv = ["runuser", "-u", "postgres", "--", "env", *_env_args(self._env()), *argv]
+        return ["ip", "netns", "exec", netns, *argv] if netns else argv
 
-    def ctl(self, *args: str, timeout: float = 60.0, check: bool = True) -> str:
-        """Runs one ``pg_autoctl`` command; its exact command line is kept in ``self.log``."""
+    def ctl(
+        self, *args: str, timeout: float = 60.0, check: bool = True, node: Node | None = None
+    ) -> str:
+        """Runs one ``pg_autoctl`` command (in ``node``'s namespace if it has one); its exact
+        command line is kept in ``self.log``."""
         self.log.append("pg_autoctl " + " ".join(args))
         done = subprocess.run(
-            self._argv(*args),
+            self._argv(*args, netns=node.netns if node else None),
             env=self._env(),
             capture_output=True,
             timeout=timeout,
@@ -134,7 +143,7 @@ class Cluster:
     def _run(self, node: Node) -> None:
         logfile = (self.root / f"{node.name}.log").open("ab")
         node.process = subprocess.Popen(
-            self._argv("run", "--pgdata", str(node.pgdata)),
+            self._argv("run", "--pgdata", str(node.pgdata), netns=node.netns),
             env=self._env(),
             stdout=logfile,
             stderr=subprocess.STDOUT,
@@ -228,12 +237,23 @@ class Cluster:
                 parts.append(f"--- {node.name}\n" + path.read_text(errors="replace")[-2000:])
         return "\n".join(parts)
 
+    def partition(self) -> None:
+        """Cuts the link to the namespaced node, both ways (packets are dropped, not refused)."""
+        assert self.link is not None, "the cluster was made without a namespace"
+        subprocess.run(["ip", "link", "set", self.link, "down"], check=True)
+
+    def heal(self) -> None:
+        assert self.link is not None
+        subprocess.run(["ip", "link", "set", self.link, "up"], check=True)
+
     def stop(self) -> None:
         """Stops every keeper and Postgres, whatever state they are in."""
         for node in [*self.nodes, self.monitor]:
             if node.process is not None and node.process.poll() is None:
                 with contextlib.suppress(Exception):
-                    self.ctl("stop", "--pgdata", str(node.pgdata), "--immediate", timeout=20)
+                    self.ctl(
+                        "stop", "--pgdata", str(node.pgdata), "--immediate", timeout=20, node=node
+                    )
         for node in [*self.nodes, self.monitor]:
             if node.process is not None:
                 with contextlib.suppress(Exception):
@@ -258,51 +278,112 @@ def _chown_to_postgres(path: Path) -> None:
         os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
+def netns_missing() -> str | None:
+    """Why node_b cannot have a network namespace of its own here, or None."""
+    if shutil.which("ip") is None:
+        return "ip (iproute2) is missing"
+    name = f"lhacheck{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, check=False)
+    if made.returncode != 0:
+        return "network namespaces are not allowed here: " + made.stderr.decode().strip()
+    subprocess.run(["ip", "netns", "del", name], check=False)
+    return None
+
+
+def _make_netns(name: str, subnet: str) -> None:
+    """A namespace joined to this one by a veth pair: <subnet>.1 here, <subnet>.2 there."""
+
+    def run(*argv: str) -> None:
+        subprocess.run(argv, check=True, capture_output=True)
+
+    # Inside, no DNS server is reachable: lookups (pg_autoctl does some) fail at once.
+    etc = Path("/etc/netns") / name
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+    run("ip", "netns", "add", name)
+    run("ip", "link", "add", f"{name}h", "type", "veth", "peer", "name", f"{name}n")
+    run("ip", "link", "set", f"{name}n", "netns", name)
+    run("ip", "addr", "add", f"{subnet}.1/30", "dev", f"{name}h")
+    run("ip", "link", "set", f"{name}h", "up")
+    run("ip", "netns", "exec", name, "ip", "addr", "add", f"{subnet}.2/30", "dev", f"{name}n")
+    run("ip", "netns", "exec", name, "ip", "link", "set", f"{name}n", "up")
+    run("ip", "netns", "exec", name, "ip", "link", "set", "lo", "up")
+
+
 @contextlib.contextmanager
-def cluster() -> Iterator[Cluster]:
-    """A monitor, a primary and a synchronous standby; everything removed at the end."""
+def cluster(partitionable: bool = False) -> Iterator[Cluster]:
+    """A monitor, a primary and a synchronous standby; everything removed at the end. With
+    ``partitionable``, node_b runs in a network namespace of its own, joined by a veth pair
+    whose link :meth:`Cluster.partition` cuts (the others then listen on that link's address)."""
     root = Path(tempfile.mkdtemp(prefix="ledger-ha-", dir="/tmp"))
     os.chmod(root, 0o755)
     for sub in ("config", "share", "run"):
         (root / sub).mkdir(mode=0o700)
     for path in (root, root / "config", root / "share", root / "run"):
         _chown_to_postgres(path)
-    c = Cluster(root, Node("monitor", root / "monitor", free_port()))
+    here = there = "127.0.0.1"
+    netns = None
+    if partitionable:
+        netns = f"lha{secrets.token_hex(3)}"
+        subnet = f"10.231.{secrets.randbelow(64) * 4}"
+        here, there = f"{subnet}.1", f"{subnet}.2"
+    c = Cluster(root, Node("monitor", root / "monitor", free_port(), here))
     try:
+        if netns:
+            _make_netns(netns, subnet)
+            c.link = f"{netns}h"
         c.ctl(
             "create", "monitor", "--pgdata", str(c.monitor.pgdata),
-            "--pgport", str(c.monitor.port), "--hostname", "127.0.0.1",
-            "--listen", "127.0.0.1", "--auth", "trust", "--no-ssl",
+            "--pgport", str(c.monitor.port), "--hostname", here,
+            "--listen", here, "--auth", "trust", "--no-ssl",
         )  # fmt: skip
         c._run(c.monitor)
         monitor_uri = _wait_uri(c)
         with psycopg.connect(
-            f"host=127.0.0.1 port={c.monitor.port} dbname=pg_auto_failover user=postgres",
+            f"host=/var/run/postgresql port={c.monitor.port} dbname=pg_auto_failover user=postgres",
             autocommit=True,
         ) as conn:
             for name, value in MONITOR_SETTINGS.items():
                 conn.execute(f"ALTER SYSTEM SET {name} = {value}")
             conn.execute("SELECT pg_reload_conf()")
         for name in ("node_a", "node_b"):
-            node = Node(name, root / name, free_port())
+            elsewhere = name == "node_b" and netns is not None
+            node = Node(
+                name, root / name, free_port(), there if elsewhere else here,
+                netns if elsewhere else None,
+            )  # fmt: skip
             c.nodes.append(node)
             c.ctl(
                 "create", "postgres", "--pgdata", str(node.pgdata),
-                "--pgport", str(node.port), "--hostname", "127.0.0.1",
-                "--listen", "127.0.0.1", "--auth", "trust", "--no-ssl", "--dbname", DBNAME,
+                "--pgport", str(node.port), "--hostname", node.host,
+                "--listen", node.host, "--auth", "trust", "--no-ssl", "--dbname", DBNAME,
                 "--monitor", monitor_uri, "--name", name,
+                *(("--pg-hba-lan",) if netns else ()),
+                node=node,
             )  # fmt: skip
             c.ctl(
                 "config", "set", "--pgdata", str(node.pgdata),
                 "timeout.network_partition_timeout", str(NETWORK_PARTITION_TIMEOUT_S),
+                node=node,
             )  # fmt: skip
             c._run(node)
             # The first node must be primary before the second is created (it is cloned).
             c.wait_states({"node_a": "single"} if name == "node_a" else {})
         c.wait_states({"node_a": "primary", "node_b": "secondary"})
+        if netns:  # --pg-hba-lan lets in the replication and postgres; the ledger's logins too
+            for node in c.nodes:
+                with (node.pgdata / "pg_hba.conf").open("a") as hba:
+                    hba.write(f"host all all {subnet}.0/30 trust\n")
+                with psycopg.connect(
+                    f"host=/var/run/postgresql port={node.port} dbname=postgres user=postgres"
+                ) as conn:
+                    conn.execute("SELECT pg_reload_conf()")
         yield c
     finally:
         c.stop()
+        if netns:
+            subprocess.run(["ip", "netns", "del", netns], check=False)
+            shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -61,7 +61,7 @@ needs_cluster = pytest.mark.skipif(cluster.missing() is not None, reason=str(clu
 
 @pytest.fixture(scope="module")
 def ha() -> Iterator[cluster.Cluster]:
-    with cluster.cluster() as c:
+    with cluster.cluster(partitionable=cluster.netns_missing() is None) as c:
         migrate(c.app_uri())  # as postgres, the owner; the server logs in as ledger_app
         yield c
 
@@ -292,6 +292,109 @@ def test_a_switchover_moves_the_primary_and_every_write_settles_once(ha: cluster
     assert verified["ok"], verified
     # Both nodes up: the primary commits through its synchronous standby, so writes pass.
     assert _post_requiring_sync(app_url(ha), name, "sync-required") is None
+
+
+@needs_cluster
+def test_a_partitioned_primary_is_replaced_and_nothing_acknowledged_is_lost(
+    ha: cluster.Cluster,
+) -> None:
+    """The primary's host is cut off (its link down: packets dropped, nothing refused) while
+    clients write; the monitor promotes the standby; the isolated old primary acknowledges no
+    write meanwhile (its synchronous standby is gone); the link comes back and it rejoins as
+    the standby. Every acknowledged write is in the log once."""
+    if ha.link is None:
+        pytest.skip(f"no network namespace for a partition: {cluster.netns_missing()}")
+    ha.wait_healthy()
+    isolated = next(n for n in ha.nodes if n.netns)
+    if ha.primary().name != isolated.name:  # make the namespaced node the primary
+        ha.ctl("perform", "switchover", "--pgdata", str(ha.monitor.pgdata), "--wait", "60")
+        ha.wait_healthy()
+    assert ha.primary().name == isolated.name
+    name = f"p{random.randrange(10**9)}"
+    figures = Figures()
+    probe = None
+    with (
+        served(app_url(ha)) as (base, token),
+        httpx.Client(base_url=base, headers=bearer(token), timeout=5) as client,
+    ):
+        assert client.post("/v1/ledgers", json={"name": name}).status_code == 201
+        for account in ("bank", "users:0", "users:1"):
+            opened = client.post(
+                f"/v1/ledgers/{name}/accounts", json={"name": account, "type": "liability"}
+            )
+            assert opened.status_code == 201, opened.text
+        stop = threading.Event()
+        threads = [
+            threading.Thread(target=_client_loop, args=(base, token, name, i, stop, figures))
+            for i in range(2)
+        ]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(2.0)
+            cut_at = time.monotonic()
+            ha.partition()
+            try:
+                deadline = cut_at + RUN_MAX_S
+                promoted_at = None
+                while time.monotonic() < deadline:
+                    if promoted_at is None:
+                        with contextlib.suppress(LookupError):
+                            if ha.primary().name != isolated.name:
+                                promoted_at = time.monotonic()
+                                # Two primaries? The isolated one must not acknowledge a write.
+                                probe = _try_write(isolated)
+                    else:
+                        with figures.lock:
+                            fresh = [t for t, _ in figures.ack_times if t > promoted_at]
+                        if fresh and time.monotonic() - fresh[0] > AFTER_RECOVERY_S:
+                            break
+                    time.sleep(0.2)
+            finally:
+                ha.heal()
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(SETTLE_MAX_S + 10)
+        assert promoted_at is not None, f"no promotion: {ha.states()}\n{ha.tail()}"
+        ha.wait_healthy()  # the old primary rejoined, as the standby
+        events = _all_events(client, name)
+        verified = client.get(f"/v1/ledgers/{name}/verify").json()
+    assert probe is not None and not probe[0], f"the isolated old primary took a write: {probe}"
+    keys = Counter(e["data"]["key"] for e in events if e["type"] == "TransferPosted")
+    assert keys == Counter(set(figures.acknowledged)), "a write lost, duplicated or unanswered"
+    assert not figures.failed and set(figures.statuses) <= {200, 201, 503}, figures.statuses
+    assert verified["ok"], verified
+    print(
+        "\npartition figures:",
+        json.dumps(
+            {
+                "attempted": figures.attempted,
+                "acknowledged": len(figures.acknowledged),
+                "unknown_then_settled": len(figures.unknown & set(figures.acknowledged)),
+                "seconds_to_promotion": round(promoted_at - cut_at, 2),
+                "isolated_primary_write": probe[1],
+            }
+        ),
+    )
+
+
+def _try_write(node: cluster.Node) -> tuple[bool, str]:
+    """Whether ``node`` acknowledges a write within 3 s (through its Unix socket, which no
+    partition cuts), and what it said."""
+    argv = [
+        str(cluster.PG_BIN / "psql"), "-X", "-At", "-h", "/var/run/postgresql",
+        "-p", str(node.port), "-U", "postgres", "-d", cluster.DBNAME,
+        "-c", "CREATE TABLE partition_probe ()",
+    ]  # fmt: skip
+    if os.geteuid() == 0:
+        argv = ["runuser", "-u", "postgres", "--", *argv]
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=3, check=False)
+    except subprocess.TimeoutExpired:
+        return False, "no answer in 3 s (waiting for a synchronous standby it cannot reach)"
+    said = (done.stdout + done.stderr).decode(errors="replace").strip()
+    return done.returncode == 0, said
 
 
 @needs_cluster
