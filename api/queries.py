@@ -12,7 +12,7 @@ from starlette.responses import Response
 from api import auth
 from api.middleware import ParsedBodyRoute
 from api.routes import AccountPath, LedgerPath, _problems, json_response, service
-from ledger import limits, queries
+from ledger import domain, limits, queries
 from projections import reports
 
 router = APIRouter(prefix="/v1", tags=["queries"], route_class=ParsedBodyRoute)
@@ -26,8 +26,8 @@ Metadata = Annotated[
     list[str] | None,
     Query(max_length=16, description="key=value (repeat for several: all must match)"),
 ]
-AccountType = Literal["asset", "liability", "equity", "revenue", "expense"]
-GuardRule = Literal["none", "debits_must_not_exceed_credits", "credits_must_not_exceed_debits"]
+AccountType = domain.AccountType
+GuardRule = domain.GuardRule
 
 
 @router.get("/ledgers", responses=_problems, openapi_extra=auth.scope("read"))

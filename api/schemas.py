@@ -89,7 +89,7 @@ class DefineAsset(Strict):
 
 class OpenAccount(Strict):
     name: AccountName
-    type: Literal["asset", "liability", "equity", "revenue", "expense"]
+    type: domain.AccountType
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     _metadata = field_validator("metadata")(check_metadata)
@@ -246,7 +246,7 @@ class BatchVoidIn(VoidIn):
 
 
 class GuardIn(Strict):
-    rule: Literal["none", "debits_must_not_exceed_credits", "credits_must_not_exceed_debits"]
+    rule: domain.GuardRule
     limits: dict[AssetText, AmountText] = Field(
         default_factory=dict,
         max_length=limits.assets_per_ledger_create_max,

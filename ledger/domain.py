@@ -17,15 +17,17 @@ from collections import ChainMap
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 from ledger import errors, limits
 from ledger.events import canonical_json
 from ledger.money import Asset, parse_asset
 
+# Stated here once: the API's models, its query filters and the CLI's help use these.
 AccountType = Literal["asset", "liability", "equity", "revenue", "expense"]
-ACCOUNT_TYPES: tuple[AccountType, ...] = ("asset", "liability", "equity", "revenue", "expense")
+ACCOUNT_TYPES: tuple[AccountType, ...] = get_args(AccountType)
 GuardRule = Literal["none", "debits_must_not_exceed_credits", "credits_must_not_exceed_debits"]
+GUARD_RULES: tuple[GuardRule, ...] = get_args(GuardRule)
 
 
 # --- Free-form input ---------------------------------------------------------------------------
@@ -47,6 +49,19 @@ def check_text(text: str, what: str) -> str:
         except UnicodeEncodeError as exc:
             raise ValueError(f"{what} contains a lone surrogate (not Unicode text)") from exc
     return text
+
+
+def parse_time(text: str, what: str) -> datetime:
+    """An instant given as text (a CLI option, a report's point): ISO 8601 with a UTC offset.
+    A time without one is refused here, as the API's ``AwareDatetime`` refuses it, rather than
+    read in whatever zone the machine is in (or failing later, comparing it with aware ones)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise errors.InvalidRequest(f"{what} {text!r} is not an ISO 8601 time") from None
+    if moment.tzinfo is None:
+        raise errors.InvalidRequest(f"{what} {text!r} needs a UTC offset (such as Z or +00:00)")
+    return moment
 
 
 def check_metadata(value: dict[str, Any]) -> dict[str, Any]:

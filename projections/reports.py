@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import psycopg
 
-from ledger import errors
+from ledger import domain, errors
 
 NORMAL_DEBIT = ("asset", "expense")
 SECTIONS = {
@@ -66,14 +66,7 @@ def parse_point(text: str | None, basis: str) -> Point:
         if basis == "effective":
             raise errors.InvalidRequest("on the effective axis, points are times")
         return Point("position", position=int(text))
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise errors.InvalidRequest(
-            f"{text!r} is neither a position nor an ISO 8601 time"
-        ) from None
-    if moment.tzinfo is None:
-        raise errors.InvalidRequest(f"{text!r} needs a UTC offset")
+    moment = domain.parse_time(text, "a point (a position or a time)")
     return Point("effective" if basis == "effective" else "recorded", time=moment)
 
 

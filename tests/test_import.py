@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from ledger import audit, domain, postgres
+from ledger import audit, domain, errors, postgres
 from ledger.money import Asset
 from ledger.service import LedgerService
 from tests.support import KEY, PUBLIC, build_sealed, rechain, tables
@@ -116,6 +116,7 @@ def test_an_imported_ledger_is_the_exported_one_row_for_row_and_verifies(
     again = ledger(second_database, "import", str(path), "--public-key", key)
     assert again.returncode == 2
     assert again.stderr.count("\n") == 1 and "exists in this database" in again.stderr
+    assert again.stderr.startswith(f"ledger: {errors.ImportTargetExists.code}: ")  # its code
 
 
 def test_a_tampered_export_is_refused_and_nothing_is_imported(
@@ -132,7 +133,8 @@ def test_a_tampered_export_is_refused_and_nothing_is_imported(
         tampered.write_text("\n".join(variant) + "\n")
         refused = ledger(second_database, "import", str(tampered), "--public-key", key)
         assert refused.returncode == 2
-        assert refused.stderr.startswith("ledger: ") and refused.stderr.count("\n") == 1
+        assert refused.stderr.startswith(f"ledger: {errors.ExportInvalid.code}: ")
+        assert refused.stderr.count("\n") == 1
         assert expected in refused.stderr and "nothing was imported" in refused.stderr
     with postgres.connect(second_database) as conn:
         assert conn.execute("SELECT count(*) FROM ledgers").fetchone() == (0,)
