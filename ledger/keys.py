@@ -12,6 +12,7 @@ the server re-reads a key at most ``limits.key_cache_s`` after it last did.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -281,6 +282,10 @@ class Authenticator:
 
     pool: Any
     _cache: dict[str, _Cached] = field(default_factory=dict)
+    _reading: dict[str, asyncio.Future[_Cached]] = field(default_factory=dict)
+    """Reads of a key in flight: the requests that find its entry stale together wait for one
+    read (each used to make its own: with 64 connections, 64 reads and pool checkouts a
+    second, taken from the writers' pool; 2.5 % of the server's samples under load)."""
 
     async def authenticate(self, authorization: str | None) -> Principal:
         scheme, _, token = (authorization or "").partition(" ")
@@ -291,7 +296,7 @@ class Authenticator:
         now = time.monotonic()
         entry = self._cache.get(key_id)
         if entry is None or now - entry.read_at > limits.key_cache_s:
-            entry = await self._read(key_id, now)
+            entry = await self._read_once(key_id, now)
         if entry.principal is None or not hmac.compare_digest(
             entry.secret_sha256, digest(secret)
         ):
@@ -303,6 +308,32 @@ class Authenticator:
             entry.used_at = now
             await self._mark_used(key_id)
         return entry.principal
+
+    async def _read_once(self, key_id: str, now: float) -> _Cached:
+        """The key as read now, by this request or by the one already reading it."""
+        while (reading := self._reading.get(key_id)) is not None:
+            try:
+                return await asyncio.shield(reading)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not reading.cancelled() or (task is not None and task.cancelling()):
+                    raise  # this request was cancelled, not the one reading: it goes
+                # the reading request was cancelled: read it ourselves
+        reading = self._reading[key_id] = asyncio.get_running_loop().create_future()
+        try:
+            entry = await self._read(key_id, now)
+        except Exception as exc:
+            reading.set_exception(exc)
+            reading.exception()  # retrieved: no warning when nobody else was waiting
+            raise
+        except BaseException:
+            reading.cancel()
+            raise
+        else:
+            reading.set_result(entry)
+            return entry
+        finally:
+            del self._reading[key_id]
 
     async def _read(self, key_id: str, now: float) -> _Cached:
         try:
