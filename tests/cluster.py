@@ -290,8 +290,8 @@ def netns_missing() -> str | None:
     return None
 
 
-def _make_netns(name: str, subnet: str) -> None:
-    """A namespace joined to this one by a veth pair: <subnet>.1 here, <subnet>.2 there."""
+def _make_netns(name: str, here: str, there: str) -> None:
+    """A namespace joined to this one by a veth pair (a /30): ``here`` here, ``there`` there."""
 
     def run(*argv: str) -> None:
         subprocess.run(argv, check=True, capture_output=True)
@@ -303,9 +303,9 @@ def _make_netns(name: str, subnet: str) -> None:
     run("ip", "netns", "add", name)
     run("ip", "link", "add", f"{name}h", "type", "veth", "peer", "name", f"{name}n")
     run("ip", "link", "set", f"{name}n", "netns", name)
-    run("ip", "addr", "add", f"{subnet}.1/30", "dev", f"{name}h")
+    run("ip", "addr", "add", f"{here}/30", "dev", f"{name}h")
     run("ip", "link", "set", f"{name}h", "up")
-    run("ip", "netns", "exec", name, "ip", "addr", "add", f"{subnet}.2/30", "dev", f"{name}n")
+    run("ip", "netns", "exec", name, "ip", "addr", "add", f"{there}/30", "dev", f"{name}n")
     run("ip", "netns", "exec", name, "ip", "link", "set", f"{name}n", "up")
     run("ip", "netns", "exec", name, "ip", "link", "set", "lo", "up")
 
@@ -325,12 +325,14 @@ def cluster(partitionable: bool = False) -> Iterator[Cluster]:
     netns = None
     if partitionable:
         netns = f"lha{secrets.token_hex(3)}"
-        subnet = f"10.231.{secrets.randbelow(64) * 4}"
-        here, there = f"{subnet}.1", f"{subnet}.2"
+        # One of 16,384 /30s in 10.231/16: two runs at once on one machine do not collide.
+        third, fourth = secrets.randbelow(256), secrets.randbelow(64) * 4
+        subnet = f"10.231.{third}.{fourth}/30"
+        here, there = f"10.231.{third}.{fourth + 1}", f"10.231.{third}.{fourth + 2}"
     c = Cluster(root, Node("monitor", root / "monitor", free_port(), here))
     try:
         if netns:
-            _make_netns(netns, subnet)
+            _make_netns(netns, here, there)
             c.link = f"{netns}h"
         c.ctl(
             "create", "monitor", "--pgdata", str(c.monitor.pgdata),
@@ -373,7 +375,7 @@ def cluster(partitionable: bool = False) -> Iterator[Cluster]:
         if netns:  # --pg-hba-lan lets in the replication and postgres; the ledger's logins too
             for node in c.nodes:
                 with (node.pgdata / "pg_hba.conf").open("a") as hba:
-                    hba.write(f"host all all {subnet}.0/30 trust\n")
+                    hba.write(f"host all all {subnet} trust\n")
                 with psycopg.connect(
                     f"host=/var/run/postgresql port={node.port} dbname=postgres user=postgres"
                 ) as conn:
