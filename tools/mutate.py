@@ -677,7 +677,8 @@ def _wait(pid: int, timeout_s: float) -> str:
 def _equivalent_keys() -> set[str]:
     if not EQUIVALENT_LIST.exists():
         return set()
-    return set(re.findall(r"^- `([^`]+::[^`]+)`", EQUIVALENT_LIST.read_text(), re.M))
+    # Lines "- `KEY` — why" (a key may itself hold backticks: the last "` — " ends it).
+    return set(re.findall(r"^- `(.+::.+)` — ", EQUIVALENT_LIST.read_text(), re.M))
 
 
 def main(argv: list[str] | None = None) -> int:
