@@ -40,13 +40,6 @@ async def _answer(
     return json_response(report)
 
 
-REPORTS = {
-    "trial-balance": "trial_balance",
-    "balance-sheet": "balance_sheet",
-    "income-statement": "income_statement",
-}
-
-
 @router.get(
     "/ledgers/{ledger}/reports/{report}", responses=_problems,
     openapi_extra=auth.scope("read"), dependencies=[FRESH],
@@ -74,14 +67,9 @@ async def report(
     its account's normal side (`side`), with subtotals per account prefix."""
     svc = service(request)
     at = reports.point(as_of, recorded_at, effective_at)
-    kind = REPORTS[report]
     return await _answer(
         svc,
-        lambda c: (
-            reports.trial_balance(c, ledger, at, subtotal_depth)
-            if kind == "trial_balance"
-            else reports.statement_of(c, ledger, at, kind, subtotal_depth)
-        ),
+        lambda c: reports.report(c, ledger, report, at, subtotal_depth),
         format,
         f"{ledger}-{report}",
     )

@@ -458,13 +458,11 @@ def _report(
 
         async def run(pool: Any) -> dict[str, Any]:
             async with pool.connection() as conn:
-                if kind == "trial_balance":
-                    return await reports.trial_balance(conn, ledger, at, depth)
                 if kind == "account_statement":
                     assert account is not None
                     first = reports.period_start(start, basis)
                     return await reports.account_statement(conn, ledger, account, first, at)
-                return await reports.statement_of(conn, ledger, at, kind, depth)
+                return await reports.report(conn, ledger, kind, at, depth)
 
         report = _with_pool(settings, run)
         print(
@@ -483,7 +481,7 @@ def report_trial_balance(
     depth: DepthOption = 1,
 ) -> None:
     """Debits and credits of every account per asset (they must balance)."""
-    _report("trial_balance", ledger, as_of, effective_at, csv, depth=depth)
+    _report("trial-balance", ledger, as_of, effective_at, csv, depth=depth)
 
 
 @report_app.command("balance-sheet")
@@ -495,7 +493,7 @@ def report_balance_sheet(
     depth: DepthOption = 1,
 ) -> None:
     """Assets, liabilities, equity and earnings on their normal sides."""
-    _report("balance_sheet", ledger, as_of, effective_at, csv, depth=depth)
+    _report("balance-sheet", ledger, as_of, effective_at, csv, depth=depth)
 
 
 @report_app.command("income-statement")
@@ -507,7 +505,7 @@ def report_income_statement(
     depth: DepthOption = 1,
 ) -> None:
     """Revenue, expenses and net income to date."""
-    _report("income_statement", ledger, as_of, effective_at, csv, depth=depth)
+    _report("income-statement", ledger, as_of, effective_at, csv, depth=depth)
 
 
 @report_app.command("month-end")

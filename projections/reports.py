@@ -334,6 +334,21 @@ async def statement_of(
     }
 
 
+REPORTS = ("trial-balance", "balance-sheet", "income-statement")
+"""The reports of one point, by the names the API's URLs and the CLI's commands give them."""
+
+
+async def report(
+    conn: psycopg.AsyncConnection[Any], ledger: str, name: str, at: Point, depth: int = 1
+) -> dict[str, Any]:
+    """A report of one point by its name: the one dispatch the API and the CLI share."""
+    if name == "trial-balance":
+        return await trial_balance(conn, ledger, at, depth)
+    if name in REPORTS:
+        return await statement_of(conn, ledger, at, name.replace("-", "_"), depth)
+    raise errors.InvalidRequest(f"no report {name!r}: {', '.join(REPORTS)}")
+
+
 async def account_statement(
     conn: psycopg.AsyncConnection[Any], ledger: str, account: str, start: Point, end: Point
 ) -> dict[str, Any]:
