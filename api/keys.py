@@ -8,7 +8,7 @@ the orphan, which `GET /v1/keys` lists with its name and creation time.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
@@ -69,7 +69,13 @@ async def create_key(body: KeyIn, request: Request) -> Response:
     """Creates a key and answers its token, once: store it now, it is not kept."""
     principal = auth.principal_of(request.scope)
     keys.check_grant(principal, body.scopes, body.ledgers)
-    expires_at = keys.earliest(body.expires_at, principal.expires_at)  # never outlives its maker
+    try:  # in UTC, as stored: a time past 9999 there is out of range (and of Postgres's)
+        asked = body.expires_at.astimezone(UTC) if body.expires_at else None
+    except OverflowError:
+        raise errors.InvalidRequest("expires_at is out of range") from None
+    if asked is not None and asked <= datetime.now(UTC):
+        raise errors.InvalidRequest("expires_at must be in the future")
+    expires_at = keys.earliest(asked, principal.expires_at)  # never outlives its maker
     async with service(request).pool.connection() as conn:
         key = await keys.create(
             conn, body.name, body.scopes, body.ledgers, principal.actor, expires_at

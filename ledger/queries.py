@@ -77,6 +77,8 @@ def decode_cursor(cursor: str | None, numeric: bool = False) -> str | int | None
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("utf-8")
     except (ValueError, UnicodeDecodeError) as exc:
         raise errors.InvalidCursor(f"cursor {cursor[:40]!r} is not valid") from exc
+    if "\x00" in text:  # Postgres cannot hold a NUL: a 503 "retry" otherwise
+        raise errors.InvalidCursor(f"cursor {cursor[:40]!r} is not valid")
     if numeric:
         if not text.isdigit() or len(text) > 18:
             raise errors.InvalidCursor(f"cursor {cursor[:40]!r} is not valid")

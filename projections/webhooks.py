@@ -77,9 +77,10 @@ async def check_target(url: str, allowed: tuple[Network, ...]) -> None:
     a subscription is made and again before every delivery, since DNS answers change; a host
     whose answer changes between this check and the connection is the residual risk, which
     an egress proxy or firewall closes (docs/security.md)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
+    host = ""
     try:
+        parts = urlsplit(url)  # raises on a malformed IPv6 literal (http://[::1)
+        host = parts.hostname or ""
         port = parts.port or (443 if parts.scheme == "https" else 80)
         found = await asyncio.get_running_loop().getaddrinfo(
             host, port, type=socket.SOCK_STREAM

@@ -129,3 +129,89 @@ def test_journal_exports_hold_a_bounded_number_of_database_connections(
         r = c.get("/v1/ledgers/review-journal/journal?from=not-a-point")
         assert r.status_code in (400, 422), r.text
         assert slots._value == taken  # neither the answer nor the refusal kept a slot
+
+
+YEAR_0 = "0001-01-01T00:00:00+14:00"  # in UTC, a day before year 1
+YEAR_10000 = "9999-12-31T23:59:59-14:00"  # in UTC, in year 10000
+
+
+def test_hostile_inputs_to_the_new_routes_are_never_a_server_error(database_url: str) -> None:
+    # Before: a malformed IPv6 webhook URL and a key's expires_at out of range were 500s; a
+    # cursor decoding to a NUL was a 503 "retry with the same key" (retried for ever).
+    far = "9" * 30
+    with api_client(database_url) as c:
+        assert c.post("/v1/ledgers", json={"name": "review-probe"}).status_code in (201, 409)
+        base = "/v1/ledgers/review-probe"
+        for body in (
+            {"name": "ops:a", "type": "asset"},
+            {"name": "ops:b", "type": "liability", "metadata": {"holder": "=HYPERLINK(1)"}},
+        ):
+            c.post(f"{base}/accounts", json=body)
+        gets = [
+            "/v1/ledgers?cursor=%FF%FE", "/v1/ledgers?cursor=" + "A" * 256,
+            "/v1/ledgers?cursor=_-_-", "/v1/ledgers?limit=0",
+            f"{base}/accounts?cursor=%FF", f"{base}/accounts?cursor=" + "_" * 255,
+            f"{base}/accounts?cursor=" + "A" * 255, f"{base}/transfers?cursor=" + "A" * 255,
+            f"{base}/accounts?pattern=" + "*" * 200, f"{base}/accounts?prefix=%5C%25_",
+            f"{base}/accounts?metadata=a", f"{base}/accounts?metadata=" + "x=" * 200,
+            f"{base}/accounts?metadata=a={far}", f"{base}/accounts?metadata=a=1e999",
+            f"{base}/accounts?metadata=a=%5B%5B%5B%5B",
+            f"{base}/accounts?metadata=a=%22%5Cud800%22",
+            f"{base}/accounts?as_of={far}", f"{base}/accounts?recorded_at=9999-12-31T23:59:59Z",
+            f"{base}/accounts?recorded_at=0001-01-01T00:00:00%2B14:00",
+            f"{base}/transfers?cursor=%FF", f"{base}/transfers?cursor=MTIzNDU2Nzg5MDEyMzQ1Njc4OTA",
+            f"{base}/transfers?cursor=LTE", f"{base}/transfers?amount_min={far}",
+            f"{base}/transfers?recorded_from=0001-01-01T00:00:00%2B14:00",
+            f"{base}/transfers?effective_to=9999-12-31T23:59:59-14:00",
+            f"{base}/transfers?metadata=a=%22%5Cu0000%22",
+            f"{base}/balances/aggregate?prefix=ops&depth=99999999999",
+            f"{base}/balances/aggregate?prefix=ops&depth=-1",
+            f"{base}/balances/aggregate?prefix=ops&as_of={far}",
+            f"{base}/balances/aggregate?prefix=ops&effective_at=0001-01-01T00:00:00%2B14:00",
+            f"{base}/balances/aggregate?prefix=ops&format=csv&depth=1",
+            f"{base}/periods?after={far}", f"{base}/periods?after=-1",
+            f"{base}/journal?from={far}", f"{base}/journal?from=-1", f"{base}/journal?to=0",
+            f"{base}/journal?from=9999-12-31T23:59:59Z",
+            f"{base}/journal?from=0001-01-01T00:00:00%2B14:00",
+            f"{base}/journal?basis=effective&from=0001-01-01",
+            f"{base}/journal?basis=effective&to=99999-01-01",
+            f"{base}/journal?from=5&to=2",
+            f"{base}/reports/trial-balance?as_of={far}",
+            f"{base}/reports/trial-balance?effective_at=0001-01-01T00:00:00%2B14:00",
+            f"{base}/reports/trial-balance?subtotal_depth=99999999999",
+            f"{base}/accounts/ops:a/statement?from=0001-01-01T00:00:00%2B14:00",
+            f"{base}/accounts/ops:a/statement?to={far}",
+            f"{base}/accounts/ops:a?as_of={far}",
+            f"{base}/accounts/ops:a?recorded_at=0001-01-01T00:00:00%2B14:00",
+            f"{base}/positions?recorded_at=0001-01-01T00:00:00%2B14:00",
+            f"{base}/webhooks/wh_0000000000000000/deliveries?after={far}",
+            "/v1/keys/lk_000000000000",
+        ]
+        failures = []
+        for path in gets:
+            r = c.get(path)
+            if r.status_code >= 500:
+                failures.append((path, r.status_code, r.text[:200]))
+        posts = [
+            (f"{base}/periods/close", {"through": "0001-01-01", "reason": "x"}),
+            (f"{base}/periods/close", {"through": "9999-12-31", "reason": "x"}),
+            (f"{base}/periods/close", '{"through": "2026-01-01", "reason": "\\ud800"}'),
+            (f"{base}/periods/reopen", {"through": "0001-01-01", "reason": "x" * 10_000}),
+            (f"{base}/webhooks", {"url": "http://[::1", "event_types": []}),
+            (f"{base}/webhooks", {"url": "http://" + "a" * 300 + ".example/"}),
+            (f"{base}/webhooks", {"url": "http://%00/"}),
+            (f"{base}/webhooks", {"url": "http://1.1.1.1:99999/"}),
+            (f"{base}/webhooks", {"url": "https://example.com/", "after": int(far)}),
+            ("/v1/keys", {"name": "x", "scopes": ["read"], "expires_at": YEAR_0}),
+            ("/v1/keys", {"name": "x", "scopes": ["read"], "expires_at": YEAR_10000}),
+            ("/v1/keys", {"name": "x", "scopes": ["read"], "ledgers": ["a" * 70]}),
+            ("/v1/keys", {"name": "x", "scopes": ["read", "read", "read"]}),
+        ]
+        for path, body in posts:
+            if isinstance(body, str):  # JSON a client library would not write (a lone surrogate)
+                r = c.post(path, content=body, headers={"content-type": "application/json"})
+            else:
+                r = c.post(path, json=body)
+            if r.status_code >= 500:
+                failures.append((path, body, r.status_code, r.text[:200]))
+        assert not failures, failures
