@@ -22,6 +22,7 @@ import json
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -429,7 +430,10 @@ def bank(
 report_app = typer.Typer(no_args_is_help=True, help="Finance reports, as JSON or CSV.")
 app.add_typer(report_app, name="report")
 AsOfOption = Annotated[str | None, typer.Option("--as-of", help="A position or a recorded time")]
-EffectiveOption = Annotated[str | None, typer.Option("--effective-at", help="An ISO 8601 time")]
+EffectiveOption = Annotated[
+    str | None,
+    typer.Option("--effective-at", help="An ISO 8601 time (with --as-of: as recorded then)"),
+]
 CsvOption = Annotated[bool, typer.Option("--csv", help="CSV (for a spreadsheet) instead of JSON")]
 DepthOption = Annotated[
     int,
@@ -455,6 +459,8 @@ def _report(
     def action(settings: Settings) -> None:
         basis = "effective" if effective_at else "recorded"
         at = reports.parse_point(effective_at or as_of, basis)
+        if effective_at and as_of and kind != "account_statement":  # both axes at once
+            at = replace(at, recorded_by=reports.parse_point(as_of, "recorded"))
 
         async def run(pool: Any) -> dict[str, Any]:
             async with pool.connection() as conn:

@@ -34,6 +34,9 @@ class Point:
     kind: Literal["position", "recorded", "effective", "head"]
     position: int | None = None
     time: datetime | None = None
+    recorded_by: Point | None = None
+    """On the effective axis, what the books said then: only what was recorded by this point
+    (a position or a recorded time) counts ("as recorded on 5 December, effective 30 November")."""
 
     def label(self) -> dict[str, Any]:
         if self.kind == "head":
@@ -41,13 +44,17 @@ class Point:
         if self.kind == "position":
             return {"as_of_position": self.position}
         assert self.time is not None
-        return {f"{self.kind}_at": self.time.isoformat()}
+        by = {} if self.recorded_by is None else self.recorded_by.label()
+        return {f"{self.kind}_at": self.time.isoformat(), **by}
 
 
 def point(as_of: int | None, recorded_at: datetime | None, effective_at: datetime | None) -> Point:
-    given = [x for x in (as_of, recorded_at, effective_at) if x is not None]
-    if len(given) > 1:
-        raise errors.InvalidRequest("give one of as_of, recorded_at, effective_at")
+    """A point on one axis, or on both: an effective time as recorded by a position or a
+    recorded time."""
+    if as_of is not None and recorded_at is not None:
+        raise errors.InvalidRequest("give as_of or recorded_at (both name a log position)")
+    if effective_at is not None and (as_of is not None or recorded_at is not None):
+        return Point("effective", time=effective_at, recorded_by=point(as_of, recorded_at, None))
     if as_of is not None:
         return Point("position", position=as_of)
     if recorded_at is not None:
@@ -175,20 +182,24 @@ async def balances_at(
     conn: psycopg.AsyncConnection[Any], ledger: str, at: Point
 ) -> tuple[list[dict[str, Any]], dict[str, int], int | None]:
     """Every account's posted totals per asset at the point: rows of name, type, asset,
-    debits, credits; the scales; the position used (None on the effective axis)."""
+    debits, credits; the scales; the position used (on the effective axis, the recorded
+    bound if one was given, else None)."""
     ledger_id, head, scales = await _ledger(conn, ledger)
     if at.kind == "effective":
+        position = None
+        if at.recorded_by is not None:
+            position = await _position(conn, ledger_id, head, at.recorded_by)
         rows = await (
             await conn.execute(
                 "SELECT a.name, a.type, e.asset, coalesce(sum(e.amount) FILTER (WHERE e.debit), 0),"
                 " coalesce(sum(e.amount) FILTER (WHERE NOT e.debit), 0)"
                 " FROM accounts a JOIN entries e ON e.account_id = a.id"
                 " WHERE a.ledger_id = %s AND e.posted AND e.effective_at <= %s"
+                " AND (%s::bigint IS NULL OR e.position <= %s)"
                 " GROUP BY a.name, a.type, e.asset ORDER BY a.name, e.asset",
-                (ledger_id, at.time),
+                (ledger_id, at.time, position, position),
             )
         ).fetchall()
-        position = None
     else:
         position = await _position(conn, ledger_id, head, at)
         rows = await (

@@ -94,7 +94,7 @@ def test_reports_answer_as_of_a_position_and_effective_at_a_time(books: Any) -> 
     assert recorded["position"] == positions["rent"]
     both = c.get(
         f"/v1/ledgers/{name}/reports/trial-balance",
-        params={"as_of": 1, "effective_at": ten_days_ago},
+        params={"as_of": 1, "recorded_at": ten_days_ago},
     )
     assert both.status_code == 422 and both.json()["code"] == "invalid_request"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import secrets
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.support import api_client
+from tests.support import api_client, cli
 
 
 def _key() -> dict[str, str]:
@@ -201,8 +202,6 @@ def test_a_liability_holding_money_shows_a_positive_balance_on_its_credit_side(
 def test_the_month_end_csv_shows_one_sign_for_a_wallet_on_its_balance_and_position_rows(
     database_url: str, client: TestClient, wallets: str
 ) -> None:
-    from tests.support import cli
-
     done = cli(database_url, "report", "month-end", "-l", wallets, "--as-of",
                "2999-01-01T00:00:00Z", "--csv")
     assert done.returncode == 0, done.stderr
@@ -268,10 +267,6 @@ def test_reports_say_which_periods_were_closed_when_they_were_produced(
 def test_ledger_replay_names_assets_as_the_api_does(
     database_url: str, client: TestClient, wallets: str
 ) -> None:
-    import json
-
-    from tests.support import cli
-
     done = cli(database_url, "replay", "-l", wallets)
     assert done.returncode == 0, done.stderr
     rebuilt = json.loads(done.stdout)
@@ -279,3 +274,32 @@ def test_ledger_replay_names_assets_as_the_api_does(
     assert rebuilt["net_posted_per_asset"] == {"USD/2": "0"}
     api = client.get(f"/v1/ledgers/{wallets}/accounts/cash").json()
     assert api["balances"][0]["asset"] == "USD/2"
+
+
+# --- Both axes at once in a report ------------------------------------------------------------
+
+
+def test_a_report_answers_effective_at_a_time_as_recorded_by_a_position(
+    database_url: str, client: TestClient, ledger: str
+) -> None:
+    """What the books said at position P about effective time T: a transfer back-dated to
+    before T but recorded after P does not count yet."""
+    _open(client, ledger, "bank", "asset")
+    _open(client, ledger, "users:dan", "liability")
+    _move(client, ledger, "first", "bank", "users:dan", "100")
+    recorded = _head(client, ledger)
+    back = (datetime.now(UTC) - timedelta(days=2)).isoformat()
+    _move(client, ledger, "late", "bank", "users:dan", "40", effective_at=back)
+    url = f"/v1/ledgers/{ledger}/reports/balance-sheet"
+    day_ago = (datetime.now(UTC) - timedelta(days=1)).isoformat()
+    now = client.get(url, params={"effective_at": day_ago}).json()
+    assert now["summary"][0]["liabilities"] == "40"
+    then = client.get(url, params={"effective_at": day_ago, "as_of": recorded}).json()
+    assert then["summary"] == []  # nothing recorded by then had taken effect by then
+    assert (then["position"], then["as_of_position"]) == (recorded, recorded)
+    later = client.get(url, params={"effective_at": day_ago, "as_of": recorded + 1}).json()
+    assert later["summary"][0]["liabilities"] == "40"
+    done = cli(database_url, "report", "balance-sheet", "-l", ledger, "--effective-at", day_ago,
+               "--as-of", str(recorded))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["summary"] == []
