@@ -37,8 +37,8 @@ class Book:
             n: domain.Account(i + 1, n, "liability", {}, i + 2) for i, n in enumerate("abcdef")
         }
         self.state = domain.LedgerState({"USD": 2, "EUR": 2}, accounts, {})
-        if hasattr(self.state, "posting_max"):  # one posting may move up to 38 digits here
-            self.state.posting_max.update(USD=limits.amount_max, EUR=limits.amount_max)
+        # One posting may move up to 38 digits here (the default maximum is lower).
+        self.state.posting_max.update(USD=limits.amount_max, EUR=limits.amount_max)
         self.position = 10
 
     def do(self, command: domain.Command, now: datetime = NOW) -> domain.Decision:
@@ -410,6 +410,37 @@ def test_pairs_in_a_transfer_get_the_rule_listed_first(book: Book) -> None:
     fresh.do(domain.SetGuard("b", "credits_must_not_exceed_debits"))
     both = transfer(("a", "b", 1), ("f", "a", 1))  # crosses b's guard, then f's
     assert fresh.code(both) == "insufficient_funds"
+
+
+def test_pairs_with_closed_periods_corrections_and_asset_maxima_get_the_rule_listed_first() -> None:
+    fresh = Book()
+    fresh.state.posting_max["USD"] = 100
+    closed = NOW.date() - timedelta(days=2)
+    fresh.do(domain.ClosePeriod(closed, "month end"))
+    in_closed = datetime(closed.year, closed.month, closed.day, 12, tzinfo=UTC)
+    bad_ref = {"corrects": "nope"}
+    cases = [
+        (
+            transfer(("a", "b", 1), effective_at=NOW - timedelta(days=400)),
+            "effective_at_out_of_range",
+        ),
+        (transfer(("a", "b", 1, XAU), effective_at=in_closed, metadata=bad_ref), "period_closed"),
+        (transfer(("a", "b", 1, XAU), metadata=bad_ref), "transfer_not_found"),
+        (transfer(("zz", "b", 1), ("a", "b", 101)), "amount_exceeds_asset_max"),
+        (transfer(("a", "b", 101, Asset("USD", 3))), "asset_scale_mismatch"),
+    ]
+    for command, first in cases:
+        assert fresh.code(command) == first, first
+    held = fresh.pay("a", "b", 5, pending=True)
+    two = domain.PostTransfer("two", transfer(("a", "b", 5), ("a", "c", 5)).postings)
+    fresh.do(two)
+    mismatch = domain.PostPending("p", held, amounts=(99, 99))
+    assert fresh.code(mismatch) == "partial_amounts_mismatch"
+    assert (
+        fresh.code(domain.ReverseTransfer("r", held, amounts=(1, 1))) == "transfer_not_reversible"
+    )
+    too_much = domain.ReverseTransfer("r", "two", amounts=(99, 99, 99))
+    assert fresh.code(too_much) == "partial_amounts_mismatch"
 
 
 def test_pairs_in_posting_a_pending_transfer_get_the_rule_listed_first(book: Book) -> None:

@@ -161,8 +161,7 @@ def test_a_pending_timeout_at_its_limit_is_accepted_and_one_second_more_refused(
 def book() -> domain.LedgerState:
     accounts = {n: domain.Account(i + 1, n, "liability", {}, i + 2) for i, n in enumerate("abc")}
     state = domain.LedgerState({"USD": 2}, accounts, {})
-    if hasattr(state, "posting_max"):  # one posting may move up to 38 digits here
-        state.posting_max["USD"] = limits.amount_max
+    state.posting_max["USD"] = limits.amount_max  # one posting may move up to 38 digits here
     return state
 
 
