@@ -163,8 +163,11 @@ def server(url: str, projections: bool = True) -> Iterator[tuple[int, int]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
     env["LEDGER_LOG_LEVEL"] = "warning"
     log = open(os.environ.get("BENCH_SERVER_LOG", os.devnull), "w")  # noqa: SIM115
+    # BENCH_SERVER_ROOT: serve another checkout (e.g. `git archive` of the commit before a
+    # change), to measure before and after in the same minute
+    root = os.environ.get("BENCH_SERVER_ROOT", str(ROOT))
     proc = subprocess.Popen(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log
+        [sys.executable, "-c", code], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=log
     )
     try:
         deadline = time.monotonic() + 30
