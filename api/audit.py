@@ -23,18 +23,6 @@ T = TypeVar("T")
 _slots = asyncio.Semaphore(limits.audits_concurrent_max)
 
 
-class SigningKeyMissing(errors.LedgerError):
-    code = "signing_key_missing"
-    title = "This server has no signing key (LEDGER_SIGNING_KEY_FILE)"
-    status = 409
-
-
-class CheckpointNotFound(errors.LedgerError):
-    code = "checkpoint_not_found"
-    title = "No checkpoint of that tree size"
-    status = 404
-
-
 async def _in_thread(request: Request, work: Callable[[Any], T]) -> T:
     url: str = request.app.state.database_url
 
@@ -42,11 +30,8 @@ async def _in_thread(request: Request, work: Callable[[Any], T]) -> T:
         with postgres.connect(url) as conn:
             return work(conn)
 
-    async with _slots:
-        try:
-            return await asyncio.to_thread(run)
-        except LookupError as exc:
-            raise errors.LedgerNotFound(str(exc)) from None
+    async with _slots:  # the audit functions raise the ledger's own errors (ledger/errors.py)
+        return await asyncio.to_thread(run)
 
 
 @router.get("/ledgers/{ledger}/verify", responses=_problems, openapi_extra=auth.scope("audit"))
@@ -66,7 +51,7 @@ async def seal(ledger: LedgerPath, request: Request) -> Response:
     """Signs the tree head of the log as it is now."""
     key = request.app.state.signing_key
     if key is None:
-        raise SigningKeyMissing("start the server with LEDGER_SIGNING_KEY_FILE set")
+        raise errors.SigningKeyMissing("start the server with LEDGER_SIGNING_KEY_FILE set")
     checkpoint = await _in_thread(request, lambda conn: audit.seal(conn, ledger, key))
     return json_response(checkpoint.as_json(), 201)
 
@@ -87,7 +72,8 @@ async def _checkpoint(request: Request, ledger: str, size: int | None) -> audit.
     found = await _in_thread(request, lambda conn: audit.checkpoints(conn, ledger))
     chosen = [c for c in found if size is None or c.tree_size == size]
     if not chosen:
-        raise CheckpointNotFound(f"no checkpoint{'' if size is None else f' of size {size}'}")
+        of_size = "" if size is None else f" of size {size}"
+        raise errors.CheckpointNotFound(f"no checkpoint{of_size}")
     return chosen[-1]
 
 
@@ -107,7 +93,9 @@ async def inclusion_proof(
     checkpoint = await _checkpoint(request, ledger, tree_size)
     position = transfer["position"]
     if position > checkpoint.tree_size:
-        raise CheckpointNotFound(f"the transfer is at {position}, after the latest checkpoint")
+        raise errors.CheckpointNotFound(
+            f"the transfer is at {position}, after the latest checkpoint"
+        )
     proof = await _in_thread(
         request, lambda conn: audit.inclusion(conn, ledger, position, checkpoint.tree_size)
     )

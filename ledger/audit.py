@@ -166,7 +166,7 @@ def _ledger(conn: psycopg.Connection[Any], name: str) -> tuple[int, int, bytes]:
         "SELECT id, head_position, head_hash FROM ledgers WHERE name = %s", (name,)
     ).fetchone()
     if row is None:
-        raise LookupError(f"ledger {name!r} does not exist")
+        raise errors.LedgerNotFound(f"ledger {name!r} does not exist")
     return int(row[0]), int(row[1]), bytes(row[2])
 
 
@@ -221,7 +221,7 @@ def seal(
     """Signs the tree head of the whole log as it is now and keeps it."""
     ledger_id, head, _ = _ledger(conn, ledger)
     if head == 0:
-        raise ValueError("nothing to seal")
+        raise errors.NothingToSeal(f"ledger {ledger!r} has no event to sign")
     existing = [c for c in checkpoints(conn, ledger) if c.tree_size == head]
     if existing:
         return existing[0]
@@ -246,18 +246,26 @@ def stored_event(conn: psycopg.Connection[Any], ledger: str, position: int) -> t
         (ledger_id, position),
     ).fetchone()
     if row is None:
-        raise LookupError(f"no event at position {position}")
+        raise errors.EventNotFound(f"no event at position {position}")
     return row[0], bytes(row[1]).decode()
 
 
 def inclusion(conn: psycopg.Connection[Any], ledger: str, position: int, size: int) -> list[bytes]:
     if not 1 <= position <= size:
-        raise ValueError("the event is not in a tree of that size")
-    return merkle.inclusion_proof(position - 1, leaf_hashes(conn, ledger, size))
+        raise errors.ProofOutOfRange(f"position {position} is not in a tree of size {size}")
+    leaves = leaf_hashes(conn, ledger, size)
+    if len(leaves) < size:
+        raise errors.ProofOutOfRange(f"the log has {len(leaves)} events, not {size}")
+    return merkle.inclusion_proof(position - 1, leaves)
 
 
 def consistency(conn: psycopg.Connection[Any], ledger: str, first: int, second: int) -> list[bytes]:
-    return merkle.consistency_proof(first, leaf_hashes(conn, ledger, second))
+    if not 1 <= first <= second:
+        raise errors.ProofOutOfRange(f"tree size {first} is not within 1..{second}")
+    leaves = leaf_hashes(conn, ledger, second)
+    if len(leaves) < second:
+        raise errors.ProofOutOfRange(f"the log has {len(leaves)} events, not {second}")
+    return merkle.consistency_proof(first, leaves)
 
 
 # --- Verification --------------------------------------------------------------------------------

@@ -230,13 +230,13 @@ def verify(
             kept = [c for path in checkpoint or () for c in audit.load_checkpoints(path)]
         except (OSError, ValueError, KeyError) as exc:
             _fail(f"cannot read a key or checkpoint: {exc}")
-        with database_url(settings) as url, postgres.connect(url) as conn:
-            try:
-                with Progress("verifying", _head(conn, ledger)) as progress:
-                    report = audit.verify(conn, ledger, keys or None, kept, progress)
-                    progress.done = report.head
-            except LookupError as exc:
-                _fail(str(exc))
+        with (
+            database_url(settings) as url,
+            postgres.connect(url) as conn,
+            Progress("verifying", _head(conn, ledger)) as progress,
+        ):
+            report = audit.verify(conn, ledger, keys or None, kept, progress)
+            progress.done = report.head
         audit.write_json(report, sys.stdout)
         for code, detail in report.errors():
             print(f"ledger: {code}: {detail}", file=sys.stderr)
@@ -833,10 +833,7 @@ def projections_status(ledger: LedgerOption) -> None:
 
     def action(settings: Settings) -> None:
         with database_url(settings) as url, postgres.connect(url) as conn:
-            try:
-                print(json.dumps(runner.status(conn, ledger), indent=2))
-            except LookupError as exc:
-                _fail(str(exc))
+            print(json.dumps(runner.status(conn, ledger), indent=2))
 
     _run(action)
 

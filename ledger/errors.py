@@ -402,6 +402,39 @@ class SignedHistoryLost(LedgerError):
     status = 409
 
 
+# --- Audit (`ledger seal`, checkpoints, proofs) ---------------------------------------------
+
+
+class SigningKeyMissing(LedgerError):
+    code = "signing_key_missing"
+    title = "This server has no signing key (LEDGER_SIGNING_KEY_FILE)"
+    status = 409
+
+
+class NothingToSeal(LedgerError):
+    code = "nothing_to_seal"
+    title = "The ledger's log is empty: there is no tree head to sign"
+    status = 409
+
+
+class CheckpointNotFound(LedgerError):
+    code = "checkpoint_not_found"
+    title = "No checkpoint of that tree size"
+    status = 404
+
+
+class EventNotFound(LedgerError):
+    code = "event_not_found"
+    title = "No event at that position in the ledger's log"
+    status = 404
+
+
+class ProofOutOfRange(LedgerError):
+    code = "proof_out_of_range"
+    title = "A proof needs 1 <= position (or first tree size) <= tree size <= the log's head"
+    status = 422
+
+
 # --- The server's own fault: nothing happened; retrying will not help ------------------------
 
 

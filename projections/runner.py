@@ -25,7 +25,7 @@ import structlog
 from eventsourcing.persistence import Tracking, TrackingRecorder
 from eventsourcing.projection import Projection
 
-from ledger import limits, postgres
+from ledger import errors, limits, postgres
 from ledger.events import MAPPER, LedgerEvent
 from ledger.recorder import LedgerRecorder
 from projections.positions import Position, Positions
@@ -264,7 +264,7 @@ def status(conn: psycopg.Connection[Any], ledger: str) -> list[dict[str, Any]]:
     """Each projection's tracked position and its lag behind the log's head."""
     row = conn.execute("SELECT head_position FROM ledgers WHERE name = %s", (ledger,)).fetchone()
     if row is None:
-        raise LookupError(f"ledger {ledger!r} does not exist")
+        raise errors.LedgerNotFound(f"ledger {ledger!r} does not exist")
     tracked = conn.execute(
         "SELECT notification_id FROM tracking WHERE application_name = %s",
         (f"positions:{ledger}",),
@@ -287,7 +287,7 @@ def rebuild(url: str, ledger: str, progress: Callable[[int], None] | None = None
     with postgres.connect(url) as conn, conn.transaction():
         row = conn.execute("SELECT id FROM ledgers WHERE name = %s", (ledger,)).fetchone()
         if row is None:
-            raise LookupError(f"ledger {ledger!r} does not exist")
+            raise errors.LedgerNotFound(f"ledger {ledger!r} does not exist")
         for table in TABLES:
             conn.execute(f"DELETE FROM {table}_next WHERE ledger_id = %s", (row[0],))
         conn.execute(

@@ -83,3 +83,61 @@ def test_sealing_without_a_key_is_a_clear_conflict(database_url: str) -> None:
         r = c.post(f"/v1/ledgers/{name}/checkpoints")
         assert r.status_code == 409 and r.json()["code"] == "signing_key_missing"
         assert c.get("/v1/ledgers/nope/verify").status_code == 404
+
+
+def test_audit_failures_are_typed_errors_with_their_own_codes(
+    signed_client: TestClient, database_url: str, owner_database_url: str
+) -> None:
+    """Each audit refusal has its own code, at the function and over HTTP: an unknown ledger
+    is ledger_not_found, a missing event event_not_found (once every LookupError was
+    ledger_not_found), a proof outside the tree proof_out_of_range, an empty log
+    nothing_to_seal, and an unknown checkpoint checkpoint_not_found."""
+    from ledger import errors, postgres
+
+    c, name = signed_client, "e" + secrets.token_hex(5)
+    c.post("/v1/ledgers", json={"name": name})
+    head = c.post(f"/v1/ledgers/{name}/checkpoints").json()["tree_size"]
+    with postgres.connect(database_url) as conn:
+        with pytest.raises(errors.LedgerNotFound):
+            audit.checkpoints(conn, "nope")
+        with pytest.raises(errors.EventNotFound):
+            audit.stored_event(conn, name, head + 1)
+        with pytest.raises(errors.ProofOutOfRange):
+            audit.inclusion(conn, name, head + 1, head)
+        with pytest.raises(errors.ProofOutOfRange):
+            audit.inclusion(conn, name, 1, head + 1)  # a tree larger than the log
+        with pytest.raises(errors.ProofOutOfRange):
+            audit.consistency(conn, name, head + 1, head)
+    empty = "z" + secrets.token_hex(5)
+    with postgres.connect(owner_database_url) as conn:  # a ledger row with no event yet
+        conn.execute(
+            "INSERT INTO ledgers (name, head_hash) VALUES (%s, %s)", (empty, bytes(32))
+        )
+        conn.commit()
+    try:
+        with postgres.connect(database_url) as conn, pytest.raises(errors.NothingToSeal):
+            audit.seal(conn, empty, audit.Ed25519PrivateKey.generate())
+        answers = {
+            "ledger_not_found": c.get("/v1/ledgers/nope/checkpoints"),
+            "nothing_to_seal": c.post(f"/v1/ledgers/{empty}/checkpoints"),
+            "checkpoint_not_found": c.get(
+                f"/v1/ledgers/{name}/consistency", params={"first": head, "second": head + 1}
+            ),
+        }
+    finally:  # no other test should meet a ledger without events
+        with postgres.connect(owner_database_url) as conn:
+            conn.execute("DELETE FROM ledgers WHERE name = %s", (empty,))
+            conn.commit()
+    for code, answer in answers.items():
+        assert answer.json()["code"] == code, answer.text
+        assert answer.status_code == getattr(errors, _class_of(code)).status
+    assert (answers["ledger_not_found"].status_code, answers["nothing_to_seal"].status_code) == (
+        404,
+        409,
+    )
+
+
+def _class_of(code: str) -> str:
+    from ledger import errors
+
+    return next(c.__name__ for c in errors.all_error_classes() if c.code == code)
