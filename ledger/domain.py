@@ -659,13 +659,20 @@ def _check_period(state: LedgerState, effective_at: datetime) -> None:
     effect when recorded, which is never in a closed period: only ended days can be closed,
     and recorded time never goes back (the head's ``recorded_at``)."""
     closed = state.closed_through
-    if closed is not None and effective_at.astimezone(UTC).date() <= closed:
+    if closed is not None and effective_at < _open_from(closed):
         raise errors.PeriodClosed(
             f"effective_at {iso(effective_at)} is in a closed period (closed through"
             f" {closed.isoformat()}); post the correction in the open period with"
             ' metadata.corrects naming the transfer it corrects',
             closed_through=closed.isoformat(),
         )
+
+
+@functools.lru_cache(maxsize=16)
+def _open_from(closed_through: date) -> datetime:
+    """The first instant after a closed date: midnight UTC of the next day. (Comparing aware
+    datetimes costs less than converting each effective_at to a UTC date.)"""
+    return datetime.combine(closed_through + timedelta(days=1), datetime.min.time(), UTC)
 
 
 def _check_corrects(state: LedgerState, metadata: dict[str, Any]) -> None:
