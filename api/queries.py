@@ -37,7 +37,8 @@ async def list_ledgers(
     """The ledgers the caller's key may read, by name."""
     principal = auth.principal_of(request.scope)
     page = await queries.list_ledgers(
-        service(request), lambda name: principal.allows("read", name), cursor, limit
+        service(request), lambda name: principal.allows("read", name), cursor, limit,
+        principal.ledgers,
     )
     return json_response(page)
 

@@ -135,17 +135,28 @@ async def position_at(svc: LedgerService, ledger_id: int, recorded_at: datetime)
 
 
 async def list_ledgers(
-    svc: LedgerService, visible: Any, cursor: str | None, limit: int
+    svc: LedgerService,
+    visible: Any,
+    cursor: str | None,
+    limit: int,
+    patterns: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Ledgers by name, those ``visible(name)`` allows (the caller's key's ledgers)."""
+    """Ledgers by name, those ``visible(name)`` allows (the caller's key's ledgers). Only
+    names the key's ``patterns`` match are read at all: a scan cut short answers a cursor
+    holding the last name it read, which must not be another team's ledger."""
     after = decode_cursor(cursor) or ""
     items: list[dict[str, Any]] = []
     scanned = 0
+    only = ""
+    if patterns:
+        only = " AND (name = ANY(%s) OR name LIKE ANY(%s))"
+    exact = [p for p in patterns if not p.endswith("*")]
+    prefixes = [like_prefix(p[:-1]) for p in patterns if p.endswith("*")]
     while len(items) < limit and scanned < limits.search_scan_events_max:
         rows = await svc._all(
-            "SELECT name, head_position, created_at FROM ledgers WHERE name > %s"
-            " ORDER BY name LIMIT %s",
-            (after, limits.page_size_max),
+            "SELECT name, head_position, created_at FROM ledgers WHERE name > %s" + only
+            + " ORDER BY name LIMIT %s",
+            (after, *((exact, prefixes) if patterns else ()), limits.page_size_max),
         )
         if not rows:
             after = ""

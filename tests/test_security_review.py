@@ -215,3 +215,29 @@ def test_hostile_inputs_to_the_new_routes_are_never_a_server_error(database_url:
             if r.status_code >= 500:
                 failures.append((path, body, r.status_code, r.text[:200]))
         assert not failures, failures
+
+
+def test_the_ledger_list_never_answers_a_cursor_naming_another_teams_ledger(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: a scan cut short (search_scan_events_max) answered a cursor holding the last
+    # name it had read, whatever the key's ledgers: base64 of another team's ledger name.
+    from ledger import limits, queries
+
+    with api_client(database_url) as admin:
+        for name in [*(f"review-a-{n}" for n in range(6)), "review-b-mine"]:
+            assert admin.post("/v1/ledgers", json={"name": name}).status_code in (201, 409)
+    monkeypatch.setattr(limits, "page_size_max", 2)
+    monkeypatch.setattr(limits, "search_scan_events_max", 3)
+    with api_client(database_url, scopes=("read",), ledgers=("review-b-*",)) as c:
+        cursor, seen = None, []
+        for _ in range(50):
+            r = c.get("/v1/ledgers", params={"limit": 1, **({"cursor": cursor} if cursor else {})})
+            assert r.status_code == 200, r.text
+            seen += [item["name"] for item in r.json()["items"]]
+            cursor = r.json()["next_cursor"]
+            if cursor is None:
+                break
+            named = queries.decode_cursor(cursor)
+            assert isinstance(named, str) and named.startswith("review-b-"), named
+        assert seen == ["review-b-mine"]
