@@ -69,7 +69,7 @@ def cluster() -> Iterator[tuple[str, str]]:
     server = get_server(data, cleanup_mode="stop")
     try:
         with psycopg.connect(server.get_uri(), autocommit=True) as conn:
-            # As tuned on this machine's system server (shared/notes).
+            # As tuned on the development machine's server (docs/measurements.md).
             for name, value in (
                 ("shared_buffers", "1GB"),
                 ("max_wal_size", "4GB"),
