@@ -22,6 +22,8 @@ from ledger.settings import Settings
 
 @dataclass(frozen=True)
 class Rate:
+    """A token bucket's refill rate (tokens per second) and its size."""
+
     per_s: float
     burst: int
 

@@ -53,6 +53,8 @@ Key = Annotated[
 
 
 class Strict(BaseModel):
+    """A request body: unknown fields refused, no coercion, immutable once validated."""
+
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 

@@ -108,6 +108,9 @@ def tree_head(ledger: str, size: int, root: bytes, signed_at: str) -> bytes:
 
 @dataclass(frozen=True)
 class Checkpoint:
+    """A signed tree head: the Merkle root of the first ``tree_size`` events of ``ledger``,
+    signed with Ed25519 at ``signed_at`` by the key whose id is ``key_id``."""
+
     ledger: str
     tree_size: int
     root: bytes
@@ -273,6 +276,9 @@ def consistency(conn: psycopg.Connection[Any], ledger: str, first: int, second: 
 
 @dataclass
 class Report:
+    """The outcome of a verification: every check run, in order, with whether it held;
+    ``ok`` only if all did."""
+
     ledger: str
     checks: list[dict[str, Any]] = field(default_factory=list)
     head: int = 0

@@ -49,6 +49,8 @@ class BankError(Exception):
 
 @dataclass
 class Figures:
+    """What a ``ledger bank`` run counted, and whether its checks held (``ok``)."""
+
     attempted: int = 0
     acknowledged: int = 0
     refused: Counter[str] = field(default_factory=Counter)
@@ -200,6 +202,8 @@ class Transfer:
 
 
 class Bank:
+    """The bank workload against one deployment, in a ledger of its own (see the module)."""
+
     def __init__(
         self,
         url: str,

@@ -397,6 +397,8 @@ class UpdateAccountMetadata(Idempotent):
 
 @dataclass(frozen=True, slots=True)
 class DefineAsset:
+    """Adds an asset (code and scale) to a ledger, optionally with its own posting maximum."""
+
     asset: Asset
     posting_amount_max: int | None = None
     """The most one posting may move, in minor units; ``None``: the ledger's default
@@ -429,6 +431,9 @@ Command = (
 
 @dataclass(slots=True)
 class Account:
+    """An account as the rules see it: its type, guard, limits, and whether it is frozen or
+    closed (its balances are :class:`Balance` rows per asset, kept apart)."""
+
     id: int
     name: str
     type: str

@@ -32,6 +32,8 @@ class EmbeddedError(Exception):
 
 
 class EmbeddedPostgres:
+    """The zero-setup Postgres whose data lives in ``data_dir``: ``start`` returns its URL."""
+
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir.expanduser().resolve()
         self._server: Any = None

@@ -38,6 +38,8 @@ _IDS_PER_FETCH = 1_000
 
 @dataclass(frozen=True)
 class Imported:
+    """What ``ledger import`` rebuilt: the ledger, its counts, and its head's hash."""
+
     ledger: str
     events: int
     checkpoints: int

@@ -65,6 +65,9 @@ def chain_hash(previous: bytes, position: int, topic: str, state: bytes) -> byte
 
 @dataclass(frozen=True, slots=True)
 class LedgerRef:
+    """A ledger as the write path knows it: its database id and its name (the stream's
+    ``originator_id``)."""
+
     id: int
     name: str
 

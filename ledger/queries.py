@@ -176,6 +176,8 @@ async def list_ledgers(
 
 @dataclass(frozen=True)
 class AccountFilter:
+    """Which accounts a search returns (every field given must match)."""
+
     prefix: str | None = None
     pattern: str | None = None
     type: str | None = None
@@ -246,6 +248,8 @@ async def list_accounts(
 
 @dataclass(frozen=True)
 class TransferFilter:
+    """Which transfers a search returns (every field given must match)."""
+
     account: str | None = None
     asset: str | None = None  # CODE/SCALE or CODE
     status: str | None = None

@@ -29,6 +29,9 @@ from ledger.log import NOTIFY_CHANNEL
 
 
 class LedgerRecorder(ApplicationRecorder):
+    """One ledger's log, read-only, as the eventsourcing library reads an application's:
+    notification id = originator version = log position (contract: tests/test_recorder.py)."""
+
     def __init__(self, pool: ConnectionPool[Any], url: str, ledger: str) -> None:
         self.pool = pool
         self.url = url

@@ -64,6 +64,15 @@ def _on_primary() -> Iterator[None]:
 
 
 class LedgerService:
+    """The ledger's commands and queries, as the API and the CLI call them.
+
+    Commands (create a ledger, define an asset, open or change an account, post, void, reverse,
+    amend, close a period) go to the ledger's writer (:class:`ledger.writer.LedgerWriter`),
+    which decides and appends them in group transactions; each returns a :class:`Result`, or
+    raises the command's :class:`ledger.errors.LedgerError`. Queries (ledgers, accounts,
+    balances as of a position or an effective time, transfers, postings, the log) read Postgres
+    directly through ``read_pool``, never through the writer. One instance per process."""
+
     def __init__(
         self,
         pool: AsyncConnectionPool[Any],

@@ -23,6 +23,8 @@ class SettingsError(Exception):
 
 
 class Settings(BaseSettings):
+    """Every ``LEDGER_*`` setting, validated at start (an unknown one is refused)."""
+
     model_config = SettingsConfigDict(env_prefix=PREFIX, extra="forbid")
 
     database_url: str | None = Field(

@@ -45,6 +45,11 @@ class _Unit:
 
 
 class LedgerWriter:
+    """Group commit for one ledger in this process: a bounded queue of commands and one task
+    that takes everything waiting (up to ``limits.group_transfers_max``) into one
+    :func:`ledger.log.write` transaction, then resolves each caller's future with its own
+    outcome. It keeps the rows it committed in ``cache`` (ADR 0010)."""
+
     def __init__(
         self,
         pool: AsyncConnectionPool[Any],

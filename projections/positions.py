@@ -48,6 +48,9 @@ def holder_of(name: str, metadata: dict[str, Any]) -> str:
 
 @dataclass
 class Position:
+    """What one holder holds of one asset: quantity, pending, and its cost and realised
+    profit both on average cost and first-in first-out (``lots``)."""
+
     quantity: int = 0
     pending: int = 0
     quote: str | None = None

@@ -99,6 +99,8 @@ async def check_target(url: str, allowed: tuple[Network, ...]) -> None:
 
 @dataclass
 class Schedule:
+    """How webhook deliveries are attempted: how often, how far apart, how long each."""
+
     attempts_max: int = limits.webhook_attempts_max
     backoff_first_s: float = limits.webhook_backoff_first_ms / 1000
     backoff_max_s: float = limits.webhook_backoff_max_ms / 1000
@@ -108,6 +110,9 @@ class Schedule:
 
 
 class Deliverer:
+    """Delivers due webhook attempts, signed, each recorded with its outcome; retries with
+    backoff per :class:`Schedule` and dead-letters after the last attempt."""
+
     def __init__(self, pool: AsyncConnectionPool[Any], schedule: Schedule | None = None) -> None:
         import httpx
 
