@@ -105,6 +105,13 @@ async def stream(websocket: WebSocket, ledger: str, after: int = Query(0, ge=0))
     await websocket.accept()
     try:
         while True:
+            try:  # again before each page: a key revoked or expired meanwhile stops here
+                await ws_principal(websocket, "events", ledger)
+            except errors.LedgerError as error:
+                if error.status >= 500:
+                    raise
+                await websocket.close(code=4000 + error.status, reason=error.code)
+                return
             wake.clear()
             announced = notifier.heads.get(ledger, 0)
             if announced > after and svc.read_pool is not svc.pool:

@@ -241,3 +241,28 @@ def test_the_ledger_list_never_answers_a_cursor_naming_another_teams_ledger(
             named = queries.decode_cursor(cursor)
             assert isinstance(named, str) and named.startswith("review-b-"), named
         assert seen == ["review-b-mine"]
+
+
+def test_an_open_event_stream_stops_once_its_key_is_revoked(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: a stream opened with a key went on sending the ledger's events for as long as
+    # it stayed open, revoked or expired key or not.
+    from starlette.websockets import WebSocketDisconnect
+
+    from ledger import limits
+
+    monkeypatch.setattr(limits, "stream_heartbeat_s", 0.1)
+    with api_client(database_url, Settings(relay=False, projections=False)) as c:
+        assert c.post("/v1/ledgers", json={"name": "review-stream"}).status_code in (201, 409)
+        follower = make_key_record(database_url, ("events",), ("review-stream",))
+        path = "/v1/ledgers/review-stream/events/stream?after=0"
+        with c.websocket_connect(path, headers=bearer(follower["token"])) as ws:
+            assert ws.receive_json()["position"] == 1
+            assert ws.receive_json()["type"] == "heartbeat"
+            revoked = c.post(f"/v1/keys/{follower['id']}/revoke", json={})
+            assert revoked.status_code == 200, revoked.text
+            with pytest.raises(WebSocketDisconnect) as closed:
+                for _ in range(int(5 * (limits.key_cache_s + 1) / 0.1)):  # about 10 s at most
+                    assert ws.receive_json()["type"] == "heartbeat"
+        assert (closed.value.code, closed.value.reason) == (4401, "unauthorized")
