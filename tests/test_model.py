@@ -12,6 +12,7 @@ import asyncio
 import secrets
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, ClassVar, TypeVar
 
 import psycopg
@@ -55,6 +56,7 @@ class Model:
     posted: dict[str, dict[str, Any]] = field(default_factory=dict)
     captured: dict[str, str] = field(default_factory=dict)
     """A capture's own key → its hold's key (reversing the capture reverses the hold)."""
+    closed_through: date | None = None
 
     def exposure(self, name: str, t: Totals) -> int:
         rule = self.guards.get(name, ("none", 0))[0]
@@ -144,6 +146,61 @@ class LedgerMachine(RuleBasedStateMachine):
         if code is None:
             self.model.posted[key] = {"d": d, "c": c, "amount": amount, "reversed": 0}
         return key
+
+    @rule(
+        target=transfers,
+        d=st.sampled_from(ACCOUNTS),
+        c=st.sampled_from(ACCOUNTS),
+        amount=st.integers(1, 500),
+        days_ago=st.integers(0, 4),
+    )
+    def backdated(self, d: str, c: str, amount: int, days_ago: int) -> str:
+        """A transfer dated some days back: refused in a closed period, checked first."""
+        if d == c:
+            return "none"
+        at = datetime.now(UTC) - timedelta(days=days_ago, minutes=1)
+        closed = self.model.closed_through
+        key = self.key()
+        expected = (
+            "period_closed"
+            if closed is not None and at.date() <= closed
+            else self._frozen(d, c)
+            or self.model.apply([(d, "d", amount, 0), (c, "c", amount, 0)], check=True)
+        )
+        posting = domain.Posting(d, c, USD, amount)
+        code, _ = self.send(domain.PostTransfer(key, (posting,), effective_at=at))
+        assert code == expected
+        if code is None:
+            self.model.posted[key] = {"d": d, "c": c, "amount": amount, "reversed": 0}
+        return key
+
+    @rule(days_ago=st.integers(0, 4), reopen=st.booleans())
+    def period(self, days_ago: int, reopen: bool) -> None:
+        """Closes through, or reopens from, a day some days back."""
+        day = datetime.now(UTC).date() - timedelta(days=days_ago)
+        closed = self.model.closed_through
+        command: domain.PeriodCommand
+        if reopen:
+            command = domain.ReopenPeriod(day, "model", self.key())
+            ok = closed is not None and day <= closed
+            expected = None if ok else "period_not_closed"
+        else:
+            command = domain.ClosePeriod(day, "model", self.key())
+            expected = (
+                "period_not_ended"
+                if days_ago == 0
+                else "period_already_closed"
+                if closed is not None and day <= closed
+                else None
+            )
+        try:
+            self.run(self.svc.change_period(self.ledger, command, {"actor": "model"}))
+            code = None
+        except errors.LedgerError as error:
+            code = error.code
+        assert code == expected
+        if code is None:
+            self.model.closed_through = day - timedelta(days=1) if reopen else day
 
     @rule(
         target=transfers,
