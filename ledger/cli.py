@@ -157,6 +157,7 @@ def _keys_at_start(url: str, settings: Settings, host: str) -> None:
         key = asyncio.run(create())
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # open()'s mode applies only to a file it creates
         with os.fdopen(fd, "w") as handle:
             handle.write(key["token"] + "\n")
         print(

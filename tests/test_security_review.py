@@ -3,7 +3,9 @@ failed before its fix."""
 
 from __future__ import annotations
 
+import stat
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -266,3 +268,18 @@ def test_an_open_event_stream_stops_once_its_key_is_revoked(
                 for _ in range(int(5 * (limits.key_cache_s + 1) / 0.1)):  # about 10 s at most
                     assert ws.receive_json()["type"] == "heartbeat"
         assert (closed.value.code, closed.value.reason) == (4401, "unauthorized")
+
+
+def test_the_first_start_admin_key_file_is_private_even_if_it_existed_before(
+    second_database: str, tmp_path: Path
+) -> None:
+    # Before: open(O_CREAT, 0o600) kept the mode of a file already there (0644 here), so the
+    # admin token landed in a file everyone on the host could read.
+    from ledger.cli import _keys_at_start
+
+    kept = tmp_path / "admin.key"
+    kept.write_text("stale\n")
+    kept.chmod(0o644)
+    _keys_at_start(second_database, Settings(data_dir=tmp_path, database_url=None), "127.0.0.1")
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert kept.read_text().startswith("lk_")
