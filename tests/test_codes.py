@@ -132,6 +132,14 @@ def test_too_many_postings_is_refused_before_a_posting_on_one_account() -> None:
         transfer(*[("a", "a", 1)] * (limits.postings_per_transfer_max + 1))
 
 
+def test_a_time_given_as_text_needs_iso_8601_with_an_offset() -> None:
+    assert domain.parse_time("2026-11-24T12:00:00Z", "as_of") == NOW
+    assert domain.parse_time("2026-11-24T13:00:00+01:00", "as_of") == NOW
+    for bad in ("2026-11-24T12:00:00", "2026-11-24", "yesterday", ""):
+        with pytest.raises(errors.InvalidRequest):
+            domain.parse_time(bad, "as_of")
+
+
 def test_a_batch_over_the_item_limit_is_batch_too_large() -> None:
     from api.schemas import BatchIn
 
