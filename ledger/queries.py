@@ -186,7 +186,10 @@ class AccountFilter:
     closed: bool | None = None
     metadata: tuple[str, ...] = ()
 
-    def where(self) -> tuple[str, dict[str, Any]]:
+    def where(self, lasting_only: bool = False) -> tuple[str, dict[str, Any]]:
+        """SQL conditions on the accounts table; with ``lasting_only``, only those on what
+        never changes (name, type): guard, flags and metadata are then checked as of a
+        position by :meth:`accepts`."""
         clauses, params = [], {}
         if self.prefix is not None:
             clauses.append("name LIKE %(prefix)s")
@@ -194,19 +197,30 @@ class AccountFilter:
         if self.pattern is not None:
             clauses.append("name LIKE %(pattern)s")
             params["pattern"] = like_glob(self.pattern)
-        for column in ("type", "guard", "frozen", "closed"):
+        for column in ("type",) if lasting_only else ("type", "guard", "frozen", "closed"):
             value = getattr(self, column)
             if value is not None:
                 clauses.append(f"{column} = %({column})s")
                 params[column] = value
         wanted = metadata_filters(list(self.metadata))
-        if wanted:
+        if wanted and not lasting_only:
             # Containment on the stored jsonb: strings as strings, other values as JSON.
             clauses.append("metadata @> %(metadata)s::jsonb")
             params["metadata"] = orjson.dumps(
                 {k: _json_value(v) for k, v in wanted.items()}
             ).decode()
         return "".join(f" AND {c}" for c in clauses), params
+
+
+    def accepts(self, metadata: dict[str, Any], guard: str, frozen: bool, closed: bool) -> bool:
+        """The changing attributes, as they were at a position."""
+        for column, value in (("guard", guard), ("frozen", frozen), ("closed", closed)):
+            if getattr(self, column) is not None and getattr(self, column) != value:
+                return False
+        wanted = metadata_filters(list(self.metadata))
+        return not wanted or all(
+            k in metadata and metadata[k] == _json_value(v) for k, v in wanted.items()
+        )
 
 
 def _json_value(text: str) -> Any:
@@ -222,8 +236,11 @@ async def list_accounts(
     svc: LedgerService, ledger: str, where: AccountFilter, at: int | None,
     cursor: str | None, limit: int,
 ) -> dict[str, Any]:
-    """Accounts by name (those opened at or before position ``at``, if given)."""
+    """Accounts by name (those opened at or before position ``at``, if given, with their
+    guard, flags and metadata as they were then)."""
     ref = await svc.ledger_ref(ledger)
+    if at is not None:
+        return await _accounts_then(svc, ref, where, at, cursor, limit)
     sql, params = where.where()
     if at is not None:
         sql += " AND position <= %(at)s"
@@ -241,6 +258,42 @@ async def list_accounts(
     ]
     more = len(rows) > limit
     return {"items": items, "next_cursor": encode_cursor(items[-1]["name"]) if more else None}
+
+
+async def _accounts_then(
+    svc: LedgerService, ref: Any, where: AccountFilter, at: int, cursor: str | None, limit: int
+) -> dict[str, Any]:
+    """Accounts open at position ``at``, filtered and shown by their attributes of then (each
+    folded from the account's own events, a page's worth per query). Name and type narrow the
+    candidates in SQL; at most ``search_scan_events_max`` are examined per page, so a page may
+    come back short with a cursor to go on."""
+    sql, params = where.where(lasting_only=True)
+    after = str(decode_cursor(cursor) or "")
+    items: list[dict[str, Any]] = []
+    scanned, done = 0, False
+    chunk = limits.search_chunk_events
+    while len(items) < limit and scanned < limits.search_scan_events_max:
+        rows = await svc._all(
+            "SELECT name, type, position FROM accounts WHERE ledger_id = %(ledger)s"
+            " AND name > %(after)s AND position <= %(at)s" + sql
+            + " ORDER BY name LIMIT %(chunk)s",
+            {**params, "ledger": ref.id, "after": after, "at": at, "chunk": chunk},
+        )
+        then = await svc.accounts_at(ref, [r[0] for r in rows], at) if rows else {}
+        for name, kind, position in rows:
+            scanned += 1
+            after = name
+            metadata, guard, frozen, closed = then[name]
+            if where.accepts(metadata, guard["rule"], frozen, closed):
+                items.append({"name": name, "type": kind, "metadata": metadata,
+                              "opened_at_position": position, "guard": guard["rule"],
+                              "frozen": frozen, "closed": closed})
+                if len(items) == limit:
+                    break
+        if len(rows) < chunk and (len(items) < limit or after == rows[-1][0]):
+            done = True
+            break
+    return {"items": items, "next_cursor": None if done else encode_cursor(after)}
 
 
 # --- Transfers ----------------------------------------------------------------------------

@@ -415,15 +415,23 @@ class LedgerService:
         """An account's metadata, guard, frozen and closed flags after position ``as_of``,
         folded from its own events: one range of the partial index ``events_account_history``
         (migration 0008), so the cost depends on that account's few events, never on the log."""
+        return (await self.accounts_at(ref, [name], as_of))[name]
+
+    async def accounts_at(
+        self, ref: log.LedgerRef, names: list[str], as_of: int
+    ) -> dict[str, tuple[dict[str, Any], dict[str, Any], bool, bool]]:
+        """:meth:`_account_at` for several accounts in one query (a page of a listing)."""
         rows = await self._all(
-            "SELECT topic, state FROM events WHERE ledger_id = %s AND event_account(state) = %s"
-            f" AND position <= %s AND topic IN ({_ACCOUNT_TOPICS_SQL}) ORDER BY position",
-            (ref.id, name, as_of),
+            "SELECT event_account(state), topic, state FROM events WHERE ledger_id = %s"
+            " AND event_account(state) = ANY(%s) AND position <= %s"
+            f" AND topic IN ({_ACCOUNT_TOPICS_SQL}) ORDER BY position",
+            (ref.id, names, as_of),
         )
-        metadata: dict[str, Any] = {}
-        guard: dict[str, Any] = {"rule": "none", "limits": {}}
-        frozen = closed = False
-        for topic, state in rows:
+        found: dict[str, tuple[dict[str, Any], dict[str, Any], bool, bool]] = {
+            name: ({}, {"rule": "none", "limits": {}}, False, False) for name in names
+        }
+        for name, topic, state in rows:
+            metadata, guard, frozen, closed = found[name]
             data = orjson.loads(bytes(state))
             kind = topic.rpartition(":")[2]
             if kind in ("AccountOpened", "AccountMetadataUpdated"):
@@ -434,7 +442,8 @@ class LedgerService:
                 frozen = kind == "AccountFrozen"
             elif kind == "AccountClosed":
                 closed = True
-        return metadata, guard, frozen, closed
+            found[name] = (metadata, guard, frozen, closed)
+        return found
 
     async def transfer(self, ledger: str, key: str, as_of: int | None = None) -> dict[str, Any]:
         """The transfer as first answered, with its metadata as amended last (at or before

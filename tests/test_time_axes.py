@@ -303,3 +303,38 @@ def test_a_report_answers_effective_at_a_time_as_recorded_by_a_position(
                "--as-of", str(recorded))
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["summary"] == []
+
+
+def test_accounts_listed_as_of_a_position_are_shown_and_filtered_by_their_attributes_of_then(
+    client: TestClient, ledger: str
+) -> None:
+    for name in ("users:a", "users:b", "users:c"):
+        _open(client, ledger, name, "liability", metadata={"tier": "silver"})
+    opened = _head(client, ledger)
+    url = f"/v1/ledgers/{ledger}/accounts"
+    r = client.put(url + "/users:b/metadata", json={"metadata": {"tier": "gold"}}, headers=_key())
+    assert r.status_code == 200, r.text
+    assert client.post(url + "/users:c/freeze", headers=_key()).status_code == 200
+
+    def names(**params: Any) -> list[str]:
+        r = client.get(url, params={"prefix": "users:", **params})
+        assert r.status_code == 200, r.text
+        return [a["name"] for a in r.json()["items"]]
+
+    assert names(metadata="tier=silver") == ["users:a", "users:c"]
+    assert names(metadata="tier=silver", as_of=opened) == ["users:a", "users:b", "users:c"]
+    assert names(frozen="false", as_of=opened) == ["users:a", "users:b", "users:c"]
+    assert names(frozen="true", as_of=opened) == []
+    assert names(frozen="true") == ["users:c"]
+    then = client.get(url, params={"prefix": "users:b", "as_of": opened}).json()["items"][0]
+    assert (then["metadata"], then["frozen"]) == ({"tier": "silver"}, False)
+    pages, cursor = [], None
+    while True:
+        r = client.get(url, params={"prefix": "users:", "as_of": opened, "limit": 2,
+                                    **({"cursor": cursor} if cursor else {})}).json()
+        pages.append([a["name"] for a in r["items"]])
+        cursor = r["next_cursor"]
+        if cursor is None:
+            break
+    assert [n for page in pages for n in page] == ["users:a", "users:b", "users:c"]
+    assert pages[0] == ["users:a", "users:b"]
