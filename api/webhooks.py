@@ -53,7 +53,9 @@ def _subscription(row: Any) -> dict[str, Any]:
     openapi_extra=auth.scope("ledgers"),
 )
 async def create_webhook(ledger: LedgerPath, body: WebhookIn, request: Request) -> Response:
-    """Subscribes a URL to the ledger's events; the answer holds the signing `secret`, once."""
+    """Subscribes a URL to the ledger's events; the answer holds the signing `secret`, once.
+    Needs `events` on the ledger too: a subscription hands its holder the ledger's events."""
+    auth.principal_of(request.scope).require("events", ledger)
     unknown = sorted(set(body.event_types) - EVENT_TYPES)
     if unknown:
         raise errors.InvalidRequest(f"unknown event type {unknown[0]!r}")

@@ -283,3 +283,22 @@ def test_the_first_start_admin_key_file_is_private_even_if_it_existed_before(
     _keys_at_start(second_database, Settings(data_dir=tmp_path, database_url=None), "127.0.0.1")
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600
     assert kept.read_text().startswith("lk_")
+
+
+def test_a_key_without_the_events_scope_cannot_subscribe_a_webhook_to_read_the_log(
+    database_url: str,
+) -> None:
+    # Before: `ledgers` alone (create ledgers, define assets) was enough to subscribe a URL of
+    # one's own from position 0 and receive every event of the ledger, which needs `events`.
+    settings = Settings(relay=False, projections=False, webhook_allowed_networks="127.0.0.0/8")
+    with api_client(database_url, settings) as c:
+        assert c.post("/v1/ledgers", json={"name": "review-hooks"}).status_code in (201, 409)
+        path = "/v1/ledgers/review-hooks/webhooks"
+        body = {"url": "http://127.0.0.1:9/hook", "after": 0}
+        platform = make_key(database_url, ("ledgers",), ("review-hooks",))
+        r = c.post(path, json=body, headers=bearer(platform))
+        assert r.status_code == 403 and "events" in r.json()["detail"], r.text
+        follower = make_key(database_url, ("ledgers", "events"), ("review-hooks",))
+        r = c.post(path, json=body, headers=bearer(follower))
+        assert r.status_code == 201, r.text
+        c.delete(f"{path}/{r.json()['id']}")

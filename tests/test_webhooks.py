@@ -314,7 +314,8 @@ def test_managing_webhooks_needs_the_ledgers_scope_and_listing_them_read(
     with api_client(database_url, NO_RELAY, scopes=("read",)) as reader:
         assert reader.post(url, json=body).json()["code"] == "forbidden"
         assert reader.get(url).status_code == 200
-    with api_client(database_url, NO_RELAY, scopes=("ledgers",)) as manager:
+    # `events` too: a subscription delivers the ledger's events (tests/test_security_review.py)
+    with api_client(database_url, NO_RELAY, scopes=("ledgers", "events")) as manager:
         created = manager.post(url, json=body)
         assert created.status_code == 201, created.text
         bad = manager.post(url, json={**body, "event_types": ["NoSuchEvent"]})
