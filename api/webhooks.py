@@ -28,7 +28,10 @@ COLUMNS = "id, url, event_types, position, created_at, created_by"
 
 class WebhookIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    url: str = Field(max_length=2048, pattern=r"^https?://[^\s/?#]+[^\s]*$")
+    # No control character (a NUL cannot be stored: it was a 500)
+    url: str = Field(
+        max_length=2048, pattern=r"^https?://[^\s/?#\x00-\x1f\x7f]+[^\s\x00-\x1f\x7f]*$"
+    )
     event_types: list[str] = Field(default_factory=list, max_length=32)
     """Event type names (``TransferPosted``, …); empty: every type."""
     after: int | None = Field(None, ge=0)

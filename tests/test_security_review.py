@@ -302,3 +302,7 @@ def test_a_key_without_the_events_scope_cannot_subscribe_a_webhook_to_read_the_l
         r = c.post(path, json=body, headers=bearer(follower))
         assert r.status_code == 201, r.text
         c.delete(f"{path}/{r.json()['id']}")
+        for control in ("\\u0000", "\\u0001", "\\u007f"):  # a NUL was a 500 (DataError)
+            raw = '{"url": "http://127.0.0.1:9/' + control + '"}'
+            r = c.post(path, content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 422 and r.json()["code"] == "invalid_request", r.text
