@@ -8,10 +8,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from ledger.postgres import READER_ROLE, login_as
 from ledger.settings import Settings
 from tests.support import api_client, bearer, make_key, make_key_record
 
@@ -306,3 +308,43 @@ def test_a_key_without_the_events_scope_cannot_subscribe_a_webhook_to_read_the_l
             raw = '{"url": "http://127.0.0.1:9/' + control + '"}'
             r = c.post(path, content=raw, headers={"content-type": "application/json"})
             assert r.status_code == 422 and r.json()["code"] == "invalid_request", r.text
+
+
+APP_REFUSED = [
+    "UPDATE transfer_metadata SET metadata = '{}'",
+    "DELETE FROM transfer_metadata",
+    "TRUNCATE transfer_metadata",
+    "DELETE FROM api_keys",
+    "UPDATE api_keys SET scopes = '{*}'",
+    "UPDATE api_keys SET secret_sha256 = '\\x00'",
+    "UPDATE api_keys SET ledgers = '{}'",
+    "DELETE FROM webhook_subscriptions",
+    "TRUNCATE webhook_deliveries",
+]
+READER_REFUSED = [
+    "SELECT secret FROM webhook_subscriptions",
+    "SELECT * FROM webhook_subscriptions",
+    "SELECT secret_sha256 FROM api_keys",
+    "INSERT INTO transfer_metadata VALUES (1, 'k', 1, '{}')",
+]
+
+
+@pytest.mark.parametrize("statement", APP_REFUSED)
+def test_the_app_login_cannot_change_the_newer_tables_history_or_key_rights(
+    database_url: str, statement: str
+) -> None:
+    # The tables added this session (amended metadata, keys, webhooks): grants, not only
+    # triggers, refuse the app's own login.
+    with psycopg.connect(database_url) as conn, pytest.raises(psycopg.Error) as refused:
+        conn.execute(statement)
+    assert refused.value.sqlstate == "42501", refused.value
+
+
+@pytest.mark.parametrize("statement", READER_REFUSED)
+def test_the_reader_login_cannot_read_webhook_secrets_nor_write(
+    owner_database_url: str, statement: str
+) -> None:
+    reader = login_as(owner_database_url, READER_ROLE)
+    with psycopg.connect(reader) as conn, pytest.raises(psycopg.Error) as refused:
+        conn.execute(statement)
+    assert refused.value.sqlstate in ("42501", "25006"), refused.value  # or read-only
