@@ -376,13 +376,19 @@ async def search_transfers(
         if not rows:
             position = low
             break
-        for pos, topic, state_bytes, digest in rows:
+        states = {
+            r[0]: orjson.loads(bytes(r[2])) for r in rows if r[1] in TRANSFER_TOPICS
+        }
+        amended = await _amended_metadata(svc, ref.id, [st.get("key") for st in states.values()])
+        for pos, topic, _, digest in rows:
             scanned += 1
             position = pos
             kind = TRANSFER_TOPICS.get(topic)
             if kind is None:
                 continue
-            state = orjson.loads(bytes(state_bytes))
+            state = states[pos]
+            if state.get("key") in amended:  # filters and answers see the metadata of now
+                state["metadata"] = amended[state["key"]]
             if not where.accepts(state, kind):
                 continue
             items.append(_transfer_item(ledger, pos, kind, state, bytes(digest)))
@@ -397,6 +403,21 @@ async def search_transfers(
     done = position <= low
     return {"items": items, "next_cursor": None if done else encode_cursor(position),
             "examined": scanned}
+
+
+async def _amended_metadata(
+    svc: LedgerService, ledger_id: int, keys: list[str]
+) -> dict[str, Any]:
+    """The newest amended metadata (TransferMetadataAmended) of the transfers ``keys``: one
+    query per chunk of candidates."""
+    if not keys:
+        return {}
+    found = await svc._all(
+        "SELECT DISTINCT ON (key) key, metadata FROM transfer_metadata"
+        " WHERE ledger_id = %s AND key = ANY(%s) ORDER BY key, position DESC",
+        (ledger_id, keys),
+    )
+    return {r[0]: r[1] for r in found}
 
 
 def _statuses_wanted(status: str | None) -> set[str] | None:

@@ -179,3 +179,15 @@ def test_balances_roll_up_by_prefix_at_a_position_an_effective_time_or_both(
         ("users:ann", "USD/2", "970")}
     r = c.get(url, params={"as_of": 1, "recorded_at": datetime.now(UTC).isoformat()})
     assert r.status_code == 422 and r.json()["code"] == "invalid_request"
+
+
+def test_a_transfer_is_found_by_its_amended_metadata_not_the_original(books: Any) -> None:
+    c, ledger, _ = books
+    url = f"/v1/ledgers/{ledger}/transfers"
+    assert _keys(c.get(url, params={"metadata": "order=A-1"}).json()) == ["back"]
+    r = c.put(f"{url}/back/metadata", json={"metadata": {"order": "A-1b"}},
+              headers={"Idempotency-Key": "amend-back"})
+    assert r.status_code == 200, r.text
+    assert _keys(c.get(url, params={"metadata": "order=A-1"}).json()) == []
+    found = c.get(url, params={"metadata": "order=A-1b"}).json()["items"]
+    assert [(i["key"], i["metadata"]) for i in found] == [("back", {"order": "A-1b"})]
