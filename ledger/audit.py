@@ -594,6 +594,30 @@ def verify(
         "" if bad_effective is None else "an entry's effective date disagrees with its event",
         bad_effective,
     )
+    # Amended metadata is read from its own table: each row must be an amendment event's copy,
+    # and each amendment event must have its row (the app's login may insert rows there).
+    amended = conn.execute(
+        "WITH logged AS (SELECT position,"
+        "   convert_from(state, 'UTF8')::jsonb ->> 'transfer_key' AS key,"
+        "   convert_from(state, 'UTF8')::jsonb -> 'metadata' AS metadata"
+        "   FROM events WHERE ledger_id = %(l)s"
+        "   AND topic = 'ledger.events:TransferMetadataAmended'),"
+        " stored AS (SELECT position, key, metadata FROM transfer_metadata"
+        "   WHERE ledger_id = %(l)s)"
+        " SELECT min(coalesce(g.position, s.position)) FROM logged g"
+        " FULL JOIN stored s ON s.position = g.position AND s.key = g.key"
+        "   AND s.metadata = g.metadata"
+        " WHERE g.position IS NULL OR s.position IS NULL",
+        {"l": ledger_id},
+    ).fetchone()
+    bad_amendment = amended[0] if amended else None
+    report.add(
+        "amended_metadata_matches_events",
+        bad_amendment is None,
+        "" if bad_amendment is None
+        else "an amended-metadata row has no amendment event, or an amendment event no row",
+        bad_amendment,
+    )
     from projections import runner  # the read side's own check, against a replay
 
     ok, detail = runner.check(conn, ledger)

@@ -525,3 +525,38 @@ def test_the_new_event_kinds_are_stored_as_these_bytes() -> None:
         "ledger.events:PeriodClosed",
         "ledger.events:PeriodReopened",
     ]
+
+
+def test_verify_catches_an_amended_metadata_row_that_no_event_wrote(database_url: str) -> None:
+    """The app's login may insert into transfer_metadata (it writes amendments there): a row
+    slipped in without its event would change what reads show, and verify must say so."""
+    with api_client(database_url) as client:
+        ledger = "m" + secrets.token_hex(5)
+        assert client.post("/v1/ledgers", json={"name": ledger}).status_code == 201
+        for name, kind in (("bank", "asset"), ("ann", "liability")):
+            client.post(f"/v1/ledgers/{ledger}/accounts", json={"name": name, "type": kind},
+                        headers={"Idempotency-Key": f"open-{name}"})
+        v1 = f"/v1/ledgers/{ledger}"
+        r = client.post(f"{v1}/transfers", headers={"Idempotency-Key": "t1"}, json={
+            "postings": [{"debit": "bank", "credit": "ann", "amount": "5", "asset": "USD/2"}]})
+        assert r.status_code == 201, r.text
+        r = client.put(f"{v1}/transfers/t1/metadata", json={"metadata": {"a": 1}},
+                       headers={"Idempotency-Key": "amend-1"})
+        assert r.status_code == 200, r.text
+
+        def check() -> dict[str, Any]:
+            report = client.get(f"{v1}/verify").json()
+            return {c["check"]: c for c in report["checks"]}
+
+        assert check()["amended_metadata_matches_events"]["ok"]
+        with postgres.connect(database_url) as conn:
+            ledger_id = conn.execute("SELECT id FROM ledgers WHERE name = %s", (ledger,)).fetchone()
+            assert ledger_id is not None
+            conn.execute(
+                "INSERT INTO transfer_metadata (ledger_id, key, position, metadata)"
+                " VALUES (%s, 't1', 999999, '{\"a\": 2}')",
+                (ledger_id[0],),
+            )
+            conn.commit()
+        caught = check()["amended_metadata_matches_events"]
+        assert not caught["ok"] and caught["first_bad_position"] == 999999
