@@ -17,7 +17,7 @@ import psycopg
 import structlog
 from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 
-from api.auth import ws_principal
+from api.auth import authenticate, ws_principal
 from ledger import errors, limits
 from ledger.log import NOTIFY_CHANNEL
 from ledger.service import LedgerService
@@ -85,12 +85,32 @@ class Notifier:
                 event.set()
 
 
+def _take_rate(websocket: WebSocket, key_id: str | None) -> None:
+    """The HTTP rate limits for a handshake too (the Guard sees only HTTP requests)."""
+    from api.ratelimit import RateLimiter
+
+    limiter: RateLimiter | None = getattr(websocket.app.state, "rate_limiter", None)
+    if limiter is None:
+        return
+    client = websocket.client
+    wait_s = limiter.take(key_id, client.host if client else None)
+    if wait_s:
+        whom = "this API key" if key_id is not None else "this address without a valid key"
+        raise errors.RateLimited(f"too many requests for {whom}; retry in {wait_s:.3f} s")
+
+
 @router.websocket("/v1/ledgers/{ledger}/events/stream")
 async def stream(websocket: WebSocket, ledger: str, after: int = Query(0, ge=0)) -> None:
     svc: LedgerService = websocket.app.state.service
     notifier: Notifier = websocket.app.state.notifier
     try:
-        await ws_principal(websocket, "events", ledger)
+        try:
+            principal = await authenticate(websocket.scope, websocket.headers.get("authorization"))
+        except errors.LedgerError:
+            _take_rate(websocket, None)  # over the address's rate: 4429, as HTTP answers 429
+            raise
+        _take_rate(websocket, principal.key_id)
+        principal.require("events", ledger)
         await svc.ledger_ref(ledger)
         wake = notifier.register(ledger)
     except errors.LedgerError as error:

@@ -348,3 +348,32 @@ def test_the_reader_login_cannot_read_webhook_secrets_nor_write(
     with psycopg.connect(reader) as conn, pytest.raises(psycopg.Error) as refused:
         conn.execute(statement)
     assert refused.value.sqlstate in ("42501", "25006"), refused.value  # or read-only
+
+
+def test_stream_handshakes_count_against_the_rate_limits(database_url: str) -> None:
+    # Before: the Guard rate-limits HTTP requests only; a key (or an address without one)
+    # could open streams in a loop, each costing queries, past its rate.
+    from starlette.websockets import WebSocketDisconnect
+
+    settings = Settings(
+        relay=False, projections=False, rate_per_s=0.01, rate_burst=3,
+        rate_address_per_s=0.01, rate_address_burst=2,
+    )
+    with api_client(database_url, settings) as c:  # the admin key: 1 request of its burst
+        assert c.post("/v1/ledgers", json={"name": "review-ws-rate"}).status_code in (201, 409)
+        path = "/v1/ledgers/review-ws-rate/events/stream?after=0"
+        for _ in range(2):
+            with c.websocket_connect(path) as ws:
+                assert ws.receive_json()["position"] == 1
+        with c.websocket_connect(path) as ws, pytest.raises(WebSocketDisconnect) as limited:
+            ws.receive_json()
+        assert (limited.value.code, limited.value.reason) == (4429, "rate_limited")
+        wrong = bearer(f"lk_{'0' * 12}_{'A' * 43}")
+        codes = []
+        for _ in range(3):
+            with c.websocket_connect(path, headers=wrong) as ws, pytest.raises(
+                WebSocketDisconnect
+            ) as refused:
+                ws.receive_json()
+            codes.append(refused.value.code)
+        assert codes == [4401, 4401, 4429]
