@@ -141,6 +141,9 @@ _COLUMNS = (
 )
 
 
+_KEYS_LOCK = 0x6b657973  # "keys": the advisory lock that serialises key creations
+
+
 def _row(row: tuple[Any, ...]) -> dict[str, Any]:
     return {
         "id": PREFIX + row[0],
@@ -178,6 +181,16 @@ async def create(
         raise errors.InvalidRequest("a key's name is 1 to 64 printable characters")
     if not scopes:
         raise errors.InvalidRequest("a key needs at least one scope")
+    # At most keys_listed_max keys that are not revoked, so that one listing shows them all
+    # (a key made after that many others would otherwise be in none). One creation at a time.
+    await conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_KEYS_LOCK,))
+    cur = await conn.execute("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL")
+    found = await cur.fetchone()
+    if found is not None and found[0] >= limits.keys_listed_max:
+        raise errors.InvalidRequest(
+            f"there are {limits.keys_listed_max} keys that are not revoked, the most a listing"
+            " shows: revoke keys no longer used first"
+        )
     key_id, secret, token = new_token()
     cur = await conn.execute(
         f"INSERT INTO api_keys (id, name, secret_sha256, scopes, ledgers, created_by, expires_at,"

@@ -84,7 +84,7 @@ key_used_interval_s: Final = 60.0
 keys_cached_max: Final = 10_000
 """API keys a server process remembers; past this it forgets them all and re-reads."""
 keys_listed_max: Final = 1_000
-"""API keys one listing returns."""
+"""API keys one listing returns, and so the most keys that are not revoked (creation refused)."""
 key_rotation_grace_s_max: Final = 7 * 24 * 3600
 """Longest a rotated key keeps working beside its replacement."""
 

@@ -377,3 +377,21 @@ def test_stream_handshakes_count_against_the_rate_limits(database_url: str) -> N
                 ws.receive_json()
             codes.append(refused.value.code)
         assert codes == [4401, 4401, 4429]
+
+
+def test_every_key_that_is_not_revoked_is_in_the_listing(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: a listing showed the oldest keys_listed_max keys only, so a key created after
+    # that many others (junk ones, say) was in no listing, over the API or the CLI.
+    from ledger import limits
+
+    with api_client(database_url) as c:
+        listed = len(c.get("/v1/keys").json()["items"])
+        monkeypatch.setattr(limits, "keys_listed_max", listed + 1)
+        r = c.post("/v1/keys", json={"name": "last-place", "scopes": ["read"]})
+        assert r.status_code == 201, r.text
+        r = c.post("/v1/keys", json={"name": "hidden", "scopes": ["read"]})
+        assert r.status_code == 422 and "revoke" in r.json()["detail"], r.text
+        ids = {k["id"] for k in c.get("/v1/keys").json()["items"]}
+        assert len(ids) == listed + 1
