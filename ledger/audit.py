@@ -618,11 +618,96 @@ def verify(
         else "an amended-metadata row has no amendment event, or an amendment event no row",
         bad_amendment,
     )
+    _accounts_and_assets_match_log(conn, ledger_id, report)
     from projections import runner  # the read side's own check, against a replay
 
     ok, detail = runner.check(conn, ledger)
     report.add("projections_match_replay", ok, detail)
     return report
+
+
+_ACCOUNT_TOPICS = [
+    f"ledger.events:{name}"
+    for name in (
+        "LedgerCreated", "AssetDefined", "AccountOpened", "AccountGuardSet", "AccountFrozen",
+        "AccountUnfrozen", "AccountClosed", "AccountMetadataUpdated",
+    )
+]
+
+
+def _accounts_and_assets_match_log(
+    conn: psycopg.Connection[Any], ledger_id: int, report: Report
+) -> None:
+    """The rows the writer decides by (an account's type, metadata, guard and limits, frozen,
+    closed; an asset's scale and posting maximum) are what the log's events say: the app's
+    login may UPDATE them, and a guard removed there would let an overdraft through as a valid
+    event that the balance replay alone would accept."""
+    accounts: dict[str, dict[str, Any]] = {}
+    assets: dict[str, tuple[int, int | None]] = {}
+    rows = conn.execute(
+        "SELECT position, topic, state FROM events WHERE ledger_id = %s AND topic = ANY(%s)"
+        " ORDER BY position",
+        (ledger_id, _ACCOUNT_TOPICS),
+    )
+    for _, topic, state in rows:
+        data = json.loads(bytes(state))
+        kind = topic.rpartition(":")[2]
+        if kind in ("LedgerCreated", "AssetDefined"):
+            maximum = data.get("posting_amount_max")
+            for asset in data.get("assets") or [data.get("asset")]:
+                code, _, scale = asset.partition("/")
+                assets[code] = (int(scale), None if maximum is None else int(maximum))
+            continue
+        name = data["account"]
+        if kind == "AccountOpened":
+            accounts[name] = {"type": data["type"], "metadata": data["metadata"],
+                              "guard": "none", "limits": {}, "frozen": False, "closed": False}
+        elif name in accounts:
+            account = accounts[name]
+            if kind == "AccountGuardSet":
+                account["guard"] = data["rule"]
+                account["limits"] = {k.partition("/")[0]: int(v) for k, v in data["limits"].items()}
+            elif kind in ("AccountFrozen", "AccountUnfrozen"):
+                account["frozen"] = kind == "AccountFrozen"
+            elif kind == "AccountClosed":
+                account["closed"] = True
+            else:
+                account["metadata"] = data["metadata"]
+    stored = conn.execute(
+        "SELECT name, type, metadata, guard, guard_limits, frozen, closed, position"
+        " FROM accounts WHERE ledger_id = %s",
+        (ledger_id,),
+    ).fetchall()
+    bad_accounts = sorted(
+        (r[7], r[0]) for r in stored
+        if accounts.get(r[0]) != {
+            "type": r[1], "metadata": r[2], "guard": r[3],
+            "limits": {k: int(v) for k, v in r[4].items()}, "frozen": r[5], "closed": r[6],
+        }
+    )
+    missing = sorted(set(accounts) - {r[0] for r in stored})
+    report.add(
+        "accounts_match_log",
+        not bad_accounts and not missing,
+        "" if not bad_accounts and not missing
+        else f"account {(bad_accounts[0][1] if bad_accounts else missing[0])!r} differs from"
+        " what its events say",
+        bad_accounts[0][0] if bad_accounts else None,
+    )
+    stored_assets = {
+        r[0]: (int(r[1]), None if r[2] is None else int(r[2]))
+        for r in conn.execute(
+            "SELECT code, scale, posting_amount_max FROM assets WHERE ledger_id = %s",
+            (ledger_id,),
+        )
+    }
+    wrong = sorted(c for c in set(assets) | set(stored_assets)
+                   if assets.get(c) != stored_assets.get(c))
+    report.add(
+        "assets_match_log",
+        not wrong,
+        "" if not wrong else f"asset {wrong[0]} differs from what its events say",
+    )
 
 
 # --- Export and offline verification ------------------------------------------------------------

@@ -270,3 +270,31 @@ def test_a_shifted_recorded_time_or_effective_date_is_caught_against_the_event(
     positions = {c["check"]: c.get("first_bad_position") for c in report.checks}
     assert positions["recorded_at_matches_events"] == 9
     assert positions["effective_at_matches_events"] == 10
+
+
+@pytest.mark.parametrize(
+    ("statement", "check"),
+    [
+        ("UPDATE accounts SET guard = 'credits_must_not_exceed_debits' WHERE ledger_id ="
+         " (SELECT id FROM ledgers WHERE name = %s) AND name = 'b'", "accounts_match_log"),
+        ("UPDATE accounts SET frozen = NOT frozen WHERE ledger_id ="
+         " (SELECT id FROM ledgers WHERE name = %s) AND name = 'b'", "accounts_match_log"),
+        ("UPDATE accounts SET metadata = '{\"tier\": \"gold\"}' WHERE ledger_id ="
+         " (SELECT id FROM ledgers WHERE name = %s) AND name = 'b'", "accounts_match_log"),
+        ("UPDATE assets SET posting_amount_max = 1 WHERE ledger_id ="
+         " (SELECT id FROM ledgers WHERE name = %s)", "assets_match_log"),
+    ],
+)
+def test_a_rule_changed_behind_the_logs_back_with_the_apps_own_login_is_caught(
+    database_url: str, sealed: tuple[str, list[str]], statement: str, check: str
+) -> None:
+    """The app's login may UPDATE the rows the writer decides by (it must, to apply events);
+    a guard or a freeze changed there without its event would decide the next transfers, so
+    verify compares them with the log."""
+    ledger, _ = sealed
+    with postgres.connect(database_url) as conn:
+        assert audit.verify(conn, ledger, PUBLIC).ok
+    with psycopg.connect(database_url) as conn:  # ledger_app, not an administrator
+        assert conn.execute(statement, (ledger,)).rowcount >= 1
+    with postgres.connect(database_url) as conn:
+        assert check in audit.verify(conn, ledger, PUBLIC).failed()
