@@ -619,11 +619,37 @@ def verify(
         bad_amendment,
     )
     _accounts_and_assets_match_log(conn, ledger_id, report)
+    _holds_match_log(conn, ledger_id, check.replay.holds, report)
     from projections import runner  # the read side's own check, against a replay
 
     ok, detail = runner.check(conn, ledger)
     report.add("projections_match_replay", ok, detail)
     return report
+
+
+def _holds_match_log(
+    conn: psycopg.Connection[Any],
+    ledger_id: int,
+    holds: dict[str, list[dict[str, str]]],
+    report: Report,
+) -> None:
+    """The pending transfers the writer would let someone post or void (``transfer_status``,
+    which the app's login may UPDATE) are exactly the holds the log leaves open, with the
+    amounts they hold: a voided hold set back to pending could otherwise be posted twice."""
+    stored = {
+        r[0]: [int(a) for a in r[1]]
+        for r in conn.execute(
+            "SELECT key, amounts FROM transfer_status WHERE ledger_id = %s AND status = 'pending'",
+            (ledger_id,),
+        )
+    }
+    logged = {key: [int(p["amount"]) for p in postings] for key, postings in holds.items()}
+    wrong = sorted(k for k in set(stored) | set(logged) if stored.get(k) != logged.get(k))
+    report.add(
+        "pending_holds_match_log",
+        not wrong,
+        "" if not wrong else f"pending transfer {wrong[0]!r} is not what the log leaves open",
+    )
 
 
 _ACCOUNT_TOPICS = [

@@ -283,6 +283,10 @@ def test_a_shifted_recorded_time_or_effective_date_is_caught_against_the_event(
          " (SELECT id FROM ledgers WHERE name = %s) AND name = 'b'", "accounts_match_log"),
         ("UPDATE assets SET posting_amount_max = 1 WHERE ledger_id ="
          " (SELECT id FROM ledgers WHERE name = %s)", "assets_match_log"),
+        ("UPDATE transfer_status SET amounts = '{500}' WHERE ledger_id ="
+         " (SELECT id FROM ledgers WHERE name = %s) AND key = 'h'", "pending_holds_match_log"),
+        ("UPDATE transfer_status SET status = 'voided' WHERE ledger_id ="
+         " (SELECT id FROM ledgers WHERE name = %s) AND key = 'h'", "pending_holds_match_log"),
     ],
 )
 def test_a_rule_changed_behind_the_logs_back_with_the_apps_own_login_is_caught(
