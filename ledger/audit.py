@@ -680,7 +680,8 @@ def _accounts_and_assets_match_log(
         kind = topic.rpartition(":")[2]
         if kind in ("LedgerCreated", "AssetDefined"):
             maximum = data.get("posting_amount_max")
-            for asset in data.get("assets") or [data.get("asset")]:
+            named = data["assets"] if kind == "LedgerCreated" else [data["asset"]]
+            for asset in named:
                 code, _, scale = asset.partition("/")
                 assets[code] = (int(scale), None if maximum is None else int(maximum))
             continue

@@ -302,3 +302,13 @@ def test_a_rule_changed_behind_the_logs_back_with_the_apps_own_login_is_caught(
         assert conn.execute(statement, (ledger,)).rowcount >= 1
     with postgres.connect(database_url) as conn:
         assert check in audit.verify(conn, ledger, PUBLIC).failed()
+
+
+def test_a_ledger_created_with_no_assets_verifies(database_url: str, ledger_name: str) -> None:
+    from tests.support import api_client
+
+    with api_client(database_url) as client:
+        r = client.post("/v1/ledgers", json={"name": ledger_name, "assets": []})
+        assert r.status_code == 201, r.text
+        report = client.get(f"/v1/ledgers/{ledger_name}/verify").json()
+        assert report["ok"], report
