@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, TypeAlias
 
 import orjson
 import psycopg
@@ -332,6 +332,70 @@ _BALANCE_SQL = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What a group must read, decided from its commands and the writer's cache alone (no I/O:
+    ``tests/test_write_plan.py``). Each list is empty when there is nothing to look up, and a
+    statement with nothing to look up is not sent."""
+
+    keys: list[str]
+    """Idempotency keys of the commands: already used?"""
+    refs: list[str]
+    """Keys of the transfers the commands refer to (holds, originals, corrected transfers)."""
+    pairs: list[tuple[str, str]]
+    """(account name, asset code) of every balance the commands may move."""
+    cached_accounts: dict[str, domain.Account]
+    cached_balances: dict[tuple[str, str], domain.Balance]
+    missing_names: list[str]
+    """Accounts named by the commands that the cache does not hold."""
+    missing_pairs: list[tuple[str, str]]
+    """Balances the commands may move that the cache does not hold."""
+    closing: list[str]
+    """Accounts to close: all their balances are read (the commands name no asset)."""
+    opens: int
+    """How many accounts the group may open (an id is drawn for each)."""
+    assets: bool
+    """Whether to read the ledger's assets (the cache has none, or is empty)."""
+
+
+def _plan(commands: list[domain.Command], cache: Cache) -> _Plan:
+    names = _account_names(commands)
+    pairs = _balance_keys(commands)
+    accounts, balances = _cached(cache, names, pairs)
+    return _Plan(
+        keys=[key for c in commands if (key := domain.key_of(c))],
+        refs=[ref for c in commands if (ref := _ref_of(c))],
+        pairs=pairs,
+        cached_accounts=accounts,
+        cached_balances=balances,
+        missing_names=[n for n in names if n not in accounts],
+        missing_pairs=[(n, a) for n, a in pairs if (n, a) not in balances],
+        closing=[c.account for c in commands if isinstance(c, domain.CloseAccount)],
+        opens=sum(isinstance(c, domain.OpenAccount) for c in commands),
+        assets=not cache.assets or not cache.position,
+    )
+
+
+@dataclass(slots=True)
+class _Read:
+    """The rows of a group's reads, decoded."""
+
+    head: Any
+    """(head_position, head_hash, head_recorded_at, closed_through), under the lock."""
+    new_ids: list[int]
+    known_keys: dict[str, tuple[int, bytes]]
+    accounts: dict[str, domain.Account]
+    assets: dict[str, tuple[int, int]] | None
+    """Code → (scale, position); None when not read (the cache's are current)."""
+    posting_max: dict[str, int] | None
+    balances: dict[tuple[int, str], domain.Balance]
+    """The missing balances, and every balance of the accounts to close."""
+    records: list[domain.TransferRecord]
+    """The transfers referred to (and the holds of captures referred to by their own key)."""
+    due: list[domain.TransferRecord]
+    """Pending transfers past their timeout, in the order they expire."""
+
+
 async def _load(
     conn: psycopg.AsyncConnection[Any],
     ledger: LedgerRef,
@@ -340,183 +404,252 @@ async def _load(
 ) -> _Loaded:
     """The head lock and every read the group needs that the cache cannot answer: one round
     trip, and a second one only when transfers the commands refer to name accounts not loaded
-    yet, or when the cache turns out to be stale (then it is emptied and everything read)."""
+    yet. When the cache turns out to be stale, it is emptied and everything is read again, in
+    the same transaction (the lock is still held)."""
+    loaded = await _load_with(conn, ledger, items, cache)
+    if loaded is None:
+        loaded = await _load_with(conn, ledger, items, cache)  # an empty cache: never stale
+        assert loaded is not None, "an emptied cache was found stale"
+    return loaded
+
+
+async def _load_with(
+    conn: psycopg.AsyncConnection[Any],
+    ledger: LedgerRef,
+    items: list[tuple[domain.Command, Any]],
+    cache: Cache,
+) -> _Loaded | None:
+    """One attempt of :func:`_load`: None (and the cache emptied) if the cache was stale."""
     commands = [c for c, _ in items]
-    keys = [key for c in commands if (key := domain.key_of(c))]
-    refs = [ref for c in commands if (ref := _ref_of(c))]
-    names = _account_names(commands)
-    pairs = _balance_keys(commands)
-    accounts, balances = _cached(cache, names, pairs)
-    closing = [c.account for c in commands if isinstance(c, domain.CloseAccount)]
-    opens = sum(isinstance(c, domain.OpenAccount) for c in commands)
+    plan = _plan(commands, cache)
     recorded_now = now()
+    read = await _read(conn, ledger, plan, recorded_now)
+    if _stale(cache, read.head):
+        await _report_fork(conn, ledger, cache, read.head)
+        cache.clear()  # another process wrote since
+        return None
+    state = await _state(conn, ledger, plan, read, cache)
+    assets = read.assets if read.assets is not None else dict(cache.assets)
+    return _Loaded(
+        int(read.head[0]),
+        bytes(read.head[1]),
+        max(recorded_now, read.head[2]),
+        read.known_keys,
+        state,
+        {code: pos for code, (_, pos) in assets.items()},
+        read.due,
+        read.new_ids,
+    )
+
+
+_Cursor: TypeAlias = psycopg.AsyncCursor[Any] | Literal[0, False] | list[Any]
+"""A statement's cursor, or a falsy value for a statement not sent (nothing to look up)."""
+
+
+class _Sent(NamedTuple):
+    """The cursors of a group's pipelined reads, in the order they were sent."""
+
+    head: psycopg.AsyncCursor[Any]
+    keys: _Cursor
+    accounts: _Cursor
+    assets: _Cursor
+    balances: _Cursor
+    closing: _Cursor
+    refs: _Cursor
+    due: psycopg.AsyncCursor[Any]
+    ids: _Cursor
+
+
+async def _read(
+    conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, plan: _Plan, recorded_now: datetime
+) -> _Read:
+    """The plan's statements, pipelined: one round trip (a second for records of holds and
+    of expired transfers, when there are any)."""
+    return await _decode(conn, ledger, await _send(conn, ledger, plan, recorded_now))
+
+
+async def _send(
+    conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, plan: _Plan, recorded_now: datetime
+) -> _Sent:
     q = conn.execute
-    missing_names = [n for n in names if n not in accounts]
-    missing_pairs = [(n, a) for n, a in pairs if (n, a) not in balances]
     # Statements with nothing to look up are not sent: each costs Postgres a bind, a plan and
     # an execution, which for a group of one transfer is most of its time.
-    head_cur = await q(
+    head = await q(
         "SELECT head_position, head_hash, head_recorded_at, closed_through FROM ledgers"
         " WHERE id = %s FOR UPDATE",
         (ledger.id,),
     )
-    keys_cur = keys and await q(
+    keys = plan.keys and await q(
         "SELECT key, position, request_hash FROM transfers WHERE ledger_id = %s AND key = ANY(%b)",
-        (ledger.id, keys),
+        (ledger.id, plan.keys),
     )
-    accounts_cur = missing_names and await q(
-        _ACCOUNT_SQL + " WHERE ledger_id = %s AND name = ANY(%b)", (ledger.id, missing_names)
+    accounts = plan.missing_names and await q(
+        _ACCOUNT_SQL + " WHERE ledger_id = %s AND name = ANY(%b)", (ledger.id, plan.missing_names)
     )
-    assets_cur = (not cache.assets or not cache.position) and await q(
+    assets = plan.assets and await q(
         "SELECT code, scale, position, posting_amount_max FROM assets WHERE ledger_id = %s",
         (ledger.id,),
     )
-    balances_cur = missing_pairs and await q(
+    missing = plan.missing_pairs
+    balances = missing and await q(
         _BALANCE_SQL + " unnest(%b::text[], %b::text[]) AS k(name, asset)"
         " JOIN accounts a ON a.ledger_id = %s AND a.name = k.name"
         " JOIN balances b ON b.account_id = a.id AND b.asset = k.asset",
-        ([n for n, _ in missing_pairs], [a for _, a in missing_pairs], ledger.id),
+        ([n for n, _ in missing], [a for _, a in missing], ledger.id),
     )
-    closing_cur = closing and await q(
+    closing = plan.closing and await q(
         _BALANCE_SQL + " accounts a JOIN balances b ON b.account_id = a.id"
         " WHERE a.ledger_id = %s AND a.name = ANY(%b)",
-        (ledger.id, closing),
+        (ledger.id, plan.closing),
     )
-    refs_cur = refs and await q(
-        _RECORD_SQL + " WHERE t.ledger_id = %s AND t.key = ANY(%b)", (ledger.id, refs)
+    refs = plan.refs and await q(
+        _RECORD_SQL + " WHERE t.ledger_id = %s AND t.key = ANY(%b)", (ledger.id, plan.refs)
     )
     # Only the keys here (one table, cheap to plan); their records in a second round trip,
     # needed only when some hold has expired.
-    due_cur = await q(
+    due = await q(
         "SELECT key FROM transfer_status WHERE ledger_id = %s AND status = 'pending'"
         " AND expires_at <= %s ORDER BY expires_at, key LIMIT %s",
         (ledger.id, recorded_now, limits.expiries_per_group_max),
     )
-    ids_cur = opens and await q(
-        "SELECT nextval('accounts_id_seq') FROM generate_series(1, %s)", (opens,)
+    ids = plan.opens and await q(
+        "SELECT nextval('accounts_id_seq') FROM generate_series(1, %s)", (plan.opens,)
     )
-    head = await head_cur.fetchone()
+    return _Sent(head, keys, accounts, assets, balances, closing, refs, due, ids)
+
+
+async def _decode(conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, sent: _Sent) -> _Read:
+    """The rows of the sent statements, decoded, in the order they were sent."""
+    head = await sent.head.fetchone()
     assert head is not None, "writer for a ledger that does not exist"
-    new_ids = [int(r[0]) for r in await _rows(ids_cur)]
-    known_keys = {k: (int(p), bytes(h)) for k, p, h in await _rows(keys_cur)}
-    loaded_accounts = {r[1]: _account(r) for r in await _rows(accounts_cur)}
-    asset_list = await _rows(assets_cur)
-    asset_rows = (
-        {r[0]: (int(r[1]), int(r[2])) for r in asset_list} if assets_cur else dict(cache.assets)
-    )
-    posting_max = (
-        {r[0]: int(r[3]) for r in asset_list if r[3] is not None}
-        if assets_cur
-        else dict(cache.posting_max)
-    )
-    loaded_balances = {(r[0], r[1]): domain.Balance(*r[2:]) for r in await _rows(balances_cur)}
-    closing_balances = {(r[0], r[1]): domain.Balance(*r[2:]) for r in await _rows(closing_cur)}
-    records = [_record(r) for r in await _rows(refs_cur)]
+    new_ids = [int(r[0]) for r in await _rows(sent.ids)]
+    known_keys = {k: (int(p), bytes(h)) for k, p, h in await _rows(sent.keys)}
+    accounts = {r[1]: _account(r) for r in await _rows(sent.accounts)}
+    asset_list = await _rows(sent.assets)
+    balances = {(r[0], r[1]): domain.Balance(*r[2:]) for r in await _rows(sent.balances)}
+    balances.update({(r[0], r[1]): domain.Balance(*r[2:]) for r in await _rows(sent.closing)})
+    records = [_record(r) for r in await _rows(sent.refs)]
     holds = {r.pending_key for r in records if r.pending_key} - {r.key for r in records}
     if holds:  # captures named by their own key (to reverse them): their holds too
-        records += [
-            _record(r)
-            for r in await _rows(
-                await q(
-                    _RECORD_SQL + " WHERE t.ledger_id = %s AND t.key = ANY(%b)",
-                    (ledger.id, list(holds)),
-                )
-            )
-        ]
-    due_keys = [r[0] for r in await due_cur.fetchall()]
+        records += await _records(conn, ledger, list(holds))
+    due_keys = [r[0] for r in await sent.due.fetchall()]
     due = []
     if due_keys:
-        found = {
-            r[0]: _record(r)
-            for r in await _rows(
-                await q(
-                    _RECORD_SQL + " WHERE t.ledger_id = %s AND t.key = ANY(%b)",
-                    (ledger.id, due_keys),
-                )
-            )
-        }
+        found = {r.key: r for r in await _records(conn, ledger, due_keys)}
         due = [found[k] for k in due_keys]
-    if cache.position and (cache.position != int(head[0]) or cache.hash != bytes(head[1])):
-        head_position = int(head[0])
-        ours = bytes(head[1]) if head_position == cache.position else None
-        if head_position > cache.position:  # the slow path already: one more indexed read
-            at = await (
-                await q(
-                    "SELECT hash FROM events WHERE ledger_id = %s AND position = %s",
-                    (ledger.id, cache.position),
-                )
-            ).fetchone()
-            ours = bytes(at[0]) if at else None
-        if ours != cache.hash:
-            # Under synchronous replication a committed head cannot move back, even across a
-            # failover (ADR 0012); if it did, commits this writer saw were lost: say so loudly.
-            logger.error(
-                "ledger head moved back or forked: history this writer committed is gone",
-                ledger=ledger.name,
-                cached_position=cache.position,
-                cached_hash=cache.hash.hex(),
-                head_position=int(head[0]),
-                head_hash=bytes(head[1]).hex(),
+    return _Read(
+        head,
+        new_ids,
+        known_keys,
+        accounts,
+        {r[0]: (int(r[1]), int(r[2])) for r in asset_list} if sent.assets else None,
+        {r[0]: int(r[3]) for r in asset_list if r[3] is not None} if sent.assets else None,
+        balances,
+        records,
+        due,
+    )
+
+
+async def _records(
+    conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, keys: list[str]
+) -> list[domain.TransferRecord]:
+    cur = await conn.execute(
+        _RECORD_SQL + " WHERE t.ledger_id = %s AND t.key = ANY(%b)", (ledger.id, keys)
+    )
+    return [_record(r) for r in await cur.fetchall()]
+
+
+def _stale(cache: Cache, head: Any) -> bool:
+    """Whether the head moved (or forked) since the cache's commit: someone else wrote."""
+    return bool(cache.position) and (cache.position != int(head[0]) or cache.hash != bytes(head[1]))
+
+
+async def _report_fork(
+    conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, cache: Cache, head: Any
+) -> None:
+    """A stale cache is expected (another process wrote); a head that no longer extends what
+    this writer committed is not, and is logged as an error."""
+    head_position = int(head[0])
+    ours = bytes(head[1]) if head_position == cache.position else None
+    if head_position > cache.position:  # the slow path already: one more indexed read
+        at = await (
+            await conn.execute(
+                "SELECT hash FROM events WHERE ledger_id = %s AND position = %s",
+                (ledger.id, cache.position),
             )
-        cache.clear()  # another process wrote since: read everything (the lock is held)
-        return await _load(conn, ledger, items, cache)
+        ).fetchone()
+        ours = bytes(at[0]) if at else None
+    if ours != cache.hash:
+        # Under synchronous replication a committed head cannot move back, even across a
+        # failover (ADR 0012); if it did, commits this writer saw were lost: say so loudly.
+        logger.error(
+            "ledger head moved back or forked: history this writer committed is gone",
+            ledger=ledger.name,
+            cached_position=cache.position,
+            cached_hash=cache.hash.hex(),
+            head_position=head_position,
+            head_hash=bytes(head[1]).hex(),
+        )
 
-    state_accounts = {a.name: a for a in accounts.values()}
-    state_accounts.update(loaded_accounts)
-    state_balances = {(accounts[n].id, a): b for (n, a), b in balances.items()}
-    state_balances.update(loaded_balances)
-    state_balances.update(closing_balances)
-    _zero_missing(state_balances, state_accounts, missing_pairs)
 
-    # Accounts and balances of the referred transfers that the commands did not name.
-    more_names = {n for r in records + due for p in r.postings for n in (p.debit, p.credit)}
+async def _state(
+    conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, plan: _Plan, read: _Read, cache: Cache
+) -> domain.LedgerState:
+    """The ledger's state for the rules: what the cache held and what was read, plus the
+    accounts and balances of the referred transfers that the commands did not name (from the
+    cache, or in one more round trip)."""
+    accounts = {a.name: a for a in plan.cached_accounts.values()}
+    accounts.update(read.accounts)
+    balances = {(plan.cached_accounts[n].id, a): b for (n, a), b in plan.cached_balances.items()}
+    balances.update(read.balances)
+    _zero_missing(balances, accounts, plan.missing_pairs)
+    referred = read.records + read.due
+    more_names = {n for r in referred for p in r.postings for n in (p.debit, p.credit)}
     more_pairs = sorted(
-        {(n, p.asset.code) for r in records + due for p in r.postings for n in (p.debit, p.credit)}
-        - set(pairs)
+        {(n, p.asset.code) for r in referred for p in r.postings for n in (p.debit, p.credit)}
+        - set(plan.pairs)
     )
     if more_pairs:
         cached_accounts, cached_balances = _cached(cache, more_names, more_pairs)
-        state_accounts.update(cached_accounts)
-        state_balances.update(
-            {(cached_accounts[n].id, a): b for (n, a), b in cached_balances.items()}
-        )
+        accounts.update(cached_accounts)
+        balances.update({(cached_accounts[n].id, a): b for (n, a), b in cached_balances.items()})
         more_pairs = [k for k in more_pairs if k not in cached_balances]
-        more_names = more_names - state_accounts.keys()
+        more_names = more_names - accounts.keys()
     if more_pairs:
-        accounts_cur = await q(
-            _ACCOUNT_SQL + " WHERE ledger_id = %s AND name = ANY(%b)",
-            (ledger.id, list(more_names)),
-        )
-        balances_cur = await q(
-            _BALANCE_SQL + " unnest(%b::text[], %b::text[]) AS k(name, asset)"
-            " JOIN accounts a ON a.ledger_id = %s AND a.name = k.name"
-            " JOIN balances b ON b.account_id = a.id AND b.asset = k.asset",
-            ([n for n, _ in more_pairs], [a for _, a in more_pairs], ledger.id),
-        )
-        state_accounts.update({r[1]: _account(r) for r in await accounts_cur.fetchall()})
-        state_balances.update(
-            {(r[0], r[1]): domain.Balance(*r[2:]) for r in await balances_cur.fetchall()}
-        )
-        _zero_missing(state_balances, state_accounts, more_pairs)
+        await _read_more(conn, ledger, more_names, more_pairs, accounts, balances)
+    assets = read.assets if read.assets is not None else dict(cache.assets)
+    return domain.LedgerState(
+        assets={code: scale for code, (scale, _) in assets.items()},
+        posting_max=read.posting_max if read.posting_max is not None else dict(cache.posting_max),
+        accounts=accounts,
+        balances=balances,
+        transfers={r.key: r for r in referred},
+        closed_through=read.head[3],  # read with the head lock: always current
+    )
 
-    state = domain.LedgerState(
-        assets={code: scale for code, (scale, _) in asset_rows.items()},
-        posting_max=posting_max,
-        accounts=state_accounts,
-        balances=state_balances,
-        transfers={r.key: r for r in records + due},
-        closed_through=head[3],  # read with the head lock: always current
+
+async def _read_more(
+    conn: psycopg.AsyncConnection[Any],
+    ledger: LedgerRef,
+    names: set[str],
+    pairs: list[tuple[str, str]],
+    accounts: dict[str, domain.Account],
+    balances: dict[tuple[int, str], domain.Balance],
+) -> None:
+    """The accounts and balances of referred transfers the cache did not hold, into
+    ``accounts`` and ``balances`` (a second round trip)."""
+    accounts_cur = await conn.execute(
+        _ACCOUNT_SQL + " WHERE ledger_id = %s AND name = ANY(%b)", (ledger.id, list(names))
     )
-    return _Loaded(
-        int(head[0]),
-        bytes(head[1]),
-        max(recorded_now, head[2]),
-        known_keys,
-        state,
-        {code: pos for code, (_, pos) in asset_rows.items()},
-        due,
-        new_ids,
+    balances_cur = await conn.execute(
+        _BALANCE_SQL + " unnest(%b::text[], %b::text[]) AS k(name, asset)"
+        " JOIN accounts a ON a.ledger_id = %s AND a.name = k.name"
+        " JOIN balances b ON b.account_id = a.id AND b.asset = k.asset",
+        ([n for n, _ in pairs], [a for _, a in pairs], ledger.id),
     )
+    accounts.update({r[1]: _account(r) for r in await accounts_cur.fetchall()})
+    balances.update({(r[0], r[1]): domain.Balance(*r[2:]) for r in await balances_cur.fetchall()})
+    _zero_missing(balances, accounts, pairs)
 
 
 def _ref_of(command: domain.Command) -> str | None:
@@ -533,7 +666,7 @@ def _ref_of(command: domain.Command) -> str | None:
     return None
 
 
-async def _rows(cursor: psycopg.AsyncCursor[Any] | Literal[0, False] | list[Any]) -> list[Any]:
+async def _rows(cursor: _Cursor) -> list[Any]:
     """The rows of a statement, or none for one that was not sent (see :func:`_load`)."""
     return await cursor.fetchall() if isinstance(cursor, psycopg.AsyncCursor) else []
 
@@ -756,9 +889,64 @@ class _Group:
         return result
 
 
+@dataclass(slots=True)
+class _Changes:
+    """What a group's accepted decisions change besides the log, gathered in one pass (the
+    last change of a row wins: each decision saw the ones before it)."""
+
+    balances: dict[tuple[int, str], domain.Balance] = field(default_factory=dict)
+    statuses: dict[str, domain.TransferRecord] = field(default_factory=dict)
+    opened: dict[str, domain.Account] = field(default_factory=dict)
+    """Accounts opened by the group (changed again after, too: still to insert)."""
+    changed: dict[str, domain.Account] = field(default_factory=dict)
+    """Accounts that existed before the group, as the group leaves them."""
+    assets: list[tuple[Asset, int, Any]] = field(default_factory=list)
+    """New assets: each with its definition's position and its posting maximum."""
+
+
+def _changes(accepted: list[_Accepted]) -> _Changes:
+    out = _Changes()
+    for a in accepted:
+        d = a.decision
+        out.balances.update(d.balances)
+        if d.transfer is not None:
+            out.statuses[d.transfer.key] = d.transfer
+        if d.account is not None:
+            opened = d.event == "AccountOpened" or d.account.name in out.opened
+            (out.opened if opened else out.changed)[d.account.name] = d.account
+        if d.asset is not None:
+            out.assets.append((d.asset, a.event.position, d.fields.get("posting_amount_max")))
+    return out
+
+
 async def _append(conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, group: _Group) -> None:
+    """One set-based statement per table the group writes, pipelined, in this order; a table
+    the group does not change gets no statement."""
     accepted = group.accepted
+    changes = _changes(accepted)
     q = conn.execute
+    await _insert_events(q, ledger, group)
+    await _insert_transfer_keys(q, ledger, [a for a in accepted if a.request_hash is not None])
+    await _insert_entries(q, [e for a in accepted for e in a.decision.entries])
+    await _upsert_balances(q, changes.balances)
+    await _upsert_transfer_status(q, ledger, group.position, list(changes.statuses.values()))
+    await _insert_accounts(q, ledger, list(changes.opened.values()))
+    await _update_accounts(q, list(changes.changed.values()))
+    await _insert_assets(q, ledger, changes.assets)
+    amended = [a for a in accepted if a.decision.event == "TransferMetadataAmended"]
+    await _insert_transfer_metadata(q, ledger, amended)
+    await _move_head(q, ledger, group)
+
+
+_Execute: TypeAlias = Any
+"""``conn.execute`` of the group's connection (in pipeline mode)."""
+
+
+async def _insert_events(q: _Execute, ledger: LedgerRef, group: _Group) -> None:
+    accepted = group.accepted
+    positions = [a.event.originator_version for a in accepted]
+    # Paired: the group's events take the positions right after the head it read, no gap.
+    assert positions == list(range(group.position - len(accepted) + 1, group.position + 1))
     await q(
         "INSERT INTO events (ledger_id, position, topic, state, recorded_at, hash)"
         " SELECT %s, p, t, s, %s, h FROM unnest(%s::int8[], %b::text[], %b::bytea[], %b::bytea[])"
@@ -766,136 +954,154 @@ async def _append(conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, group: 
         (
             ledger.id,
             group.recorded,
-            _ints(a.event.originator_version for a in accepted),
+            _ints(positions),
             [a.stored.topic for a in accepted],
             [a.stored.state for a in accepted],
             [a.hash for a in accepted],
         ),
     )
-    keyed = [a for a in accepted if a.request_hash is not None]
-    if keyed:
-        await q(
-            "INSERT INTO transfers (ledger_id, key, position, request_hash)"
-            " SELECT %s, k, p, h FROM unnest(%b::text[], %s::int8[], %b::bytea[]) AS t(k, p, h)",
-            (
-                ledger.id,
-                [a.key for a in keyed],
-                _ints(a.event.position for a in keyed),
-                [a.request_hash for a in keyed],
-            ),
-        )
-    entries = [e for a in accepted for e in a.decision.entries]
-    if entries:
-        await q(
-            "INSERT INTO entries (account_id, asset, position, leg, debit, posted, amount,"
-            " effective_at, debits_posted, credits_posted, debits_pending, credits_pending)"
-            " SELECT * FROM unnest(%s::int8[], %s::text[], %s::int8[], %s::int2[], %s::bool[],"
-            " %s::bool[], %s::numeric[], %s::timestamptz[], %s::numeric[], %s::numeric[],"
-            " %s::numeric[], %s::numeric[])",
-            _entry_columns(entries),
-        )
-    touched: dict[tuple[int, str], domain.Balance] = {}
-    statuses: dict[str, domain.TransferRecord] = {}
-    opened: dict[str, domain.Account] = {}
-    changed: dict[str, domain.Account] = {}
-    new_assets: list[tuple[Asset, int]] = []
-    new_maxima: list[str | None] = []
-    for a in accepted:
-        d = a.decision
-        touched.update(d.balances)
-        if d.transfer is not None:
-            statuses[d.transfer.key] = d.transfer
-        if d.account is not None:
-            (opened if d.event == "AccountOpened" or d.account.name in opened else changed)[
-                d.account.name
-            ] = d.account
-        if d.asset is not None:
-            new_assets.append((d.asset, a.event.position))
-            new_maxima.append(d.fields.get("posting_amount_max"))
-    if touched:
-        keys = list(touched)
-        await q(
-            "INSERT INTO balances (account_id, asset, debits_posted, credits_posted,"
-            " debits_pending, credits_pending, version, position)"
-            " SELECT * FROM unnest(%s::int8[], %s::text[], %s::numeric[], %s::numeric[],"
-            " %s::numeric[], %s::numeric[], %s::int8[], %s::int8[])"
-            " ON CONFLICT (account_id, asset) DO UPDATE SET"
-            " debits_posted = EXCLUDED.debits_posted, credits_posted = EXCLUDED.credits_posted,"
-            " debits_pending = EXCLUDED.debits_pending, credits_pending = EXCLUDED.credits_pending,"
-            " version = EXCLUDED.version, position = EXCLUDED.position",
-            (
-                _ints(k[0] for k in keys),
-                _codes(k[1] for k in keys),
-                *(
-                    _ints(column)
-                    for column in zip(*(touched[k].fields() for k in keys), strict=True)
-                ),
-            ),
-        )
-    if statuses:
-        records = list(statuses.values())
-        await q(
-            "INSERT INTO transfer_status (ledger_id, key, status, expires_at, amounts, reversed,"
-            " position) SELECT %s, k, s, x, string_to_array(a, ',')::numeric[],"
-            " string_to_array(r, ',')::numeric[], %s"
-            " FROM unnest(%b::text[], %b::text[], %b::timestamptz[], %b::text[], %b::text[])"
-            " AS t(k, s, x, a, r)"
-            " ON CONFLICT (ledger_id, key) DO UPDATE SET status = EXCLUDED.status,"
-            " amounts = EXCLUDED.amounts, reversed = EXCLUDED.reversed,"
-            " position = EXCLUDED.position",
-            (
-                ledger.id,
-                group.position,
-                [r.key for r in records],
-                [r.status for r in records],
-                [r.expires_at for r in records],
-                [",".join(map(str, r.amounts)) for r in records],
-                [",".join(map(str, r.reversed)) for r in records],
-            ),
-        )
-    if opened:
-        new_accounts = list(opened.values())
-        await q(
-            "INSERT INTO accounts (id, ledger_id, name, type, metadata, position, guard,"
-            " guard_limits, frozen, closed)"
-            " SELECT i, %s, n, t, m, p, g, l, f, c FROM unnest(%s::int8[], %b::text[], %b::text[],"
-            " %b::jsonb[], %s::int8[], %b::text[], %b::jsonb[], %b::bool[], %b::bool[])"
-            " AS a(i, n, t, m, p, g, l, f, c)",
-            (ledger.id, *_account_columns(new_accounts)),
-        )
-    if changed:
-        await q(
-            "UPDATE accounts SET metadata = a.m, guard = a.g, guard_limits = a.l, frozen = a.f,"
-            " closed = a.c FROM unnest(%s::int8[], %b::text[], %b::text[], %b::jsonb[],"
-            " %s::int8[], %b::text[], %b::jsonb[], %b::bool[], %b::bool[])"
-            " AS a(i, n, t, m, p, g, l, f, c) WHERE accounts.id = a.i",
-            _account_columns(list(changed.values())),
-        )
-    if new_assets:
-        await q(
-            "INSERT INTO assets (ledger_id, code, scale, position, posting_amount_max)"
-            " SELECT %s, c, s, p, m FROM unnest(%b::text[], %s::int2[], %s::int8[],"
-            " %s::numeric[]) AS a(c, s, p, m)",
-            (
-                ledger.id,
-                [a.code for a, _ in new_assets],
-                _ints(a.scale for a, _ in new_assets),
-                _ints(p for _, p in new_assets),
-                new_maxima,
-            ),
-        )
-    amended = [a for a in accepted if a.decision.event == "TransferMetadataAmended"]
-    if amended:
-        await q(
-            "INSERT INTO transfer_metadata (ledger_id, key, position, metadata)"
-            " SELECT %s, k, p, m FROM unnest(%b::text[], %s::int8[], %b::jsonb[]) AS t(k, p, m)",
-            (
-                ledger.id,
-                [a.decision.fields["transfer_key"] for a in amended],
-                _ints(a.event.position for a in amended),
-                [orjson.dumps(a.decision.fields["metadata"]).decode() for a in amended],
-            ),
-        )
+
+
+async def _insert_transfer_keys(q: _Execute, ledger: LedgerRef, keyed: list[_Accepted]) -> None:
+    """The idempotency keys, with the position of their event and their request's hash."""
+    if not keyed:
+        return
+    await q(
+        "INSERT INTO transfers (ledger_id, key, position, request_hash)"
+        " SELECT %s, k, p, h FROM unnest(%b::text[], %s::int8[], %b::bytea[]) AS t(k, p, h)",
+        (
+            ledger.id,
+            [a.key for a in keyed],
+            _ints(a.event.position for a in keyed),
+            [a.request_hash for a in keyed],
+        ),
+    )
+
+
+async def _insert_entries(q: _Execute, entries: list[domain.Entry]) -> None:
+    if not entries:
+        return
+    await q(
+        "INSERT INTO entries (account_id, asset, position, leg, debit, posted, amount,"
+        " effective_at, debits_posted, credits_posted, debits_pending, credits_pending)"
+        " SELECT * FROM unnest(%s::int8[], %s::text[], %s::int8[], %s::int2[], %s::bool[],"
+        " %s::bool[], %s::numeric[], %s::timestamptz[], %s::numeric[], %s::numeric[],"
+        " %s::numeric[], %s::numeric[])",
+        _entry_columns(entries),
+    )
+
+
+async def _upsert_balances(q: _Execute, touched: dict[tuple[int, str], domain.Balance]) -> None:
+    if not touched:
+        return
+    keys = list(touched)
+    await q(
+        "INSERT INTO balances (account_id, asset, debits_posted, credits_posted,"
+        " debits_pending, credits_pending, version, position)"
+        " SELECT * FROM unnest(%s::int8[], %s::text[], %s::numeric[], %s::numeric[],"
+        " %s::numeric[], %s::numeric[], %s::int8[], %s::int8[])"
+        " ON CONFLICT (account_id, asset) DO UPDATE SET"
+        " debits_posted = EXCLUDED.debits_posted, credits_posted = EXCLUDED.credits_posted,"
+        " debits_pending = EXCLUDED.debits_pending, credits_pending = EXCLUDED.credits_pending,"
+        " version = EXCLUDED.version, position = EXCLUDED.position",
+        (
+            _ints(k[0] for k in keys),
+            _codes(k[1] for k in keys),
+            *(_ints(column) for column in zip(*(touched[k].fields() for k in keys), strict=True)),
+        ),
+    )
+
+
+async def _upsert_transfer_status(
+    q: _Execute, ledger: LedgerRef, position: int, records: list[domain.TransferRecord]
+) -> None:
+    if not records:
+        return
+    await q(
+        "INSERT INTO transfer_status (ledger_id, key, status, expires_at, amounts, reversed,"
+        " position) SELECT %s, k, s, x, string_to_array(a, ',')::numeric[],"
+        " string_to_array(r, ',')::numeric[], %s"
+        " FROM unnest(%b::text[], %b::text[], %b::timestamptz[], %b::text[], %b::text[])"
+        " AS t(k, s, x, a, r)"
+        " ON CONFLICT (ledger_id, key) DO UPDATE SET status = EXCLUDED.status,"
+        " amounts = EXCLUDED.amounts, reversed = EXCLUDED.reversed,"
+        " position = EXCLUDED.position",
+        (
+            ledger.id,
+            position,
+            [r.key for r in records],
+            [r.status for r in records],
+            [r.expires_at for r in records],
+            [",".join(map(str, r.amounts)) for r in records],
+            [",".join(map(str, r.reversed)) for r in records],
+        ),
+    )
+
+
+async def _insert_accounts(q: _Execute, ledger: LedgerRef, opened: list[domain.Account]) -> None:
+    if not opened:
+        return
+    await q(
+        "INSERT INTO accounts (id, ledger_id, name, type, metadata, position, guard,"
+        " guard_limits, frozen, closed)"
+        " SELECT i, %s, n, t, m, p, g, l, f, c FROM unnest(%s::int8[], %b::text[], %b::text[],"
+        " %b::jsonb[], %s::int8[], %b::text[], %b::jsonb[], %b::bool[], %b::bool[])"
+        " AS a(i, n, t, m, p, g, l, f, c)",
+        (ledger.id, *_account_columns(opened)),
+    )
+
+
+async def _update_accounts(q: _Execute, changed: list[domain.Account]) -> None:
+    if not changed:
+        return
+    await q(
+        "UPDATE accounts SET metadata = a.m, guard = a.g, guard_limits = a.l, frozen = a.f,"
+        " closed = a.c FROM unnest(%s::int8[], %b::text[], %b::text[], %b::jsonb[],"
+        " %s::int8[], %b::text[], %b::jsonb[], %b::bool[], %b::bool[])"
+        " AS a(i, n, t, m, p, g, l, f, c) WHERE accounts.id = a.i",
+        _account_columns(changed),
+    )
+
+
+async def _insert_assets(
+    q: _Execute, ledger: LedgerRef, assets: list[tuple[Asset, int, Any]]
+) -> None:
+    if not assets:
+        return
+    await q(
+        "INSERT INTO assets (ledger_id, code, scale, position, posting_amount_max)"
+        " SELECT %s, c, s, p, m FROM unnest(%b::text[], %s::int2[], %s::int8[],"
+        " %s::numeric[]) AS a(c, s, p, m)",
+        (
+            ledger.id,
+            [a.code for a, _, _ in assets],
+            _ints(a.scale for a, _, _ in assets),
+            _ints(p for _, p, _ in assets),
+            [m for _, _, m in assets],
+        ),
+    )
+
+
+async def _insert_transfer_metadata(
+    q: _Execute, ledger: LedgerRef, amended: list[_Accepted]
+) -> None:
+    """Amended transfer metadata, beside the transfer's own event (which keeps the first)."""
+    if not amended:
+        return
+    await q(
+        "INSERT INTO transfer_metadata (ledger_id, key, position, metadata)"
+        " SELECT %s, k, p, m FROM unnest(%b::text[], %s::int8[], %b::jsonb[]) AS t(k, p, m)",
+        (
+            ledger.id,
+            [a.decision.fields["transfer_key"] for a in amended],
+            _ints(a.event.position for a in amended),
+            [orjson.dumps(a.decision.fields["metadata"]).decode() for a in amended],
+        ),
+    )
+
+
+async def _move_head(q: _Execute, ledger: LedgerRef, group: _Group) -> None:
+    """The head row (its lock is held since the group began), then a wake-up for listeners."""
     await q(
         "UPDATE ledgers SET head_position = %s, head_hash = %s, head_recorded_at = %s,"
         " closed_through = %s WHERE id = %s",
