@@ -65,6 +65,35 @@ def _bound(conn: psycopg.Connection[Any], ledger_id: int, head: int, at: Point) 
     return int(row[0]) if row else 0
 
 
+def _query(
+    conn: psycopg.Connection[Any], ledger_id: int, head: int, start: Point, end: Point
+) -> tuple[str, tuple[Any, ...]]:
+    """The booked events of the period, in the order of its axis."""
+    if "effective" in (start.kind, end.kind):
+        low = start.time if start.kind == "effective" else None
+        high = end.time if end.kind == "effective" else None
+        sql = (
+            "SELECT ev.position, ev.topic, ev.state, ev.recorded_at, ev.hash FROM ("
+            "  SELECT DISTINCT e.position, e.effective_at FROM accounts a"
+            "  JOIN entries e ON e.account_id = a.id AND e.posted"
+            "   AND e.effective_at > coalesce(%s::timestamptz, '-infinity')"
+            "   AND e.effective_at <= coalesce(%s::timestamptz, 'infinity')"
+            "  WHERE a.ledger_id = %s) p"
+            " JOIN events ev ON ev.ledger_id = %s AND ev.position = p.position"
+            f" WHERE ev.topic IN ({_BOOKED_SQL})"
+            " ORDER BY p.effective_at, ev.position"
+        )
+        return sql, (low, high, ledger_id, ledger_id)
+    low_pos = _bound(conn, ledger_id, head, start)
+    high_pos = _bound(conn, ledger_id, head, end)
+    sql = (
+        "SELECT position, topic, state, recorded_at, hash FROM events"
+        " WHERE ledger_id = %s AND position > %s AND position <= %s"
+        f" AND topic IN ({_BOOKED_SQL}) ORDER BY position"
+    )
+    return sql, (ledger_id, low_pos, high_pos)
+
+
 def entries(
     conn: psycopg.Connection[Any],
     ledger: str,
@@ -90,30 +119,7 @@ def entries(
             "SELECT code, scale FROM assets WHERE ledger_id = %s", (ledger_id,)
         ).fetchall()
     }
-    if "effective" in (start.kind, end.kind):
-        low = start.time if start.kind == "effective" else None
-        high = end.time if end.kind == "effective" else None
-        sql = (
-            "SELECT ev.position, ev.topic, ev.state, ev.recorded_at, ev.hash FROM ("
-            "  SELECT DISTINCT e.position, e.effective_at FROM accounts a"
-            "  JOIN entries e ON e.account_id = a.id AND e.posted"
-            "   AND e.effective_at > coalesce(%s::timestamptz, '-infinity')"
-            "   AND e.effective_at <= coalesce(%s::timestamptz, 'infinity')"
-            "  WHERE a.ledger_id = %s) p"
-            " JOIN events ev ON ev.ledger_id = %s AND ev.position = p.position"
-            f" WHERE ev.topic IN ({_BOOKED_SQL})"
-            " ORDER BY p.effective_at, ev.position"
-        )
-        params: tuple[Any, ...] = (low, high, ledger_id, ledger_id)
-    else:
-        low_pos = _bound(conn, ledger_id, head, start)
-        high_pos = _bound(conn, ledger_id, head, end)
-        sql = (
-            "SELECT position, topic, state, recorded_at, hash FROM events"
-            " WHERE ledger_id = %s AND position > %s AND position <= %s"
-            f" AND topic IN ({_BOOKED_SQL}) ORDER BY position"
-        )
-        params = (ledger_id, low_pos, high_pos)
+    sql, params = _query(conn, ledger_id, head, start, end)
     conn.commit()  # the cursor below runs in a transaction of its own
     with conn.transaction(), conn.cursor(name="journal") as cur:
         cur.execute(sql, params)

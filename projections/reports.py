@@ -375,24 +375,9 @@ async def account_statement(
     if row is None:
         raise errors.AccountNotFoundForRead(f"account {account!r} does not exist")
     account_id = int(row[0])
-    if "effective" in (start.kind, end.kind):
-        low, high = start.time, end.time
-        # The head on the effective axis is every effective time ("infinity" in Postgres).
-        where = "e.effective_at > %s AND e.effective_at <= coalesce(%s::timestamptz, 'infinity')"
-        bounds: tuple[Any, Any] = (low or datetime.min.replace(tzinfo=None), high)
-        opening_sql = "e.effective_at <= %s"
-        opening_arg: Any = low
-        # Lines in the order they took effect, so that each running balance is one the
-        # account had on this axis (in log order, a back-dated entry came last).
-        order = "e.effective_at, e.position, e.leg"
-    else:
-        order = "e.position, e.leg"
-        low_pos = await _position(conn, ledger_id, head, start) if start.kind != "head" else head
-        high_pos = await _position(conn, ledger_id, head, end)
-        where = "e.position > %s AND e.position <= %s"
-        bounds = (low_pos, high_pos)
-        opening_sql = "e.position <= %s"
-        opening_arg = low_pos
+    where, bounds, opening_sql, opening_arg, order = await _window(
+        conn, ledger_id, head, start, end
+    )
     opening = (
         {
             r[0]: (int(r[1]), int(r[2]))
@@ -419,23 +404,7 @@ async def account_statement(
     ).fetchall()
     normal = 1 if row[1] in NORMAL_DEBIT else -1
     running = {a: normal * (d - c) for a, (d, c) in opening.items()}
-    lines = []
-    for asset, position, leg, debit, amount, effective_at, recorded_at, key in entries:
-        change = normal * (amount if debit else -amount)
-        running[asset] = running.get(asset, 0) + change
-        lines.append(
-            {
-                "position": position,
-                "leg": leg,
-                "transfer": key,
-                "asset": f"{asset}/{scales[asset]}",
-                "debit": str(amount) if debit else "",
-                "credit": "" if debit else str(amount),
-                "balance": str(running[asset]),
-                "effective_at": effective_at.isoformat(),
-                "recorded_at": recorded_at.isoformat(),
-            }
-        )
+    lines = _statement_lines(entries, normal, running, scales)
     assets = sorted(set(running) | set(opening))
     return {
         "report": "account_statement",
@@ -457,6 +426,50 @@ async def account_statement(
             {"asset": f"{a}/{scales[a]}", "balance": str(running.get(a, 0))} for a in assets
         ],
     }
+
+
+async def _window(
+    conn: psycopg.AsyncConnection[Any], ledger_id: int, head: int, start: Point, end: Point
+) -> tuple[str, tuple[Any, Any], str, Any, str]:
+    """The SQL of a statement's period on its axis: the lines' condition and its bounds, the
+    opening balance's condition and its bound, and the lines' order."""
+    if "effective" in (start.kind, end.kind):
+        low, high = start.time, end.time
+        # The head on the effective axis is every effective time ("infinity" in Postgres).
+        where = "e.effective_at > %s AND e.effective_at <= coalesce(%s::timestamptz, 'infinity')"
+        bounds: tuple[Any, Any] = (low or datetime.min.replace(tzinfo=None), high)
+        # Lines in the order they took effect, so that each running balance is one the
+        # account had on this axis (in log order, a back-dated entry came last).
+        return where, bounds, "e.effective_at <= %s", low, "e.effective_at, e.position, e.leg"
+    low_pos = await _position(conn, ledger_id, head, start) if start.kind != "head" else head
+    high_pos = await _position(conn, ledger_id, head, end)
+    where = "e.position > %s AND e.position <= %s"
+    return where, (low_pos, high_pos), "e.position <= %s", low_pos, "e.position, e.leg"
+
+
+def _statement_lines(
+    entries: list[Any], normal: int, running: dict[str, int], scales: dict[str, int]
+) -> list[dict[str, Any]]:
+    """One line per entry with the account's running balance after it (``running`` is
+    updated: it ends as the closing balance)."""
+    lines = []
+    for asset, position, leg, debit, amount, effective_at, recorded_at, key in entries:
+        change = normal * (amount if debit else -amount)
+        running[asset] = running.get(asset, 0) + change
+        lines.append(
+            {
+                "position": position,
+                "leg": leg,
+                "transfer": key,
+                "asset": f"{asset}/{scales[asset]}",
+                "debit": str(amount) if debit else "",
+                "credit": "" if debit else str(amount),
+                "balance": str(running[asset]),
+                "effective_at": effective_at.isoformat(),
+                "recorded_at": recorded_at.isoformat(),
+            }
+        )
+    return lines
 
 
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -499,158 +512,172 @@ def to_csv(report: dict[str, Any]) -> str:
     out = io.StringIO()
     w = _Writer(out)
     kind = report["report"]
-
-    def money(amount: str, asset: str) -> str:
-        return _money(int(amount), int(asset.split("/")[1])) if amount else ""
-
     if kind == "trial_balance":
-        w.writerow(
-            [
-                "account",
-                "type",
-                "asset",
-                "debits_minor",
-                "credits_minor",
-                "balance_minor",
-                "debits",
-                "credits",
-                "balance",
-                "side",
-                "line",
-                "prefix",
-            ]
-        )
-
-        def amounts(x: dict[str, Any]) -> list[str]:
-            a = x["asset"]
-            d, c, b = x["debits"], x["credits"], x["balance"]
-            return [d, c, b, money(d, a), money(c, a), money(b, a), x["side"]]
-
-        for line in report["lines"]:
-            row = [line["account"], line["type"], line["asset"], *amounts(line)]
-            w.writerow([*row, "account", ""])
-        for sub in report.get("subtotals", []):
-            w.writerow(["", "", sub["asset"], *amounts(sub), "subtotal", sub["prefix"]])
-        for t in report["totals"]:
-            a = t["asset"]
-            d, c = t["debits"], t["credits"]
-            w.writerow(["", "", a, d, c, "", money(d, a), money(c, a), "", "", "total", ""])
-        _closed_row(w, report, 12)
+        _trial_balance_csv(w, report)
     elif kind in SECTIONS:
-        w.writerow(
-            [
-                "section",
-                "account",
-                "asset",
-                "balance_minor",
-                "balance",
-                "side",
-                "debits_minor",
-                "credits_minor",
-                "line",
-                "prefix",
-            ]
-        )
-        for section, by_asset in report["sections"].items():
-            for asset, lines in by_asset.items():
-                for line in lines:
-                    w.writerow(
-                        [
-                            section,
-                            line["account"],
-                            asset,
-                            line["balance"],
-                            money(line["balance"], asset),
-                            side_of(section),
-                            line.get("debits", ""),
-                            line.get("credits", ""),
-                            "account",
-                            "",
-                        ]
-                    )
-        for sub in report.get("subtotals", []):
-            a = sub["asset"]
-            w.writerow(
-                [
-                    sub["section"],
-                    "",
-                    a,
-                    sub["balance"],
-                    money(sub["balance"], a),
-                    sub["side"],
-                    sub["debits"],
-                    sub["credits"],
-                    "subtotal",
-                    sub["prefix"],
-                ]
-            )
-        _closed_row(w, report, 10)
+        _sections_csv(w, report)
     else:
+        _account_statement_csv(w, report)
+    return out.getvalue()
+
+
+def _money_cell(amount: str, asset: str) -> str:
+    """An amount in minor units of ``CODE/SCALE`` as an exact decimal ("" for none)."""
+    return _money(int(amount), int(asset.split("/")[1])) if amount else ""
+
+
+def _trial_balance_csv(w: _Writer, report: dict[str, Any]) -> None:
+    w.writerow(
+        [
+            "account",
+            "type",
+            "asset",
+            "debits_minor",
+            "credits_minor",
+            "balance_minor",
+            "debits",
+            "credits",
+            "balance",
+            "side",
+            "line",
+            "prefix",
+        ]
+    )
+
+    def amounts(x: dict[str, Any]) -> list[str]:
+        a = x["asset"]
+        d, c, b = x["debits"], x["credits"], x["balance"]
+        return [d, c, b, _money_cell(d, a), _money_cell(c, a), _money_cell(b, a), x["side"]]
+
+    for line in report["lines"]:
+        row = [line["account"], line["type"], line["asset"], *amounts(line)]
+        w.writerow([*row, "account", ""])
+    for sub in report.get("subtotals", []):
+        w.writerow(["", "", sub["asset"], *amounts(sub), "subtotal", sub["prefix"]])
+    for t in report["totals"]:
+        a = t["asset"]
+        d, c = t["debits"], t["credits"]
+        w.writerow(["", "", a, d, c, "", _money_cell(d, a), _money_cell(c, a), "", "", "total", ""])
+    _closed_row(w, report, 12)
+
+
+def _sections_csv(w: _Writer, report: dict[str, Any]) -> None:
+    """A balance sheet or an income statement."""
+    w.writerow(
+        [
+            "section",
+            "account",
+            "asset",
+            "balance_minor",
+            "balance",
+            "side",
+            "debits_minor",
+            "credits_minor",
+            "line",
+            "prefix",
+        ]
+    )
+    for section, by_asset in report["sections"].items():
+        for asset, lines in by_asset.items():
+            for line in lines:
+                w.writerow(
+                    [
+                        section,
+                        line["account"],
+                        asset,
+                        line["balance"],
+                        _money_cell(line["balance"], asset),
+                        side_of(section),
+                        line.get("debits", ""),
+                        line.get("credits", ""),
+                        "account",
+                        "",
+                    ]
+                )
+    for sub in report.get("subtotals", []):
+        a = sub["asset"]
         w.writerow(
             [
-                "position",
-                "transfer",
-                "asset",
-                "debit_minor",
-                "credit_minor",
-                "balance_minor",
-                "debit",
-                "credit",
-                "balance",
-                "effective_at",
-                "recorded_at",
+                sub["section"],
+                "",
+                a,
+                sub["balance"],
+                _money_cell(sub["balance"], a),
+                sub["side"],
+                sub["debits"],
+                sub["credits"],
+                "subtotal",
+                sub["prefix"],
             ]
         )
-        for o in report["opening"]:
-            w.writerow(
-                [
-                    "",
-                    "opening",
-                    o["asset"],
-                    "",
-                    "",
-                    o["balance"],
-                    "",
-                    "",
-                    money(o["balance"], o["asset"]),
-                    "",
-                    "",
-                ]
-            )
-        for line in report["lines"]:
-            a = line["asset"]
-            w.writerow(
-                [
-                    line["position"],
-                    line["transfer"],
-                    a,
-                    line["debit"],
-                    line["credit"],
-                    line["balance"],
-                    money(line["debit"], a),
-                    money(line["credit"], a),
-                    money(line["balance"], a),
-                    line["effective_at"],
-                    line["recorded_at"],
-                ]
-            )
-        for c in report["closing"]:
-            w.writerow(
-                [
-                    "",
-                    "closing",
-                    c["asset"],
-                    "",
-                    "",
-                    c["balance"],
-                    "",
-                    "",
-                    money(c["balance"], c["asset"]),
-                    "",
-                    "",
-                ]
-            )
-    return out.getvalue()
+    _closed_row(w, report, 10)
+
+
+def _account_statement_csv(w: _Writer, report: dict[str, Any]) -> None:
+    w.writerow(
+        [
+            "position",
+            "transfer",
+            "asset",
+            "debit_minor",
+            "credit_minor",
+            "balance_minor",
+            "debit",
+            "credit",
+            "balance",
+            "effective_at",
+            "recorded_at",
+        ]
+    )
+    for o in report["opening"]:
+        w.writerow(
+            [
+                "",
+                "opening",
+                o["asset"],
+                "",
+                "",
+                o["balance"],
+                "",
+                "",
+                _money_cell(o["balance"], o["asset"]),
+                "",
+                "",
+            ]
+        )
+    for line in report["lines"]:
+        a = line["asset"]
+        w.writerow(
+            [
+                line["position"],
+                line["transfer"],
+                a,
+                line["debit"],
+                line["credit"],
+                line["balance"],
+                _money_cell(line["debit"], a),
+                _money_cell(line["credit"], a),
+                _money_cell(line["balance"], a),
+                line["effective_at"],
+                line["recorded_at"],
+            ]
+        )
+    for c in report["closing"]:
+        w.writerow(
+            [
+                "",
+                "closing",
+                c["asset"],
+                "",
+                "",
+                c["balance"],
+                "",
+                "",
+                _money_cell(c["balance"], c["asset"]),
+                "",
+                "",
+            ]
+        )
 
 
 def _closed_row(w: _Writer, report: dict[str, Any], width: int) -> None:
@@ -659,78 +686,83 @@ def _closed_row(w: _Writer, report: dict[str, Any], width: int) -> None:
         w.writerow(["closed_through", report["closed_through"], *[""] * (width - 2)])
 
 
+_MONTH_END_COLUMNS = [
+    "section",
+    "account_or_holder",
+    "asset",
+    "balance_minor",
+    "balance",
+    "pending_minor",
+    "quote",
+    "cost_basis_average",
+    "realised_pnl_average",
+    "cost_basis_fifo",
+    "realised_pnl_fifo",
+    "side",
+    "debits_minor",
+    "credits_minor",
+    "debits",
+    "credits",
+]
+
+
 def month_end_csv(trial: dict[str, Any], positions: list[dict[str, Any]]) -> str:
     """Balances (from a trial balance) and positions at the same point, in one CSV table.
     One sign convention throughout: every balance and quantity is on its normal side
     (``side``), with the debits and credits beside it for balances."""
     out = io.StringIO()
     w = _Writer(out)
-    w.writerow(
-        [
-            "section",
-            "account_or_holder",
-            "asset",
-            "balance_minor",
-            "balance",
-            "pending_minor",
-            "quote",
-            "cost_basis_average",
-            "realised_pnl_average",
-            "cost_basis_fifo",
-            "realised_pnl_fifo",
-            "side",
-            "debits_minor",
-            "credits_minor",
-            "debits",
-            "credits",
-        ]
-    )
+    w.writerow(_MONTH_END_COLUMNS)
     for line in trial["lines"]:
-        asset = line["asset"]
-        scale = int(asset.split("/")[1])
-        debits, credits = line.get("debits", ""), line.get("credits", "")
-        w.writerow(
-            [
-                "balance",
-                line["account"],
-                asset,
-                line["balance"],
-                _money(int(line["balance"]), scale),
-                "",
-                "",
-                "",
-                "",
-                "",
-                "",
-                line.get("side", ""),
-                debits,
-                credits,
-                _money(int(debits), scale) if debits else "",
-                _money(int(credits), scale) if credits else "",
-            ]
-        )
+        w.writerow(_month_end_balance(line))
     for p in positions:
-        scale = int(p["asset"].split("/")[1])
-        w.writerow(
-            [
-                "position",
-                p["holder"],
-                p["asset"],
-                p["quantity"],
-                _money(int(p["quantity"]), scale),
-                p["pending"],
-                p["quote"] or "",
-                p["average_cost"]["cost_basis"],
-                p["average_cost"]["realised_pnl"],
-                p["fifo"]["cost_basis"],
-                p["fifo"]["realised_pnl"],
-                "normal",
-                "",
-                "",
-                "",
-                "",
-            ]
-        )
+        w.writerow(_month_end_position(p))
     if trial.get("closed_through"):
         w.writerow(["closed_through", trial["closed_through"], *[""] * 14])
     return out.getvalue()
+
+
+def _month_end_balance(line: dict[str, Any]) -> list[Any]:
+    asset = line["asset"]
+    scale = int(asset.split("/")[1])
+    debits, credits = line.get("debits", ""), line.get("credits", "")
+    return [
+        "balance",
+        line["account"],
+        asset,
+        line["balance"],
+        _money(int(line["balance"]), scale),
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        line.get("side", ""),
+        debits,
+        credits,
+        _money(int(debits), scale) if debits else "",
+        _money(int(credits), scale) if credits else "",
+    ]
+
+
+def _month_end_position(p: dict[str, Any]) -> list[Any]:
+    scale = int(p["asset"].split("/")[1])
+    return [
+        "position",
+        p["holder"],
+        p["asset"],
+        p["quantity"],
+        _money(int(p["quantity"]), scale),
+        p["pending"],
+        p["quote"] or "",
+        p["average_cost"]["cost_basis"],
+        p["average_cost"]["realised_pnl"],
+        p["fifo"]["cost_basis"],
+        p["fifo"]["realised_pnl"],
+        "normal",
+        "",
+        "",
+        "",
+        "",
+    ]
