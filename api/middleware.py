@@ -143,40 +143,9 @@ class Guard:
         ):
             await _refuse_busy(scope, receive, send)
             return None
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            # A client sending its body a byte at a time holds a connection and a task; past
-            # this it gets 408 and the connection is closed (api/server.py closes it anyway a
-            # moment later, for bodies no handler reads).
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        return None
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > limits.request_body_bytes_max:
-                        await _too_large(scope, receive, send)
-                        return None
-                    if (
-                        budget is not None
-                        and not sized  # chunked: counted as it comes
-                        and not await budget.reserve(scope, len(chunk), timeout_s)
-                    ):
-                        await _refuse_busy(scope, receive, send)
-                        return None
-                    chunks.append(chunk)
-                    if not message.get("more_body", False):
-                        break
-        except TimeoutError:
-            response = from_ledger_error(
-                errors.RequestTimeout(f"the body did not arrive within {timeout_s:g} s")
-            )
-            response.headers["Connection"] = "close"
-            await response(scope, receive, send)
+        body = await _receive_body(scope, receive, send, timeout_s, budget, sized)
+        if body is None:
             return None
-        body = b"".join(chunks)
         if body:
             parsed, reason = _strict_json(body)
             if reason is not None:
@@ -240,6 +209,52 @@ async def _refuse_busy(scope: Scope, receive: Receive, send: Send) -> None:
     )
     response.headers["Connection"] = "close"  # the body is left unread
     await response(scope, receive, send)
+
+
+async def _receive_body(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    timeout_s: float,
+    budget: BodyBudget | None,
+    sized: bool,
+) -> bytes | None:
+    """The body's chunks, bounded in size, in time and (for chunked bodies, counted as they
+    come) by the process's body budget; None when the request was answered here."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        # A client sending its body a byte at a time holds a connection and a task; past
+        # this it gets 408 and the connection is closed (api/server.py closes it anyway a
+        # moment later, for bodies no handler reads).
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limits.request_body_bytes_max:
+                    await _too_large(scope, receive, send)
+                    return None
+                if (
+                    budget is not None
+                    and not sized  # chunked: counted as it comes
+                    and not await budget.reserve(scope, len(chunk), timeout_s)
+                ):
+                    await _refuse_busy(scope, receive, send)
+                    return None
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        response = from_ledger_error(
+            errors.RequestTimeout(f"the body did not arrive within {timeout_s:g} s")
+        )
+        response.headers["Connection"] = "close"
+        await response(scope, receive, send)
+        return None
+    return b"".join(chunks)
 
 
 def _app_state(scope: Scope, name: str, default: Any) -> Any:
