@@ -18,7 +18,7 @@ a ledger of that name (``import_target_exists``).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
@@ -182,23 +182,12 @@ class _Rebuild:
     def _command(self, kind: str, data: dict[str, Any]) -> domain.Command:
         """The command that made an event: the event's fields (and, for account commands, the
         key in ``meta.idempotency_key``) say all that decides it."""
-        account = data.get("account", "")
-        own = str(data.get("meta", {}).get("idempotency_key") or "")
+        if kind in _ACCOUNT_EVENTS:
+            return _account_command(kind, data)
         if kind == "AssetDefined":
             most = data.get("posting_amount_max")
             most_int = None if most is None else int(most)
             return domain.DefineAsset(parse_asset(data["asset"]), most_int)
-        if kind == "AccountOpened":
-            return domain.OpenAccount(account, data["type"], data["metadata"], own)
-        if kind == "AccountGuardSet":
-            limits = {a.partition("/")[0]: int(v) for a, v in data["limits"].items()}
-            return domain.SetGuard(account, data["rule"], limits, own)
-        if kind in ("AccountFrozen", "AccountUnfrozen"):
-            return domain.SetFrozen(account, kind == "AccountFrozen", own)
-        if kind == "AccountClosed":
-            return domain.CloseAccount(account, own)
-        if kind == "AccountMetadataUpdated":
-            return domain.UpdateAccountMetadata(account, data["metadata"], own)
         if kind == "TransferMetadataAmended":
             return domain.AmendTransferMetadata(data["key"], data["transfer_key"], data["metadata"])
         if kind == "PeriodClosed":
@@ -210,57 +199,49 @@ class _Rebuild:
                 date.fromisoformat(data["from_date"]), data["reason"], data["key"]
             )
         if kind in ("TransferPosted", "TransferPending"):
-            recorded = datetime.fromisoformat(data["recorded_at"])
-            effective = data["effective_at"]
-            timeout = None
-            if data.get("expires_at"):
-                delta = datetime.fromisoformat(data["expires_at"]) - recorded
-                timeout = round(delta.total_seconds())
-            return domain.PostTransfer(
-                data["key"],
-                tuple(domain.Posting.from_json(p) for p in data["postings"]),
-                data["metadata"],
-                pending=kind == "TransferPending",
-                timeout_s=timeout,
-                effective_at=None
-                if effective == data["recorded_at"]
-                else datetime.fromisoformat(effective),
-            )
+            return _transfer_command(kind, data)
         if kind == "PendingTransferPosted":
-            held = self.state.transfers.get(data["pending_key"])
-            amount = None  # a part: amount for single postings, amounts otherwise; all is all
-            amounts = None
-            posted = [int(p["amount"]) for p in data["postings"]]
-            if held is not None and posted != held.amounts:
-                if len(posted) == 1:
-                    amount = posted[0]
-                else:
-                    amounts = tuple(posted)
-            return domain.PostPending(
-                data["key"], data["pending_key"], amount, data["metadata"], amounts=amounts
-            )
+            return self._capture_command(data)
         if kind == "PendingTransferVoided":
             return domain.VoidPending(data["key"], data["pending_key"], data["metadata"])
         if kind == "PendingTransferExpired":
             return domain.ExpirePending(data["pending_key"])
         if kind == "TransferReversed":
-            original = self.state.transfers.get(data["original_key"])
-            amount = None
-            amounts = None
-            if original is not None and data["postings"]:
-                backs = _legs(original.postings, data["postings"])
-                remaining = [
-                    a - r for a, r in zip(original.amounts, original.reversed, strict=True)
-                ]
-                if backs != remaining:
-                    if len(backs) == 1:
-                        amount = backs[0]
-                    else:
-                        amounts = tuple(backs)
-            return domain.ReverseTransfer(
-                data["key"], data["original_key"], amount, data["metadata"], amounts=amounts
-            )
+            return self._reversal_command(data)
         raise errors.ExportInvalid(f"unknown event {kind!r}")
+
+    def _capture_command(self, data: dict[str, Any]) -> domain.PostPending:
+        """A capture: in full, or the part its event posted (``amount`` for a single posting,
+        ``amounts`` otherwise), judged against the hold as the import has replayed it."""
+        held = self.state.transfers.get(data["pending_key"])
+        amount = None
+        amounts = None
+        posted = [int(p["amount"]) for p in data["postings"]]
+        if held is not None and posted != held.amounts:
+            if len(posted) == 1:
+                amount = posted[0]
+            else:
+                amounts = tuple(posted)
+        return domain.PostPending(
+            data["key"], data["pending_key"], amount, data["metadata"], amounts=amounts
+        )
+
+    def _reversal_command(self, data: dict[str, Any]) -> domain.ReverseTransfer:
+        """A reversal: of all that remained, or of the part its event moved back."""
+        original = self.state.transfers.get(data["original_key"])
+        amount = None
+        amounts = None
+        if original is not None and data["postings"]:
+            backs = _legs(original.postings, data["postings"])
+            remaining = [a - r for a, r in zip(original.amounts, original.reversed, strict=True)]
+            if backs != remaining:
+                if len(backs) == 1:
+                    amount = backs[0]
+                else:
+                    amounts = tuple(backs)
+        return domain.ReverseTransfer(
+            data["key"], data["original_key"], amount, data["metadata"], amounts=amounts
+        )
 
     def _apply(self, decision: domain.Decision, position: int) -> None:
         if decision.event == "TransferMetadataAmended":
@@ -288,82 +269,136 @@ class _Rebuild:
         return self._ids.pop()
 
     def write(self, ledger_id: int) -> None:
-        """Every table of the ledger, with COPY (events and entries are most of the rows)."""
+        """Every table of the ledger, with COPY (events and entries are most of the rows), in
+        the order their foreign keys need; then the head."""
         cur = self.conn.cursor()
-        with cur.copy(
-            "COPY events (ledger_id, position, topic, state, recorded_at, hash) FROM STDIN"
-        ) as copy:
-            for position, topic, state, recorded, digest in self.events:
-                copy.write_row((ledger_id, position, topic, state, recorded, digest))
-        with cur.copy(
-            "COPY assets (ledger_id, code, scale, position, posting_amount_max) FROM STDIN"
-        ) as copy:
-            for code, scale in self.state.assets.items():
-                most = self.state.posting_max.get(code)
-                copy.write_row((ledger_id, code, scale, self.asset_positions[code], most))
-        with cur.copy(
-            "COPY transfer_metadata (ledger_id, key, position, metadata) FROM STDIN"
-        ) as copy:
-            for key, position, metadata in self.amended:
-                copy.write_row((ledger_id, key, position, orjson.dumps(metadata).decode()))
-        with cur.copy(
-            "COPY accounts (id, ledger_id, name, type, metadata, position, guard, guard_limits,"
-            " frozen, closed) FROM STDIN"
-        ) as copy:
-            for a in self.state.accounts.values():
-                copy.write_row(
-                    (
-                        a.id, ledger_id, a.name, a.type, orjson.dumps(a.metadata).decode(),
-                        a.position, a.guard,
-                        orjson.dumps({k: str(v) for k, v in a.guard_limits.items()}).decode(),
-                        a.frozen, a.closed,
-                    )
-                )
-        with cur.copy(
-            "COPY balances (account_id, asset, debits_posted, credits_posted, debits_pending,"
-            " credits_pending, version, position) FROM STDIN"
-        ) as copy:
-            for (account_id, asset), b in self.state.balances.items():
-                copy.write_row((account_id, asset, *b.fields()))
-        with cur.copy(
-            "COPY entries (account_id, asset, position, leg, debit, posted, amount,"
-            " effective_at, debits_posted, credits_posted, debits_pending, credits_pending)"
-            " FROM STDIN"
-        ) as copy:
-            for e in self.entries:
-                copy.write_row(
-                    (
-                        e.account_id, e.asset, e.position, e.leg, e.debit, e.posted, e.amount,
-                        e.effective_at, *e.totals,
-                    )
-                )
-        with cur.copy(
-            "COPY transfers (ledger_id, key, position, request_hash) FROM STDIN"
-        ) as copy:
-            for key, (position, request_hash) in self.keys.items():
-                copy.write_row((ledger_id, key, position, request_hash))
-        with cur.copy(
-            "COPY transfer_status (ledger_id, key, status, expires_at, amounts, reversed,"
-            " position) FROM STDIN"
-        ) as copy:
-            for key, (r, position) in self.statuses.items():
-                copy.write_row(
-                    (ledger_id, key, r.status, r.expires_at, r.amounts, r.reversed, position)
-                )
-        with cur.copy(
-            "COPY checkpoints (ledger_id, tree_size, root, signed_at, key_id, signature)"
-            " FROM STDIN"
-        ) as copy:
-            for c in self.checkpoints:
-                copy.write_row(
-                    (ledger_id, c.tree_size, c.root, c.signed_at, c.key_id, c.signature)
-                )
+        for sql, rows in self._tables(ledger_id):
+            with cur.copy(sql) as copy:
+                for row in rows:
+                    copy.write_row(row)
         assert self.recorded is not None
         self.conn.execute(
             "UPDATE ledgers SET head_position = %s, head_hash = %s, head_recorded_at = %s,"
             " closed_through = %s WHERE id = %s",
             (self.position, self.head_hash, self.recorded, self.state.closed_through, ledger_id),
         )
+
+    def _tables(self, ledger_id: int) -> list[tuple[str, Iterable[tuple[Any, ...]]]]:
+        """Each table's COPY statement and its rows (generated as they are written)."""
+        state, positions = self.state, self.asset_positions
+        return [
+            (
+                "COPY events (ledger_id, position, topic, state, recorded_at, hash) FROM STDIN",
+                ((ledger_id, *event) for event in self.events),
+            ),
+            (
+                "COPY assets (ledger_id, code, scale, position, posting_amount_max) FROM STDIN",
+                (
+                    (ledger_id, code, scale, positions[code], state.posting_max.get(code))
+                    for code, scale in state.assets.items()
+                ),
+            ),
+            (
+                "COPY transfer_metadata (ledger_id, key, position, metadata) FROM STDIN",
+                (
+                    (ledger_id, key, position, orjson.dumps(metadata).decode())
+                    for key, position, metadata in self.amended
+                ),
+            ),
+            (
+                "COPY accounts (id, ledger_id, name, type, metadata, position, guard,"
+                " guard_limits, frozen, closed) FROM STDIN",
+                (_account_row(ledger_id, a) for a in state.accounts.values()),
+            ),
+            (
+                "COPY balances (account_id, asset, debits_posted, credits_posted,"
+                " debits_pending, credits_pending, version, position) FROM STDIN",
+                ((account_id, asset, *b.fields()) for (account_id, asset), b in
+                 state.balances.items()),
+            ),
+            (
+                "COPY entries (account_id, asset, position, leg, debit, posted, amount,"
+                " effective_at, debits_posted, credits_posted, debits_pending,"
+                " credits_pending) FROM STDIN",
+                (_entry_row(e) for e in self.entries),
+            ),
+            (
+                "COPY transfers (ledger_id, key, position, request_hash) FROM STDIN",
+                ((ledger_id, key, *kept) for key, kept in self.keys.items()),
+            ),
+            (
+                "COPY transfer_status (ledger_id, key, status, expires_at, amounts, reversed,"
+                " position) FROM STDIN",
+                (
+                    (ledger_id, key, r.status, r.expires_at, r.amounts, r.reversed, position)
+                    for key, (r, position) in self.statuses.items()
+                ),
+            ),
+            (
+                "COPY checkpoints (ledger_id, tree_size, root, signed_at, key_id, signature)"
+                " FROM STDIN",
+                (
+                    (ledger_id, c.tree_size, c.root, c.signed_at, c.key_id, c.signature)
+                    for c in self.checkpoints
+                ),
+            ),
+        ]
+
+
+_ACCOUNT_EVENTS = (
+    "AccountOpened",
+    "AccountGuardSet",
+    "AccountFrozen",
+    "AccountUnfrozen",
+    "AccountClosed",
+    "AccountMetadataUpdated",
+)
+
+
+def _account_command(kind: str, data: dict[str, Any]) -> domain.Command:
+    account = data.get("account", "")
+    own = str(data.get("meta", {}).get("idempotency_key") or "")
+    if kind == "AccountOpened":
+        return domain.OpenAccount(account, data["type"], data["metadata"], own)
+    if kind == "AccountGuardSet":
+        limits = {a.partition("/")[0]: int(v) for a, v in data["limits"].items()}
+        return domain.SetGuard(account, data["rule"], limits, own)
+    if kind in ("AccountFrozen", "AccountUnfrozen"):
+        return domain.SetFrozen(account, kind == "AccountFrozen", own)
+    if kind == "AccountClosed":
+        return domain.CloseAccount(account, own)
+    return domain.UpdateAccountMetadata(account, data["metadata"], own)
+
+
+def _transfer_command(kind: str, data: dict[str, Any]) -> domain.PostTransfer:
+    recorded = datetime.fromisoformat(data["recorded_at"])
+    effective = data["effective_at"]
+    timeout = None
+    if data.get("expires_at"):
+        delta = datetime.fromisoformat(data["expires_at"]) - recorded
+        timeout = round(delta.total_seconds())
+    return domain.PostTransfer(
+        data["key"],
+        tuple(domain.Posting.from_json(p) for p in data["postings"]),
+        data["metadata"],
+        pending=kind == "TransferPending",
+        timeout_s=timeout,
+        effective_at=(
+            None if effective == data["recorded_at"] else datetime.fromisoformat(effective)
+        ),
+    )
+
+
+def _account_row(ledger_id: int, a: domain.Account) -> tuple[Any, ...]:
+    limits = orjson.dumps({k: str(v) for k, v in a.guard_limits.items()}).decode()
+    metadata = orjson.dumps(a.metadata).decode()
+    return (a.id, ledger_id, a.name, a.type, metadata, a.position, a.guard, limits, a.frozen,
+            a.closed)
+
+
+def _entry_row(e: domain.Entry) -> tuple[Any, ...]:
+    return (e.account_id, e.asset, e.position, e.leg, e.debit, e.posted, e.amount,
+            e.effective_at, *e.totals)
 
 
 def _legs(postings: tuple[domain.Posting, ...], backs: list[dict[str, str]]) -> list[int]:
