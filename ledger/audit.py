@@ -504,7 +504,22 @@ def verify(
         check.position == head and check.previous == head_hash,
         "" if check.position == head else f"head says {head}, log ends at {check.position}",
     )
+    _check_derived_state(conn, ledger_id, check, report)
+    _check_copied_columns(conn, ledger_id, report)
+    _accounts_and_assets_match_log(conn, ledger_id, report)
+    _holds_match_log(conn, ledger_id, check.replay.holds, report)
+    from projections import runner  # the read side's own check, against a replay
 
+    ok, detail = runner.check(conn, ledger)
+    report.add("projections_match_replay", ok, detail)
+    return report
+
+
+def _check_derived_state(
+    conn: psycopg.Connection[Any], ledger_id: int, check: _LogCheck, report: Report
+) -> None:
+    """Closed periods and balances against the replay of the log, and each balance against
+    the running totals of its latest entry."""
     closed = conn.execute(
         "SELECT closed_through FROM ledgers WHERE id = %s", (ledger_id,)
     ).fetchone()
@@ -553,6 +568,10 @@ def verify(
         "" if latest and latest[0] == 0 else "running totals disagree with balances",
     )
 
+
+def _check_copied_columns(conn: psycopg.Connection[Any], ledger_id: int, report: Report) -> None:
+    """Columns that copy what the hashed events say (keys, times), used to answer lookups:
+    they must agree with the events."""
     keys = conn.execute(
         "SELECT count(*) FROM transfers t LEFT JOIN events e ON e.ledger_id = t.ledger_id"
         " AND e.position = t.position WHERE t.ledger_id = %s"
@@ -618,13 +637,6 @@ def verify(
         else "an amended-metadata row has no amendment event, or an amendment event no row",
         bad_amendment,
     )
-    _accounts_and_assets_match_log(conn, ledger_id, report)
-    _holds_match_log(conn, ledger_id, check.replay.holds, report)
-    from projections import runner  # the read side's own check, against a replay
-
-    ok, detail = runner.check(conn, ledger)
-    report.add("projections_match_replay", ok, detail)
-    return report
 
 
 def _holds_match_log(
@@ -661,20 +673,13 @@ _ACCOUNT_TOPICS = [
 ]
 
 
-def _accounts_and_assets_match_log(
-    conn: psycopg.Connection[Any], ledger_id: int, report: Report
-) -> None:
-    """The rows the writer decides by (an account's type, metadata, guard and limits, frozen,
-    closed; an asset's scale and posting maximum) are what the log's events say: the app's
-    login may UPDATE them, and a guard removed there would let an overdraft through as a valid
-    event that the balance replay alone would accept."""
+def _accounts_and_assets_of(
+    rows: Any,
+) -> tuple[dict[str, dict[str, Any]], dict[str, tuple[int, int | None]]]:
+    """What the account and asset events (``(position, topic, state)`` in log order) say the
+    accounts and assets are now."""
     accounts: dict[str, dict[str, Any]] = {}
     assets: dict[str, tuple[int, int | None]] = {}
-    rows = conn.execute(
-        "SELECT position, topic, state FROM events WHERE ledger_id = %s AND topic = ANY(%s)"
-        " ORDER BY position",
-        (ledger_id, _ACCOUNT_TOPICS),
-    )
     for _, topic, state in rows:
         data = json.loads(bytes(state))
         kind = topic.rpartition(":")[2]
@@ -700,6 +705,22 @@ def _accounts_and_assets_match_log(
                 account["closed"] = True
             else:
                 account["metadata"] = data["metadata"]
+    return accounts, assets
+
+
+def _accounts_and_assets_match_log(
+    conn: psycopg.Connection[Any], ledger_id: int, report: Report
+) -> None:
+    """The rows the writer decides by (an account's type, metadata, guard and limits, frozen,
+    closed; an asset's scale and posting maximum) are what the log's events say: the app's
+    login may UPDATE them, and a guard removed there would let an overdraft through as a valid
+    event that the balance replay alone would accept."""
+    rows = conn.execute(
+        "SELECT position, topic, state FROM events WHERE ledger_id = %s AND topic = ANY(%s)"
+        " ORDER BY position",
+        (ledger_id, _ACCOUNT_TOPICS),
+    )
+    accounts, assets = _accounts_and_assets_of(rows)
     stored = conn.execute(
         "SELECT name, type, metadata, guard, guard_limits, frozen, closed, position"
         " FROM accounts WHERE ledger_id = %s",
