@@ -299,6 +299,8 @@ def replay(
 
 def _position(conn: Any, ledger: str, until: str | None) -> int:
     """A position from ``--until``: a number, a recorded time, or (none) the head."""
+    from ledger.queries import POSITION_AT_SQL
+
     row = conn.execute(
         "SELECT id, head_position FROM ledgers WHERE name = %s", (ledger,)
     ).fetchone()
@@ -310,7 +312,7 @@ def _position(conn: Any, ledger: str, until: str | None) -> int:
         return min(int(until), int(row[1]))
     moment = domain.parse_time(until, "--until (a position or a time)")
     found = conn.execute(
-        "SELECT coalesce(max(position), 0) FROM events WHERE ledger_id = %s AND recorded_at <= %s",
+        POSITION_AT_SQL,
         (row[0], moment),
     ).fetchone()
     return int(found[0])

@@ -122,12 +122,17 @@ async def point_in_time(
     return PointInTime(as_of, effective_at)
 
 
+POSITION_AT_SQL = (
+    "SELECT coalesce(max(position), 0) FROM events WHERE ledger_id = %s AND recorded_at <= %s"
+)
+"""Recorded time → log position, written once: the last position recorded at or before a time
+(0 before the first event); parameters (ledger id, time). Used by the service, the reports,
+the journal and the CLI."""
+
+
 async def position_at(svc: LedgerService, ledger_id: int, recorded_at: datetime) -> int:
     """The last position recorded at or before ``recorded_at`` (0 before the first event)."""
-    row = await svc._one(
-        "SELECT coalesce(max(position), 0) FROM events WHERE ledger_id = %s AND recorded_at <= %s",
-        (ledger_id, recorded_at),
-    )
+    row = await svc._one(POSITION_AT_SQL, (ledger_id, recorded_at))
     return int(row[0])
 
 

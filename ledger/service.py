@@ -21,7 +21,7 @@ import orjson
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from ledger import domain, errors, limits, log
+from ledger import domain, errors, limits, log, queries
 from ledger.events import (
     TOPICS,
     AccountOpened,
@@ -358,12 +358,7 @@ class LedgerService:
             raise errors.AccountNotFoundForRead(f"account {name!r} does not exist", account=name)
         account_id, scales = int(row[0]), await self._scales(ref.id)
         if recorded_at is not None:
-            found = await self._one(
-                "SELECT coalesce(max(position), 0) FROM events WHERE ledger_id = %s"
-                " AND recorded_at <= %s",
-                (ref.id, recorded_at),
-            )
-            as_of = int(found[0])
+            as_of = await queries.position_at(self, ref.id, recorded_at)
             if row[3] > as_of:
                 raise errors.AccountNotFoundForRead(f"account {name!r} did not exist then")
         if effective_at is not None:

@@ -24,6 +24,7 @@ import orjson
 import psycopg
 
 from ledger import errors, limits
+from ledger.queries import POSITION_AT_SQL
 from projections.reports import Point, _money, csv_cell
 
 BOOKED = {
@@ -59,7 +60,7 @@ def _bound(conn: psycopg.Connection[Any], ledger_id: int, head: int, at: Point) 
             raise errors.PositionOutOfRange(f"{at.position} is outside 0..{head}", head=head)
         return at.position
     row = conn.execute(
-        "SELECT coalesce(max(position), 0) FROM events WHERE ledger_id = %s AND recorded_at <= %s",
+        POSITION_AT_SQL,
         (ledger_id, at.time),
     ).fetchone()
     return int(row[0]) if row else 0

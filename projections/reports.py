@@ -19,6 +19,7 @@ from typing import Any, Literal
 import psycopg
 
 from ledger import domain, errors
+from ledger.queries import POSITION_AT_SQL
 
 NORMAL_DEBIT = ("asset", "expense")
 SECTIONS = {
@@ -170,8 +171,7 @@ async def _position(
         return at.position
     row = await (
         await conn.execute(
-            "SELECT coalesce(max(position), 0) FROM events WHERE ledger_id = %s"
-            " AND recorded_at <= %s",
+            POSITION_AT_SQL,
             (ledger_id, at.time),
         )
     ).fetchone()
