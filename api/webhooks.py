@@ -2,12 +2,16 @@
 ``ledgers``; listing them and their deliveries (the dead letters among them) needs ``read``.
 
 The secret that signs a subscription's deliveries is in the creation answer and never again.
+A subscription's URL may carry credentials of the receiver (a token in its path or query, a
+password before its host): it is shown whole only to a key that could have subscribed it
+(``ledgers`` and ``events`` on the ledger); a ``read`` key sees its origin alone.
 """
 
 from __future__ import annotations
 
 import secrets
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,10 +42,12 @@ class WebhookIn(BaseModel):
     """Deliver the events after this position; default: only events committed from now on."""
 
 
-def _subscription(row: Any) -> dict[str, Any]:
+def _subscription(row: Any, whole: bool = True) -> dict[str, Any]:
+    """A subscription as answered; its URL cut to its origin unless ``whole``."""
     return {
         "id": row[0],
-        "url": row[1],
+        "url": row[1] if whole else _origin(row[1]),
+        "url_redacted": not whole,
         "event_types": list(row[2]),
         "position": int(row[3]),
         "created_at": row[4].isoformat(),
@@ -106,6 +112,19 @@ async def create_webhook(ledger: LedgerPath, body: WebhookIn, request: Request) 
     return json_response({**_subscription(row), "secret": secret}, 201)
 
 
+def _origin(url: str) -> str:
+    """``scheme://host[:port]``: what a URL says about where it goes, without the user and
+    password before the host, the path or the query, where receivers put their tokens."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+
+
+def _shows_urls(request: Request, ledger: str) -> bool:
+    """Whether the caller may see URLs whole: it could have made the subscription itself."""
+    principal = auth.principal_of(request.scope)
+    return principal.allows("ledgers", ledger) and principal.allows("events", ledger)
+
+
 async def _find(request: Request, ledger: str, webhook_id: str) -> tuple[int, dict[str, Any]]:
     svc = service(request)
     ref = await svc.ledger_ref(ledger)
@@ -119,12 +138,14 @@ async def _find(request: Request, ledger: str, webhook_id: str) -> tuple[int, di
         ).fetchone()
     if row is None:
         raise errors.WebhookNotFound(f"no webhook {webhook_id!r} on ledger {ledger!r}")
-    return ref.id, _subscription(row)
+    return ref.id, _subscription(row, _shows_urls(request, ledger))
 
 
 @router.get("/ledgers/{ledger}/webhooks", responses=_problems, openapi_extra=auth.scope("read"))
 async def list_webhooks(ledger: LedgerPath, request: Request) -> Response:
-    """The ledger's subscriptions (never their secrets), with counts of their deliveries."""
+    """The ledger's subscriptions (never their secrets), with counts of their deliveries. Their
+    URLs are whole only for a key with `ledgers` and `events` on the ledger (a URL may carry the
+    receiver's credentials); for others, `url` is its origin and `url_redacted` is true."""
     svc = service(request)
     ref = await svc.ledger_ref(ledger)
     async with svc.pool.connection() as conn:
@@ -144,9 +165,10 @@ async def list_webhooks(ledger: LedgerPath, request: Request) -> Response:
             )
         ).fetchall():
             counts.setdefault(sub_id, {})[state] = int(n)
+    whole = _shows_urls(request, ledger)
     items = [
         {
-            **_subscription(r),
+            **_subscription(r, whole),
             "deliveries": {s: counts.get(r[0], {}).get(s, 0) for s in STATES},
         }
         for r in rows
@@ -161,6 +183,7 @@ STATES = ("pending", "delivered", "dead")
     "/ledgers/{ledger}/webhooks/{webhook_id}", responses=_problems, openapi_extra=auth.scope("read")
 )
 async def get_webhook(ledger: LedgerPath, webhook_id: WebhookId, request: Request) -> Response:
+    """One subscription, its URL as in the listing (whole for `ledgers` and `events`)."""
     _, subscription = await _find(request, ledger, webhook_id)
     return json_response(subscription)
 
