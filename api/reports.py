@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
+import io
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+from typing import Annotated, Any, Literal, TypeVar
 
+import orjson
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import AwareDatetime
 from starlette.responses import Response
@@ -171,11 +174,56 @@ async def journal(
     name = f"{ledger}-journal"
     if format == "csv":
         return StreamingResponse(
-            gl.as_csv(every()),
+            _while_allowed(request, ledger, gl.as_csv(every()), format),
             media_type="text/csv",
             headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
         )
-    return StreamingResponse(gl.as_json_lines(every()), media_type="application/x-ndjson")
+    return StreamingResponse(
+        _while_allowed(request, ledger, gl.as_json_lines(every()), format),
+        media_type="application/x-ndjson",
+    )
+
+
+Chunk = TypeVar("Chunk", str, bytes)
+
+
+async def _while_allowed(
+    request: Request, ledger: str, chunks: Iterator[Chunk], fmt: str
+) -> AsyncIterator[Chunk]:
+    """An export's chunks (read in a thread), the caller's key checked again before each one:
+    the authenticator re-reads a key at most ``key_cache_s`` after it last did, so an export
+    whose key is revoked, expires or loses ``read`` on the ledger ends within about that (and
+    one chunk), with a last line that says why (docs/api.md). It went on to the end of its
+    period before, up to ``journal_statement_timeout_ms``."""
+    from starlette.concurrency import iterate_in_threadpool
+
+    authorization = request.headers.get("authorization")
+    try:
+        async for chunk in iterate_in_threadpool(chunks):
+            try:
+                principal = await auth.authenticate(request.scope, authorization)
+                principal.require("read", ledger)
+            except errors.LedgerError as error:
+                yield _stopped_line(error, fmt)
+                return
+            yield chunk
+    finally:
+        # Closes the export's connection at once (not when collected); a chunk still being
+        # read in a thread (the client went away meanwhile) leaves that to the collector.
+        if isinstance(chunks, Generator):
+            with contextlib.suppress(ValueError):
+                chunks.close()
+
+
+def _stopped_line(error: errors.LedgerError, fmt: str) -> Any:
+    """The last line of an export cut short: ``error,<code>,<detail>`` in CSV (in the
+    ``position`` column, where a reader expects a number), ``{"error": {…}}`` in JSON lines."""
+    if fmt == "csv":
+        out = io.StringIO()
+        csv.writer(out).writerow(["error", error.code, error.detail])
+        return out.getvalue()
+    problem = {"code": error.code, "status": error.status, "detail": error.detail}
+    return orjson.dumps({"error": problem}) + b"\n"
 
 
 @router.get(

@@ -439,3 +439,70 @@ def test_a_read_key_sees_a_webhook_urls_origin_and_only_a_key_that_could_subscri
                 assert [i["url"] for i in listed if i["id"] == hook] == [secret_url]
         finally:
             assert http.delete(f"{path}/{hook}", headers=bearer(admin)).status_code == 204
+
+
+def test_a_journal_export_ends_with_an_error_line_once_its_key_is_revoked(
+    database_url: str,
+) -> None:
+    # Before: an export already streaming went on to the end of its period (up to
+    # journal_statement_timeout_ms) after its key was revoked.
+    import json
+    import socket
+    import time
+
+    import httpx
+
+    from ledger import limits
+    from tests.support import served
+
+    ledger, transfers, postings = "review-journal-revoked", 500, 64
+    lines = transfers * postings  # ~10 MB of JSON lines: more than the sockets buffer
+    leg = {"debit": "a", "credit": "b", "amount": "1", "asset": "USD/2"}
+    batch = {"items": [{"id": f"t{i}", "postings": [leg] * postings} for i in range(transfers)]}
+    with served(database_url) as (base, admin), httpx.Client(
+        base_url=base, headers=bearer(admin), timeout=60
+    ) as http:
+        assert http.post("/v1/ledgers", json={"name": ledger}).status_code == 201
+        for name in ("a", "b"):
+            opened = http.post(f"/v1/ledgers/{ledger}/accounts", json={"name": name,
+                               "type": "asset"}, headers={"Idempotency-Key": name})
+            assert opened.status_code == 201, opened.text
+        r = http.post(f"/v1/ledgers/{ledger}/transfers/batch", json=batch)
+        assert r.status_code == 200 and r.text.count('"created"') == transfers, r.text[:500]
+        path = f"/v1/ledgers/{ledger}/journal?format=jsonl"
+        whole = http.get(path).text.splitlines()  # a key that stays valid: to the end
+        assert len(whole) == lines and "error" not in whole[-1]
+
+        reader = make_key_record(database_url, ("read",), (ledger,), name="revoked-reader")
+        # A small receive buffer (no autotuning): the server cannot get far ahead of the reader.
+        small = httpx.HTTPTransport(socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 18)])
+        with httpx.Client(base_url=base, transport=small, timeout=60) as slow, slow.stream(
+            "GET", path, headers=bearer(reader["token"])
+        ) as export:
+            got = export.iter_lines()
+            assert json.loads(next(got))["position"] == 4  # streaming, far from its end
+            revoked = http.post(f"/v1/keys/{reader['id']}/revoke", json={})
+            assert revoked.status_code == 200, revoked.text
+            time.sleep(limits.key_cache_s + 0.5)  # the server re-reads the key by then
+            at = time.monotonic()
+            rest = list(got)  # what the sockets held, then the error line: no more reading
+            ended_s = time.monotonic() - at
+    assert 0 < len(rest) < lines - 1, "the export went on to its end"  # ~14,500 measured
+    assert json.loads(rest[-1]) == {"error": {
+        "code": "unauthorized", "status": 401, "detail": "the API key is unknown, revoked or wrong"
+    }}
+    assert all('"position"' in line for line in rest[:-1])
+    assert ended_s < 10, ended_s
+
+
+def test_an_export_cut_short_says_why_in_its_last_line_in_csv_too() -> None:
+    import csv
+    import io
+
+    from api.reports import _stopped_line
+    from ledger import errors
+
+    line = _stopped_line(errors.Forbidden("the key lacks 'read', on ledger \"x\""), "csv")
+    assert next(csv.reader(io.StringIO(line))) == [
+        "error", "forbidden", "the key lacks 'read', on ledger \"x\""
+    ]
