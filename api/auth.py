@@ -8,11 +8,13 @@ its bearer security requirement, and its 401 and 403 answers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import WebSocket
 from starlette.types import Scope
 
+from api.ratelimit import RateLimiter
 from ledger import errors
 from ledger.keys import ANONYMOUS, SCOPES, Authenticator, Principal
 
@@ -36,11 +38,22 @@ async def authenticate(scope_: Scope, authorization: str | None) -> Principal:
         authenticator: Authenticator | None = getattr(app.state, "authenticator", None)
         if authenticator is None:
             raise errors.Unavailable("the server is starting")
-        principal = await authenticator.authenticate(authorization)
+        principal = await authenticator.authenticate(authorization, _spent(scope_))
     state = scope_.setdefault("state", {})
     state["principal"] = principal
     state["actor"] = principal.actor
     return principal
+
+
+def _spent(scope_: Scope) -> Callable[[], bool] | None:
+    """Whether the caller's address has used up its rate (for requests without a valid key):
+    asked before a key the server has not seen is looked up (``Authenticator.authenticate``)."""
+    limiter: RateLimiter | None = getattr(scope_["app"].state, "rate_limiter", None)
+    if limiter is None:
+        return None
+    client = scope_.get("client")
+    address = client[0] if client else None
+    return lambda: limiter.spent(address)
 
 
 def principal_of(scope_: Scope) -> Principal:

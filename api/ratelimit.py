@@ -72,6 +72,16 @@ class RateLimiter:
         return wait
 
 
+    def spent(self, address: str | None) -> bool:
+        """Whether the address (requests without a valid key) has no token left now; takes
+        none. Asked before a key the server has not seen is looked up in the database."""
+        found = self._buckets.get(f"addr:{address or 'unknown'}")
+        if found is None:
+            return False
+        tokens, then = found
+        return tokens + (self.clock() - then) * self.address_rate.per_s < 1.0
+
+
 def retry_after(wait_s: float) -> str:
     """``Retry-After`` is whole seconds (RFC 9110): rounded up, so that a client that waits
     exactly that long finds a token."""

@@ -19,6 +19,7 @@ import hmac
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import PoolTimeout
 
-from ledger import errors, limits
+from ledger import errors, limits, metrics
 
 SCOPES = (
     "read", "events", "transfers", "accounts", "ledgers", "audit", "keys", "metrics", "periods"
@@ -299,8 +300,17 @@ class Authenticator:
     """Reads of a key in flight: the requests that find its entry stale together wait for one
     read (each used to make its own: with 64 connections, 64 reads and pool checkouts a
     second, taken from the writers' pool; 2.5 % of the server's samples under load)."""
+    _ids: tuple[float, frozenset[str]] | None = None
+    """When the ids of the usable keys were read, and they (see :meth:`authenticate`)."""
+    _ids_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    async def authenticate(self, authorization: str | None) -> Principal:
+    async def authenticate(
+        self, authorization: str | None, spent: Callable[[], bool] | None = None
+    ) -> Principal:
+        """The token's key. ``spent`` says whether the caller's address has used up its rate
+        (requests without a valid key): then a key id not known to be valid is looked up only
+        if it is among the ids of the usable keys (read at most every ``key_cache_s``), and is
+        refused (``RateLimited``) otherwise, so that made-up tokens cost no query each."""
         scheme, _, token = (authorization or "").partition(" ")
         parsed = parse_token(token.strip()) if scheme.lower() == "bearer" else None
         if parsed is None:
@@ -309,6 +319,15 @@ class Authenticator:
         now = time.monotonic()
         entry = self._cache.get(key_id)
         if entry is None or now - entry.read_at > limits.key_cache_s:
+            if (
+                (entry is None or entry.principal is None)
+                and spent is not None
+                and spent()
+                and key_id not in await self._usable_ids()
+            ):
+                raise errors.RateLimited(
+                    "too many requests without a valid key from this address"
+                )
             entry = await self._read_once(key_id, now)
         if entry.principal is None or not hmac.compare_digest(
             entry.secret_sha256, digest(secret)
@@ -321,6 +340,27 @@ class Authenticator:
             entry.used_at = now
             await self._mark_used(key_id)
         return entry.principal
+
+    async def _usable_ids(self) -> frozenset[str]:
+        """The ids of the keys that are not revoked (at most ``keys_listed_max``: creation
+        stops there), read at most every ``key_cache_s`` by one request at a time."""
+        async with self._ids_lock:
+            now = time.monotonic()
+            if self._ids is None or now - self._ids[0] > limits.key_cache_s:
+                try:
+                    async with self.pool.connection() as conn:
+                        cur = await conn.execute(
+                            "SELECT id FROM api_keys WHERE revoked_at IS NULL LIMIT %s",
+                            (limits.keys_listed_max,),
+                        )
+                        rows = await cur.fetchall()
+                except (psycopg.Error, PoolTimeout) as exc:
+                    raise errors.Unavailable(
+                        f"cannot check the API key: {type(exc).__name__}"
+                    ) from None
+                metrics.KEY_READS.labels("ids").inc()
+                self._ids = (now, frozenset(r[0] for r in rows))
+            return self._ids[1]
 
     async def _read_once(self, key_id: str, now: float) -> _Cached:
         """The key as read now, by this request or by the one already reading it."""
@@ -360,6 +400,7 @@ class Authenticator:
         except (psycopg.Error, PoolTimeout) as exc:
             # The key cannot be checked now: retryable, never "unauthorized" nor a bare 500.
             raise errors.Unavailable(f"cannot check the API key: {type(exc).__name__}") from None
+        metrics.KEY_READS.labels("key").inc()
         if len(self._cache) >= limits.keys_cached_max:
             self._cache.clear()  # bounded: unknown ids sprayed at us cannot grow it
         previous = self._cache.get(key_id)

@@ -40,6 +40,14 @@ QUEUED = Gauge(
     " counted at each scrape",
 )
 RETRIES = Counter("ledger_writer_retries_total", "Write transactions retried")
+KEY_READS = Counter(
+    "ledger_api_key_reads_total",
+    "API keys read from the database: one key by id (a token not seen within key_cache_s), or"
+    " the ids of every usable key (asked for an address that has used up its rate)",
+    ["read"],
+)
+for _read in ("key", "ids"):
+    KEY_READS.labels(_read)
 COMMIT_SECONDS = Histogram(
     "ledger_writer_commit_seconds",
     "From a command's submission to its committed answer: queue wait and transaction",

@@ -506,3 +506,50 @@ def test_an_export_cut_short_says_why_in_its_last_line_in_csv_too() -> None:
     assert next(csv.reader(io.StringIO(line))) == [
         "error", "forbidden", "the key lacks 'read', on ledger \"x\""
     ]
+
+
+def _key_reads(http: Any, admin: str) -> dict[str, float]:
+    text = http.get("/metrics", headers=bearer(admin)).text
+    return {
+        read: float(line.rpartition(" ")[2])
+        for read in ("key", "ids")
+        for line in text.splitlines()
+        if line.startswith(f'ledger_api_key_reads_total{{read="{read}"}}')
+    }
+
+
+def test_made_up_keys_from_one_address_reach_429_and_cost_a_bounded_number_of_key_reads(
+    database_url: str,
+) -> None:
+    # Before: each well-formed token with an unknown id cost a query on the writers' pool,
+    # even once its address was answered 429 (the address was charged after the lookup).
+    import secrets
+    import time
+
+    import httpx
+
+    from tests.support import served
+
+    burst, per_s, flood = 20, 2.0, 400
+    env = {"LEDGER_RATE_ADDRESS_BURST": str(burst), "LEDGER_RATE_ADDRESS_PER_S": str(per_s)}
+    with served(database_url, env) as (base, admin), httpx.Client(base_url=base) as http:
+        fresh = make_key(database_url, ("read",))
+        before = _key_reads(http, admin)
+        started = time.monotonic()
+        statuses = [
+            http.get("/v1/ledgers", headers=bearer(
+                f"lk_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
+            )).status_code
+            for _ in range(flood)
+        ]
+        took_s = time.monotonic() - started
+        # A valid key the server has not seen yet, from the same address, is not held back.
+        assert http.get("/v1/ledgers", headers=bearer(fresh)).status_code == 200
+        after = _key_reads(http, admin)
+    assert burst - 3 <= statuses.index(429) <= burst  # (served() polled /healthz keyless)
+    assert statuses[-1] == 429 and statuses.count(429) > flood - burst - per_s * took_s - 5
+    assert set(statuses) == {401, 429}
+    by_id = after["key"] - before["key"]
+    # Each 401 was one read; the rest only the list of ids, at most once per key_cache_s.
+    assert by_id <= statuses.count(401) + 2 <= burst + per_s * took_s + 3, (by_id, took_s)
+    assert after["ids"] - before["ids"] <= took_s + 2, (after, before, took_s)
