@@ -508,6 +508,7 @@ def verify(
     _check_copied_columns(conn, ledger_id, report)
     _accounts_and_assets_match_log(conn, ledger_id, report)
     _holds_match_log(conn, ledger_id, check.replay.holds, report)
+    _transfer_status_matches_log(conn, ledger_id, report)
     from projections import runner  # the read side's own check, against a replay
 
     ok, detail = runner.check(conn, ledger)
@@ -661,6 +662,93 @@ def _holds_match_log(
         "pending_holds_match_log",
         not wrong,
         "" if not wrong else f"pending transfer {wrong[0]!r} is not what the log leaves open",
+        error="" if not wrong else errors.StateDiffersFromLog.code,
+    )
+
+
+_STATUS_TOPICS = {
+    name: f"ledger.events:{name}"
+    for name in (
+        "TransferPosted", "TransferPending", "PendingTransferPosted", "PendingTransferVoided",
+        "PendingTransferExpired", "TransferReversed",
+    )
+}
+_TRANSFER_STATUS_SQL = """
+WITH ev AS (
+  SELECT position, topic, convert_from(state, 'UTF8')::jsonb AS s FROM events
+  WHERE ledger_id = %(l)s AND topic = ANY(%(topics)s)),
+origin AS (
+  SELECT s ->> 'key' AS key, position, topic = %(TransferPending)s AS pending,
+    s -> 'postings' AS postings, (s ->> 'expires_at')::timestamptz AS expires_at
+  FROM ev WHERE topic IN (%(TransferPosted)s, %(TransferPending)s)),
+settled AS (
+  SELECT DISTINCT ON (s ->> 'pending_key') s ->> 'pending_key' AS key, topic, s -> 'postings'
+    AS postings FROM ev
+  WHERE topic IN (%(PendingTransferPosted)s, %(PendingTransferVoided)s,
+    %(PendingTransferExpired)s)
+  ORDER BY s ->> 'pending_key', position DESC),
+logged AS (
+  SELECT o.key, o.position, o.expires_at,
+    CASE WHEN st.topic IS NULL THEN CASE WHEN o.pending THEN 'pending' ELSE 'posted' END
+      WHEN st.topic = %(PendingTransferPosted)s THEN 'posted'
+      WHEN st.topic = %(PendingTransferVoided)s THEN 'voided' ELSE 'expired' END AS status,
+    ARRAY(SELECT (x.p ->> 'amount')::numeric FROM jsonb_array_elements(
+      CASE WHEN st.topic = %(PendingTransferPosted)s THEN st.postings ELSE o.postings END)
+      WITH ORDINALITY AS x(p, n) ORDER BY x.n) AS amounts
+  FROM origin o LEFT JOIN settled st ON st.key = o.key),
+stored AS (SELECT * FROM transfer_status WHERE ledger_id = %(l)s),
+bad_rows AS (
+  SELECT coalesce(g.key, t.key) AS key, g.position FROM logged g FULL JOIN stored t
+    ON t.key = g.key
+  WHERE g.key IS NULL
+    OR coalesce(t.status, 'posted') <> g.status
+    OR coalesce(t.amounts, g.amounts) <> g.amounts
+    OR t.expires_at IS DISTINCT FROM g.expires_at
+    OR cardinality(coalesce(t.reversed, g.amounts)) <> cardinality(g.amounts)
+    OR EXISTS (SELECT FROM unnest(t.reversed) r WHERE r < 0)),
+reversed_logged AS (
+  SELECT s ->> 'original_key' AS key, p ->> 'debit' AS debit, p ->> 'credit' AS credit,
+    p ->> 'asset' AS asset, sum((p ->> 'amount')::numeric) AS amount
+  FROM ev CROSS JOIN LATERAL jsonb_array_elements(s -> 'postings') p
+  WHERE topic = %(TransferReversed)s GROUP BY 1, 2, 3, 4),
+reversed_stored AS (
+  SELECT t.key, x.p ->> 'credit' AS debit, x.p ->> 'debit' AS credit, x.p ->> 'asset' AS asset,
+    sum(u.r) AS amount
+  FROM stored t JOIN origin o ON o.key = t.key
+  CROSS JOIN LATERAL unnest(t.reversed) WITH ORDINALITY AS u(r, n)
+  JOIN LATERAL jsonb_array_elements(o.postings) WITH ORDINALITY AS x(p, n) ON x.n = u.n
+  GROUP BY 1, 2, 3, 4),
+bad_reversals AS (
+  SELECT coalesce(a.key, b.key) AS key FROM reversed_logged a FULL JOIN reversed_stored b
+    ON b.key = a.key AND b.debit = a.debit AND b.credit = a.credit AND b.asset = a.asset
+  WHERE coalesce(a.amount, 0) <> coalesce(b.amount, 0)),
+bad AS (
+  SELECT key, position FROM bad_rows
+  UNION SELECT r.key, o.position FROM bad_reversals r LEFT JOIN origin o ON o.key = r.key)
+SELECT key, position FROM bad ORDER BY position NULLS FIRST, key LIMIT 1
+"""
+
+
+def _transfer_status_matches_log(
+    conn: psycopg.Connection[Any], ledger_id: int, report: Report
+) -> None:
+    """Every row of ``transfer_status`` (which the app's login may UPDATE, and which decides
+    what may still be posted, voided or reversed) is what the log says: its status, amounts,
+    expiry and how much of it was reversed. A transfer without a row is one that was posted and
+    never reversed, and must be. Reversals name no posting, only the accounts and asset they
+    move back, so ``reversed`` is compared per (accounts, asset) of the transfer's postings:
+    moving a reversed amount between two postings with the same accounts and asset is the one
+    change this cannot see (nor can the log tell them apart)."""
+    row = conn.execute(
+        _TRANSFER_STATUS_SQL,
+        {"l": ledger_id, "topics": list(_STATUS_TOPICS.values()), **_STATUS_TOPICS},
+    ).fetchone()
+    report.add(
+        "transfer_status_match_log",
+        row is None,
+        "" if row is None else f"the status of transfer {row[0]!r} differs from its events",
+        None if row is None else row[1],
+        error="" if row is None else errors.StateDiffersFromLog.code,
     )
 
 
@@ -741,6 +829,7 @@ def _accounts_and_assets_match_log(
         else f"account {(bad_accounts[0][1] if bad_accounts else missing[0])!r} differs from"
         " what its events say",
         bad_accounts[0][0] if bad_accounts else None,
+        error="" if not bad_accounts and not missing else errors.StateDiffersFromLog.code,
     )
     stored_assets = {
         r[0]: (int(r[1]), None if r[2] is None else int(r[2]))
@@ -755,6 +844,7 @@ def _accounts_and_assets_match_log(
         "assets_match_log",
         not wrong,
         "" if not wrong else f"asset {wrong[0]} differs from what its events say",
+        error="" if not wrong else errors.StateDiffersFromLog.code,
     )
 
 

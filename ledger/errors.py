@@ -402,6 +402,12 @@ class SignedHistoryLost(LedgerError):
     status = 409
 
 
+class StateDiffersFromLog(LedgerError):
+    code = "state_differs_from_log"
+    title = "A row the writer decides by differs from what the log says: changed behind its back"
+    status = 409
+
+
 # --- Audit (`ledger seal`, checkpoints, proofs) ---------------------------------------------
 
 

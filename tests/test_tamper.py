@@ -301,7 +301,11 @@ def test_a_rule_changed_behind_the_logs_back_with_the_apps_own_login_is_caught(
     with psycopg.connect(database_url) as conn:  # ledger_app, not an administrator
         assert conn.execute(statement, (ledger,)).rowcount >= 1
     with postgres.connect(database_url) as conn:
-        assert check in audit.verify(conn, ledger, PUBLIC).failed()
+        report = audit.verify(conn, ledger, PUBLIC)
+    assert check in report.failed()
+    assert ("state_differs_from_log", next(
+        c["detail"] for c in report.checks if c["check"] == check
+    )) in report.errors()
 
 
 def test_a_ledger_created_with_no_assets_verifies(database_url: str, ledger_name: str) -> None:
@@ -312,3 +316,69 @@ def test_a_ledger_created_with_no_assets_verifies(database_url: str, ledger_name
         assert r.status_code == 201, r.text
         report = client.get(f"/v1/ledgers/{ledger_name}/verify").json()
         assert report["ok"], report
+
+
+def _build_statuses(url: str, ledger: str) -> None:
+    """Every kind of transfer_status row: a plain transfer reversed in part (t1), one of two
+    postings reversed in part (t2), one never reversed (t3, so no row), a hold captured in
+    part (h1), a hold still pending with an expiry (h2) and one voided (h3)."""
+    from ledger import domain
+    from ledger.service import LedgerService
+    from tests.support import USD, pay, run, setup
+
+    two = (domain.Posting("a", "b", USD, 100), domain.Posting("a", "c", USD, 50))
+
+    async def body(svc: LedgerService) -> None:
+        await setup(svc, ledger, "a", "b", "c")
+        for command in (
+            pay("t1", "a", "b", 100),
+            domain.ReverseTransfer("r1", "t1", amount=30),
+            domain.PostTransfer("t2", two),
+            domain.ReverseTransfer("r2", "t2", amounts=(0, 20)),
+            pay("t3", "a", "b", 7),
+            pay("h1", "a", "b", 50, pending=True),
+            domain.PostPending("c1", "h1", amount=40),
+            pay("h2", "a", "c", 5, pending=True, timeout_s=3600),
+            pay("h3", "a", "c", 6, pending=True),
+            domain.VoidPending("v3", "h3"),
+        ):
+            await svc.post_transfer(ledger, command, {})
+
+    run(url, body)
+
+
+_IN = "WHERE ledger_id = (SELECT id FROM ledgers WHERE name = %s) AND key ="
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        f"UPDATE transfer_status SET reversed = '{{0}}' {_IN} 't1'",  # refund it all again
+        f"UPDATE transfer_status SET amounts = '{{1000}}' {_IN} 't1'",  # refund more than paid
+        f"UPDATE transfer_status SET reversed = '{{20,0}}' {_IN} 't2'",  # another posting's
+        "INSERT INTO transfer_status (ledger_id, key, status, amounts, reversed, position)"
+        " SELECT id, 't3', 'posted', '{100000}', '{0}', 1 FROM ledgers WHERE name = %s",
+        f"UPDATE transfer_status SET status = 'pending' {_IN} 'h1'",  # capture it again
+        f"UPDATE transfer_status SET expires_at = expires_at + interval '1 day' {_IN} 'h2'",
+        f"UPDATE transfer_status SET status = 'posted' {_IN} 'h3'",  # a void made a capture
+    ],
+)
+def test_transfer_status_changed_with_the_apps_own_login_is_caught_with_its_code(
+    database_url: str, ledger_name: str, statement: str
+) -> None:
+    """``transfer_status`` decides what may still be posted, voided or reversed, and how much;
+    the app's login may UPDATE (and INSERT) it, so verify compares every row with the log."""
+    from ledger import errors
+
+    _build_statuses(database_url, ledger_name)
+    with postgres.connect(database_url) as conn:
+        report = audit.verify(conn, ledger_name, PUBLIC)
+        assert report.ok, report.as_json()
+    with psycopg.connect(database_url) as conn:  # ledger_app, not an administrator
+        assert conn.execute(statement, (ledger_name,)).rowcount == 1
+    with postgres.connect(database_url) as conn:
+        report = audit.verify(conn, ledger_name, PUBLIC)
+    check = next(c for c in report.checks if c["check"] == "transfer_status_match_log")
+    assert not check["ok"] and check["error"] == errors.StateDiffersFromLog.code, check
+    assert check["first_bad_position"] is not None
+    assert set(report.failed()) <= {"transfer_status_match_log", "pending_holds_match_log"}
