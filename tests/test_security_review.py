@@ -546,7 +546,8 @@ def test_made_up_keys_from_one_address_reach_429_and_cost_a_bounded_number_of_ke
         # A valid key the server has not seen yet, from the same address, is not held back.
         assert http.get("/v1/ledgers", headers=bearer(fresh)).status_code == 200
         after = _key_reads(http, admin)
-    assert burst - 3 <= statuses.index(429) <= burst  # (served() polled /healthz keyless)
+    # served() polled /healthz without a key; the bucket refills while the flood goes on
+    assert burst - 3 <= statuses.index(429) <= burst + per_s * took_s
     assert statuses[-1] == 429 and statuses.count(429) > flood - burst - per_s * took_s - 5
     assert set(statuses) == {401, 429}
     by_id = after["key"] - before["key"]
