@@ -27,7 +27,10 @@ from projections.webhooks import check_target, new_secret
 router = APIRouter(prefix="/v1", tags=["webhooks"], route_class=ParsedBodyRoute)
 WebhookId = Annotated[str, Path(pattern=r"^wh_[0-9a-f]{16}$")]
 EVENT_TYPES = frozenset(cls.__name__ for cls in EVENT_CLASSES)
-COLUMNS = "id, url, event_types, position, created_at, created_by"
+COLUMNS = (
+    "id, url, event_types, position, created_at, created_by,"
+    " CASE WHEN previous_secret_until > now() THEN previous_secret_until END"
+)
 
 
 class WebhookIn(BaseModel):
@@ -52,6 +55,7 @@ def _subscription(row: Any, whole: bool = True) -> dict[str, Any]:
         "position": int(row[3]),
         "created_at": row[4].isoformat(),
         "created_by": row[5],
+        "previous_secret_until": row[6].isoformat() if row[6] else None,
     }
 
 
@@ -247,6 +251,50 @@ async def list_deliveries(
         for r in rows
     ]
     return json_response({"items": items, "next_after": items[-1]["position"] if items else after})
+
+
+class RotateSecretIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    grace_seconds: int = Field(
+        limits.webhook_secret_grace_s_default, ge=0, le=limits.webhook_secret_grace_s_max
+    )
+    """How long the replaced secret keeps signing deliveries beside the new one."""
+
+
+@router.post(
+    "/ledgers/{ledger}/webhooks/{webhook_id}/rotate-secret",
+    responses=_problems,
+    openapi_extra=auth.scope("ledgers"),
+)
+async def rotate_secret(
+    ledger: LedgerPath, webhook_id: WebhookId, body: RotateSecretIn, request: Request
+) -> Response:
+    """A new signing `secret` (in this answer, once). For `grace_seconds` (default a day, at
+    most 7 days) each delivery is signed with both the new and the replaced secret (two
+    signatures in `webhook-signature`), so that the receiver can switch to the new one without
+    refusing a delivery; after that, with the new one only. A secret replaced earlier and
+    still in its grace stops signing at once. Needs `events` too, as subscribing does: the
+    secret lets its holder check, and so also forge, what the receiver takes for the ledger's
+    events."""
+    auth.principal_of(request.scope).require("events", ledger)
+    ledger_id, _ = await _find(request, ledger, webhook_id)
+    secret = new_secret()
+    async with service(request).pool.connection() as conn:
+        row = await (
+            await conn.execute(
+                "UPDATE webhook_subscriptions SET secret = %(new)s,"
+                " previous_secret = CASE WHEN %(grace)s > 0 THEN secret END,"
+                " previous_secret_until = CASE WHEN %(grace)s > 0"
+                " THEN now() + make_interval(secs => %(grace)s) END"
+                " WHERE id = %(id)s AND ledger_id = %(ledger)s AND deleted_at IS NULL"
+                f" RETURNING {COLUMNS}",
+                {"new": secret, "grace": body.grace_seconds, "id": webhook_id,
+                 "ledger": ledger_id},
+            )
+        ).fetchone()
+    if row is None:  # deleted meanwhile
+        raise errors.WebhookNotFound(f"no webhook {webhook_id!r} on ledger {ledger!r}")
+    return json_response({**_subscription(row), "secret": secret})
 
 
 @router.post(

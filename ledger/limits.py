@@ -193,6 +193,11 @@ ones stay until they are delivered, or forever)."""
 webhook_prune_interval_s: Final = 60.0
 """How often the relay prunes delivered rows, at most ``webhook_prune_rows_max`` at a time."""
 webhook_prune_rows_max: Final = 10_000
+webhook_secret_grace_s_default: Final = 86_400
+"""How long a webhook's replaced secret keeps signing deliveries beside the new one after a
+rotation, unless the rotation says otherwise."""
+webhook_secret_grace_s_max: Final = 7 * 24 * 3600
+"""Longest grace a webhook secret rotation may give the replaced secret."""
 
 # `ledger bank`: the workload users point at their deployment
 bank_clients_max: Final = 64

@@ -13,7 +13,8 @@ Two steps, each safe to stop anywhere:
    the receiver drop the repeat.
 
 Signatures follow the Standard Webhooks scheme (docs/events.md): ``webhook-signature: v1,<base64
-HMAC-SHA256(key, "<id>.<timestamp>.<body>")>`` where the key is the base64 after ``whsec_``.
+HMAC-SHA256(key, "<id>.<timestamp>.<body>")>`` where the key is the base64 after ``whsec_``;
+during a secret rotation's grace, a second ``v1,…`` (space-separated) with the replaced secret.
 """
 
 from __future__ import annotations
@@ -210,7 +211,8 @@ class Deliverer:
                     " AND s.id = d.subscription_id AND l.id = s.ledger_id"
                     " AND e.ledger_id = l.id AND e.position = d.position"
                     " RETURNING d.subscription_id, d.position, d.attempts, s.url, s.secret,"
-                    " l.name, e.position, e.topic, e.state, e.hash",
+                    " l.name, e.position, e.topic, e.state, e.hash,"
+                    " CASE WHEN s.previous_secret_until > now() THEN s.previous_secret END",
                     (limits.webhook_deliveries_per_pass_max, lease_s),
                 )
             ).fetchall()
@@ -224,15 +226,20 @@ class Deliverer:
 
     async def _post(self, row: Any) -> tuple[int | None, str | None]:
         _, position, _, url, secret, ledger = row[:6]
-        _, body = payload(ledger, row[6:])
+        _, body = payload(ledger, row[6:10])
         msg_id = message_id(ledger, int(position))
         timestamp = int(time.time())
+        # During a rotation's grace, signed with the new and the replaced secret: a receiver
+        # that knows either accepts (Standard Webhooks: space-separated signatures).
+        secrets_now = [secret] if row[10] is None else [secret, row[10]]
         headers = {
             "content-type": "application/json",
             "user-agent": "ledger-webhooks/1",
             "webhook-id": msg_id,
             "webhook-timestamp": str(timestamp),
-            "webhook-signature": sign(secret, msg_id, timestamp, body),
+            "webhook-signature": " ".join(
+                sign(s, msg_id, timestamp, body) for s in secrets_now
+            ),
         }
         try:
             await check_target(url, self.schedule.allowed_networks)

@@ -323,6 +323,7 @@ APP_REFUSED = [
 ]
 READER_REFUSED = [
     "SELECT secret FROM webhook_subscriptions",
+    "SELECT previous_secret FROM webhook_subscriptions",
     "SELECT * FROM webhook_subscriptions",
     "SELECT secret_sha256 FROM api_keys",
     "INSERT INTO transfer_metadata VALUES (1, 'k', 1, '{}')",

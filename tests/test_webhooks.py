@@ -477,3 +477,57 @@ def test_a_delivery_is_refused_again_when_the_host_turns_private_after_subscribi
         dead = deliveries(client, ledger_name, hook["id"], "dead")
         assert dead and "webhook_target_refused" in str(dead[0])
         assert receiver.got == []
+
+
+def test_a_rotated_secret_signs_beside_the_replaced_one_for_its_grace_then_alone(
+    database_url: str, ledger_name: str
+) -> None:
+    """A receiver that checks with either secret accepts every delivery during the grace (two
+    signatures), and only one checked with the new secret after it."""
+    from datetime import datetime
+
+    from tests.support import bearer, make_key
+
+    receiver, grace_s = Receiver(answer=lambda n: 200), 15
+    env = {"LEDGER_RELAY": "true", "LEDGER_WEBHOOK_ALLOWED_NETWORKS": LOOPBACK}
+    with receiving(receiver), served(database_url, env=env) as (base, token), httpx.Client(
+        base_url=base, headers=bearer(token), timeout=30
+    ) as http:
+
+        def event(n: int, what: str) -> Received:
+            if n > 1:
+                opened = http.post(f"/v1/ledgers/{ledger_name}/accounts",
+                                   json={"name": what, "type": "asset"})
+                assert opened.status_code == 201, opened.text
+            wait_until(lambda: len(receiver.got) >= n, 30, f"delivery of {what}")
+            return receiver.got[n - 1]
+
+        assert http.post("/v1/ledgers", json={"name": ledger_name}).status_code == 201
+        hooks = f"/v1/ledgers/{ledger_name}/webhooks"
+        created = http.post(hooks, json={"url": receiver.url, "after": 0})
+        assert created.status_code == 201, created.text
+        old, hook = created.json()["secret"], f"{hooks}/{created.json()['id']}"
+        before = event(1, "the ledger")
+
+        path = f"{hook}/rotate-secret"
+        manager = make_key(database_url, ("ledgers",), (ledger_name,))  # no `events`
+        assert http.post(path, json={}, headers=bearer(manager)).status_code == 403
+        too_long = {"grace_seconds": 7 * 24 * 3600 + 1}
+        assert http.post(path, json=too_long).json()["code"] == "invalid_request"
+        rotated = http.post(path, json={"grace_seconds": grace_s})
+        assert rotated.status_code == 200, rotated.text
+        new, until = rotated.json()["secret"], rotated.json()["previous_secret_until"]
+        assert new != old and http.get(hook).json()["previous_secret_until"] == until
+        end = datetime.fromisoformat(until).timestamp()
+
+        during = event(2, "bank")
+        assert during.timestamp < end, "delivered after the grace: the machine is too slow"
+        time.sleep(max(0.0, end - time.time()) + 1)
+        after = event(3, "alice")
+        assert http.get(hook).json()["previous_secret_until"] is None
+    now = time.time()
+    assert verify(old, before, now) and not verify(new, before, now)
+    assert verify(old, during, now) and verify(new, during, now)
+    assert len(during.signature.split()) == 2
+    assert verify(new, after, now) and not verify(old, after, now)
+    assert len(after.signature.split()) == 1
