@@ -13,6 +13,7 @@ from api import auth
 from api.middleware import ParsedBodyRoute
 from api.routes import AccountPath, LedgerPath, _problems, json_response, service
 from ledger import domain, limits, queries
+from ledger.queries import ledgers
 from projections import reports
 
 router = APIRouter(prefix="/v1", tags=["queries"], route_class=ParsedBodyRoute)
@@ -37,7 +38,7 @@ async def list_ledgers(
     """The ledgers the caller's key may read, by name."""
     principal = auth.principal_of(request.scope)
     page = await queries.list_ledgers(
-        service(request), lambda name: principal.allows("read", name), cursor, limit,
+        service(request).reads, lambda name: principal.allows("read", name), cursor, limit,
         principal.ledgers,
     )
     return json_response(page)
@@ -63,16 +64,16 @@ async def list_accounts(
     limit: Limit = limits.page_size_default,
 ) -> Response:
     """Accounts by name, filtered; with `as_of` or `recorded_at`, those open by then."""
-    svc = service(request)
-    ref = await svc.ledger_ref(ledger)
+    reads = service(request).reads
+    ref = await ledgers.ledger_ref(reads, ledger)
     at = await queries.point_in_time(
-        svc, ref.id, await svc.head(ledger), as_of, recorded_at, None
+        reads, ref.id, await ledgers.head(reads, ledger), as_of, recorded_at, None
     )
     where = queries.AccountFilter(
         prefix, pattern, type, guard, frozen, closed, tuple(metadata or ())
     )
     return json_response(
-        await queries.list_accounts(svc, ledger, where, at.position, cursor, limit)
+        await queries.list_accounts(reads, ledger, where, at.position, cursor, limit)
     )
 
 
@@ -103,7 +104,7 @@ async def list_transfers(
         effective_from, effective_to, tuple(metadata or ()),
     )
     return json_response(
-        await queries.search_transfers(service(request), ledger, where, cursor, limit)
+        await queries.search_transfers(service(request).reads, ledger, where, cursor, limit)
     )
 
 
@@ -125,12 +126,12 @@ async def aggregate_balances(
     """Per asset, the balances of every account under `prefix` summed, grouped by the first
     `depth` segments of their names (each account on its own without `depth`). At a position
     (`as_of`) or recorded time, an effective time, or both: "as recorded then, effective at"."""
-    svc = service(request)
-    ref = await svc.ledger_ref(ledger)
+    reads = service(request).reads
+    ref = await ledgers.ledger_ref(reads, ledger)
     at = await queries.point_in_time(
-        svc, ref.id, await svc.head(ledger), as_of, recorded_at, effective_at
+        reads, ref.id, await ledgers.head(reads, ledger), as_of, recorded_at, effective_at
     )
-    body = await queries.aggregate(svc, ledger, prefix, depth, at)
+    body = await queries.aggregate(reads, ledger, prefix, depth, at)
     if format == "csv":
         return Response(
             reports.rows_to_csv(

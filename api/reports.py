@@ -20,6 +20,9 @@ from api.middleware import ParsedBodyRoute
 from api.replica import FRESH
 from api.routes import AccountPath, LedgerPath, _problems, json_response, service
 from ledger import errors, limits
+from ledger.queries import ledgers
+from ledger.queries import projections as projected
+from ledger.queries.reader import Reader
 from projections import reports
 
 router = APIRouter(prefix="/v1", tags=["reports"], route_class=ParsedBodyRoute)
@@ -252,30 +255,20 @@ async def positions(
         )
     if as_of is not None and recorded_at is not None:
         raise errors.InvalidRequest("give as_of or recorded_at (both name a log position)")
-    ref = await svc.ledger_ref(ledger)
+    ref = await ledgers.ledger_ref(svc.reads, ledger)
     if recorded_at is not None:
-        from ledger import queries
-
-        as_of = await queries.position_at(svc, ref.id, recorded_at)
+        as_of = await ledgers.position_at(svc.reads, ref.id, recorded_at)
+    rows: list[Any]
     if as_of is None:
         async with svc.read_pool.connection() as conn:
-            rows = await (
-                await conn.execute(
-                    "SELECT holder, asset, quantity, pending, quote, cost_average, pnl_average,"
-                    " lots, pnl_fifo FROM positions WHERE ledger_id = %s"
-                    " AND (%s::text IS NULL OR holder = %s) ORDER BY holder, asset",
-                    (ref.id, holder, holder),
-                )
-            ).fetchall()
-            status = await (
-                await conn.execute(
-                    "SELECT notification_id FROM tracking WHERE application_name = %s",
-                    (f"positions:{ledger}",),
-                )
-            ).fetchone()
-        position = int(status[0]) if status else 0
+            on_conn = Reader.on(conn)
+            rows = await on_conn.all(projected.POSITIONS_HELD, (ref.id, holder, holder))
+            tracked = await projected.tracked(
+                on_conn, projected.tracking_name(projected.POSITIONS, ledger)
+            )
+        position = tracked or 0
     else:
-        head = await svc.head(ledger)
+        head = await ledgers.head(svc.reads, ledger)
         if as_of > head:
             raise errors.PositionOutOfRange(f"as_of {as_of} is beyond the head {head}", head=head)
 

@@ -456,13 +456,13 @@ async def finance_lookups(
         name = f"a{random.randrange(accounts)}"
         t = time.perf_counter()
         page = await queries.search_transfers(
-            svc, ledger, where(account=name, metadata=("order=none",)), None, 100
+            svc.reads, ledger, where(account=name, metadata=("order=none",)), None, 100
         )
         pages.append((time.perf_counter() - t) * 1000)
         examined.append(page["examined"])
         at = queries.PointInTime(random.randint(head // 2, head), None)
         t = time.perf_counter()
-        found = await queries.aggregate(svc, ledger, "a1", None, at)
+        found = await queries.aggregate(svc.reads, ledger, "a1", None, at)
         aggregates.append((time.perf_counter() - t) * 1000)
         assert found["groups"], "bench: the prefix aggregate found no account"
     return {

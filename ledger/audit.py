@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from ledger import errors, merkle
 from ledger.log import chain_hash, genesis_hash
+from ledger.queries import ledgers
 from ledger.replay import Replay
 from ledger.settings import SettingsError
 
@@ -165,12 +166,8 @@ def load_checkpoints(path: Path) -> list[Checkpoint]:
 
 
 def _ledger(conn: psycopg.Connection[Any], name: str) -> tuple[int, int, bytes]:
-    row = conn.execute(
-        "SELECT id, head_position, head_hash FROM ledgers WHERE name = %s", (name,)
-    ).fetchone()
-    if row is None:
-        raise errors.LedgerNotFound(f"ledger {name!r} does not exist")
-    return int(row[0]), int(row[1]), bytes(row[2])
+    row = ledgers.ledger_on(conn, name)
+    return int(row.id), int(row.head_position), bytes(row.head_hash)
 
 
 def _events(conn: psycopg.Connection[Any], ledger_id: int, until: int) -> Iterator[Any]:
@@ -521,10 +518,8 @@ def _check_derived_state(
 ) -> None:
     """Closed periods and balances against the replay of the log, and each balance against
     the running totals of its latest entry."""
-    closed = conn.execute(
-        "SELECT closed_through FROM ledgers WHERE id = %s", (ledger_id,)
-    ).fetchone()
-    closed_now = closed[0].isoformat() if closed and closed[0] else None
+    closed = ledgers.LEDGER_OF_ID.one_on(conn, (ledger_id,))
+    closed_now = closed.closed_through.isoformat() if closed and closed.closed_through else None
     report.add(
         "closed_periods_match_log",
         closed_now == check.replay.closed_through,
@@ -832,11 +827,8 @@ def _accounts_and_assets_match_log(
         error="" if not bad_accounts and not missing else errors.StateDiffersFromLog.code,
     )
     stored_assets = {
-        r[0]: (int(r[1]), None if r[2] is None else int(r[2]))
-        for r in conn.execute(
-            "SELECT code, scale, posting_amount_max FROM assets WHERE ledger_id = %s",
-            (ledger_id,),
-        )
+        r.code: (int(r.scale), None if r.posting_amount_max is None else int(r.posting_amount_max))
+        for r in ledgers.ASSETS.all_on(conn, (ledger_id,))
     }
     wrong = sorted(c for c in set(assets) | set(stored_assets)
                    if assets.get(c) != stored_assets.get(c))

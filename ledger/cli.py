@@ -194,8 +194,10 @@ def _fail(message: str) -> None:
 
 def _head(conn: Any, ledger: str) -> int | None:
     """The ledger's head position (a progress bar's total); None if there is no such ledger."""
-    row = conn.execute("SELECT head_position FROM ledgers WHERE name = %s", (ledger,)).fetchone()
-    return int(row[0]) if row else None
+    from ledger.queries import ledgers
+
+    row = ledgers.LEDGER_NAMED.one_on(conn, (ledger,))
+    return int(row.head_position) if row else None
 
 
 def _counted(lines: Any, progress: Progress) -> Any:
@@ -299,23 +301,15 @@ def replay(
 
 def _position(conn: Any, ledger: str, until: str | None) -> int:
     """A position from ``--until``: a number, a recorded time, or (none) the head."""
-    from ledger.queries import POSITION_AT_SQL
+    from ledger.queries import ledgers
 
-    row = conn.execute(
-        "SELECT id, head_position FROM ledgers WHERE name = %s", (ledger,)
-    ).fetchone()
-    if row is None:
-        raise errors.LedgerNotFound(f"ledger {ledger!r} does not exist")
+    row = ledgers.ledger_on(conn, ledger)
     if until is None:
-        return int(row[1])
+        return int(row.head_position)
     if until.isdigit():
-        return min(int(until), int(row[1]))
+        return min(int(until), int(row.head_position))
     moment = domain.parse_time(until, "--until (a position or a time)")
-    found = conn.execute(
-        POSITION_AT_SQL,
-        (row[0], moment),
-    ).fetchone()
-    return int(found[0])
+    return ledgers.position_at_on(conn, row.id, moment)
 
 
 @app.command()

@@ -8,6 +8,7 @@ import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
 from ledger import limits
+from ledger.queries.projections import POSITIONS, PUBLISHER
 
 logger = structlog.get_logger(__name__)
 
@@ -97,11 +98,13 @@ REFRESH_ERRORS = Counter(
 _LAGS_SQL = """
 SELECT coalesce(sum(l.head_position - coalesce(p.notification_id, 0)), 0),
        coalesce(sum(l.head_position - coalesce(b.notification_id, 0)), 0),
-       EXISTS (SELECT FROM tracking WHERE application_name LIKE 'publisher:%%')
+       EXISTS (SELECT FROM tracking WHERE starts_with(application_name, %(publisher)s))
 FROM ledgers l
-LEFT JOIN tracking p ON p.application_name = 'positions:' || l.name
-LEFT JOIN tracking b ON b.application_name = 'publisher:' || l.name
+LEFT JOIN tracking p ON p.application_name = %(positions)s || l.name
+LEFT JOIN tracking b ON b.application_name = %(publisher)s || l.name
 """
+"""How far the positions projection and the relay are behind the heads (tracking names from
+``ledger.queries.projections``), and whether a relay runs at all."""
 _WEBHOOKS_SQL = """
 SELECT (SELECT count(*) FROM webhook_deliveries WHERE state = 'pending'),
        (SELECT coalesce(sum(attempts), 0) FROM webhook_deliveries WHERE state = 'pending'),
@@ -136,7 +139,9 @@ async def refresh(
     QUEUED.set(queued)
     try:
         async with read_pool.connection(timeout=limits.metrics_query_timeout_s) as conn:
-            lags = await (await conn.execute(_LAGS_SQL)).fetchone()
+            lags = await (
+                await conn.execute(_LAGS_SQL, {"positions": POSITIONS, "publisher": PUBLISHER})
+            ).fetchone()
             hooks = await (await conn.execute(_WEBHOOKS_SQL)).fetchone()
     except Exception as exc:  # the scrape must answer even then
         REFRESH_ERRORS.inc()

@@ -24,7 +24,7 @@ import orjson
 import psycopg
 
 from ledger import errors, limits
-from ledger.queries import POSITION_AT_SQL
+from ledger.queries import ledgers
 from projections.reports import Point, _money, csv_cell
 
 BOOKED = {
@@ -59,11 +59,8 @@ def _bound(conn: psycopg.Connection[Any], ledger_id: int, head: int, at: Point) 
         if not 0 <= at.position <= head:
             raise errors.PositionOutOfRange(f"{at.position} is outside 0..{head}", head=head)
         return at.position
-    row = conn.execute(
-        POSITION_AT_SQL,
-        (ledger_id, at.time),
-    ).fetchone()
-    return int(row[0]) if row else 0
+    assert at.time is not None
+    return ledgers.position_at_on(conn, ledger_id, at.time)
 
 
 def _query(
@@ -108,18 +105,9 @@ def entries(
     kinds = {start.kind, end.kind} - {"head"}
     if "effective" in kinds and len(kinds) > 1:
         raise errors.InvalidRequest("a period's start and end must be on the same axis")
-    row = conn.execute(
-        "SELECT id, head_position FROM ledgers WHERE name = %s", (ledger,)
-    ).fetchone()
-    if row is None:
-        raise errors.LedgerNotFound(f"ledger {ledger!r} does not exist")
-    ledger_id, head = int(row[0]), int(row[1])
-    scales = {
-        code: int(scale)
-        for code, scale in conn.execute(
-            "SELECT code, scale FROM assets WHERE ledger_id = %s", (ledger_id,)
-        ).fetchall()
-    }
+    row = ledgers.ledger_on(conn, ledger)
+    ledger_id, head = int(row.id), int(row.head_position)
+    scales = ledgers.scales_on(conn, ledger_id)
     sql, params = _query(conn, ledger_id, head, start, end)
     conn.commit()  # the cursor below runs in a transaction of its own
     with conn.transaction(), conn.cursor(name="journal") as cur:

@@ -32,7 +32,10 @@ from psycopg_pool import AsyncConnectionPool
 
 from ledger import limits, postgres
 from ledger.log import NOTIFY_CHANNEL
-from ledger.service import event_body
+from ledger.queries.bodies import event_body
+from ledger.queries.ledgers import EVENTS_AFTER
+from ledger.queries.projections import PUBLISHER
+from ledger.queries.reader import Reader
 
 if TYPE_CHECKING:
     from projections.webhooks import Schedule
@@ -41,7 +44,7 @@ logger = structlog.get_logger("publisher")
 
 STREAM = "LEDGER"
 """The JetStream stream the publisher creates if it is missing (subjects ``ledger.>``)."""
-TRACKING_PREFIX = "publisher:"
+TRACKING_PREFIX = PUBLISHER
 
 
 def subject(ledger: str, event_type: str) -> str:
@@ -78,13 +81,7 @@ async def read_events(
     pool: AsyncConnectionPool[Any], ledger_id: int, after: int, limit: int
 ) -> list[Any]:
     async with pool.connection() as conn:
-        cursor = await conn.execute(
-            "SELECT position, topic, state, hash FROM events WHERE ledger_id = %s"
-            " AND position > %s ORDER BY position LIMIT %s",
-            (ledger_id, after, limit),
-        )
-        rows: list[Any] = await cursor.fetchall()
-        return rows
+        return list(await Reader.on(conn).all(EVENTS_AFTER, (ledger_id, after, limit)))
 
 
 async def save_tracking(pool: AsyncConnectionPool[Any], name: str, position: int) -> None:

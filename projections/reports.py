@@ -14,12 +14,15 @@ import io
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import psycopg
 
 from ledger import domain, errors
-from ledger.queries import POSITION_AT_SQL
+from ledger.log import LedgerRef
+from ledger.queries import accounts, ledgers
+from ledger.queries.accounts import POSTED_SUMS, as_of_entry
+from ledger.queries.reader import Read, Reader
 
 NORMAL_DEBIT = ("asset", "expense")
 SECTIONS = {
@@ -148,15 +151,9 @@ def subtotals(
 
 
 async def _ledger(conn: psycopg.AsyncConnection[Any], name: str) -> tuple[int, int, dict[str, int]]:
-    row = await (
-        await conn.execute("SELECT id, head_position FROM ledgers WHERE name = %s", (name,))
-    ).fetchone()
-    if row is None:
-        raise errors.LedgerNotFound(f"ledger {name!r} does not exist")
-    scales = await (
-        await conn.execute("SELECT code, scale FROM assets WHERE ledger_id = %s", (row[0],))
-    ).fetchall()
-    return int(row[0]), int(row[1]), {c: int(s) for c, s in scales}
+    reader = Reader.on(conn)
+    row = await ledgers.ledger_named(reader, name)
+    return row.id, row.head_position, await ledgers.scales(reader, row.id)
 
 
 async def _position(
@@ -169,13 +166,35 @@ async def _position(
         if not 0 <= at.position <= head:
             raise errors.PositionOutOfRange(f"as_of {at.position} is outside 0..{head}", head=head)
         return at.position
-    row = await (
-        await conn.execute(
-            POSITION_AT_SQL,
-            (ledger_id, at.time),
-        )
-    ).fetchone()
-    return int(row[0]) if row else 0
+    assert at.time is not None
+    return await ledgers.position_at(Reader.on(conn), ledger_id, at.time)
+
+
+class _Totals(NamedTuple):
+    account: str
+    type: str
+    asset: str
+    debits: int
+    credits: int
+
+
+_EFFECTIVE_TOTALS = Read(
+    f"SELECT a.name, a.type, e.asset, {POSTED_SUMS}"
+    " FROM accounts a JOIN entries e ON e.account_id = a.id"
+    " WHERE a.ledger_id = %s AND e.posted AND e.effective_at <= %s"
+    " AND (%s::bigint IS NULL OR e.position <= %s)"
+    " GROUP BY a.name, a.type, e.asset ORDER BY a.name, e.asset",
+    _Totals,
+)
+"""Every account's posted totals effective at a time (recorded by a position, or null):
+parameters (ledger id, time, position, position)."""
+_TOTALS_AS_OF = Read(
+    "SELECT a.name, a.type, b.asset, e.debits_posted, e.credits_posted"
+    f" FROM accounts a JOIN balances b ON b.account_id = a.id {as_of_entry('%s')}"
+    " WHERE a.ledger_id = %s ORDER BY a.name, b.asset",
+    _Totals,
+)
+"""Every account's posted totals as of a position: parameters (position, ledger id)."""
 
 
 async def balances_at(
@@ -189,32 +208,15 @@ async def balances_at(
         position = None
         if at.recorded_by is not None:
             position = await _position(conn, ledger_id, head, at.recorded_by)
-        rows = await (
-            await conn.execute(
-                "SELECT a.name, a.type, e.asset, coalesce(sum(e.amount) FILTER (WHERE e.debit), 0),"
-                " coalesce(sum(e.amount) FILTER (WHERE NOT e.debit), 0)"
-                " FROM accounts a JOIN entries e ON e.account_id = a.id"
-                " WHERE a.ledger_id = %s AND e.posted AND e.effective_at <= %s"
-                " AND (%s::bigint IS NULL OR e.position <= %s)"
-                " GROUP BY a.name, a.type, e.asset ORDER BY a.name, e.asset",
-                (ledger_id, at.time, position, position),
-            )
-        ).fetchall()
+        rows = await Reader.on(conn).all(
+            _EFFECTIVE_TOTALS, (ledger_id, at.time, position, position)
+        )
     else:
         position = await _position(conn, ledger_id, head, at)
-        rows = await (
-            await conn.execute(
-                "SELECT a.name, a.type, b.asset, e.debits_posted, e.credits_posted"
-                " FROM accounts a JOIN balances b ON b.account_id = a.id"
-                " CROSS JOIN LATERAL (SELECT debits_posted, credits_posted FROM entries x"
-                "   WHERE x.account_id = b.account_id AND x.asset = b.asset AND x.position <= %s"
-                "   ORDER BY x.position DESC, x.leg DESC LIMIT 1) e"
-                " WHERE a.ledger_id = %s ORDER BY a.name, b.asset",
-                (position, ledger_id),
-            )
-        ).fetchall()
+        rows = await Reader.on(conn).all(_TOTALS_AS_OF, (position, ledger_id))
     out = [
-        {"account": r[0], "type": r[1], "asset": r[2], "debits": int(r[3]), "credits": int(r[4])}
+        {"account": r.account, "type": r.type, "asset": r.asset, "debits": int(r.debits),
+         "credits": int(r.credits)}
         for r in rows
     ]
     return out, scales, position
@@ -367,14 +369,10 @@ async def account_statement(
     if start.kind != end.kind and "head" not in (start.kind, end.kind):
         raise errors.InvalidRequest("a period's start and end must be on the same axis")
     ledger_id, head, scales = await _ledger(conn, ledger)
-    row = await (
-        await conn.execute(
-            "SELECT id, type FROM accounts WHERE ledger_id = %s AND name = %s", (ledger_id, account)
-        )
-    ).fetchone()
+    row = await accounts.account_named(Reader.on(conn), LedgerRef(ledger_id, ledger), account)
     if row is None:
         raise errors.AccountNotFoundForRead(f"account {account!r} does not exist")
-    account_id = int(row[0])
+    account_id = row.id
     where, bounds, opening_sql, opening_arg, order = await _window(
         conn, ledger_id, head, start, end
     )
@@ -383,9 +381,8 @@ async def account_statement(
             r[0]: (int(r[1]), int(r[2]))
             for r in await (
                 await conn.execute(
-                    "SELECT asset, coalesce(sum(amount) FILTER (WHERE debit), 0),"
-                    " coalesce(sum(amount) FILTER (WHERE NOT debit), 0) FROM entries e"
-                    f" WHERE account_id = %s AND posted AND {opening_sql} GROUP BY asset",
+                    f"SELECT e.asset, {POSTED_SUMS} FROM entries e"
+                    f" WHERE e.account_id = %s AND e.posted AND {opening_sql} GROUP BY e.asset",
                     (account_id, opening_arg),
                 )
             ).fetchall()
@@ -402,7 +399,7 @@ async def account_statement(
             (ledger_id, account_id, *bounds),
         )
     ).fetchall()
-    normal = 1 if row[1] in NORMAL_DEBIT else -1
+    normal = 1 if row.type in NORMAL_DEBIT else -1
     running = {a: normal * (d - c) for a, (d, c) in opening.items()}
     lines = _statement_lines(entries, normal, running, scales)
     assets = sorted(set(running) | set(opening))
@@ -410,8 +407,8 @@ async def account_statement(
         "report": "account_statement",
         "ledger": ledger,
         "account": account,
-        "type": row[1],
-        "side": side_of(row[1]),
+        "type": row.type,
+        "side": side_of(row.type),
         "from": start.label(),
         "to": end.label(),
         "opening": [

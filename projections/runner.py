@@ -25,8 +25,11 @@ import structlog
 from eventsourcing.persistence import Tracking, TrackingRecorder
 from eventsourcing.projection import Projection
 
-from ledger import errors, limits, postgres
+from ledger import limits, postgres
 from ledger.events import MAPPER, LedgerEvent
+from ledger.queries import ledgers
+from ledger.queries import projections as projected
+from ledger.queries.projections import POSITIONS, POSITIONS_REBUILT, tracking_name
 from ledger.recorder import LedgerRecorder
 from projections.positions import Position, Positions
 
@@ -52,10 +55,7 @@ class PositionsView(TrackingRecorder):
         )
 
     def max_tracking_id(self, application_name: str) -> int | None:
-        row = self.conn.execute(
-            "SELECT notification_id FROM tracking WHERE application_name = %s", (application_name,)
-        ).fetchone()
-        return None if row is None else int(row[0])
+        return projected.tracked_on(self.conn, application_name)
 
     def load(self) -> Positions:
         s = self.suffix
@@ -149,7 +149,8 @@ class Runner:
         self.url = url
         self.ledger = ledger
         self.suffix = suffix
-        self.name = f"positions{suffix}:{ledger}"
+        assert suffix in ("", "_next"), suffix
+        self.name = tracking_name(POSITIONS_REBUILT if suffix else POSITIONS, ledger)
         self.pool = postgres.sync_pool(url, 2)
         self.pool.open()
         self.recorder = LedgerRecorder(self.pool, url, ledger)
@@ -223,10 +224,10 @@ def follow(url: str, stop: Callable[[], bool] = lambda: False) -> None:
                 time.sleep(limits.projection_interval_s)
                 lagging = conn.execute(
                     "SELECT l.name FROM ledgers l LEFT JOIN tracking t"
-                    " ON t.application_name = 'positions:' || l.name"
+                    " ON t.application_name = %s || l.name"
                     " WHERE l.head_position > coalesce(t.notification_id, 0)"
                     " ORDER BY l.id LIMIT %s",
-                    (limits.projection_runners_max,),
+                    (POSITIONS, limits.projection_runners_max),
                 ).fetchall()
                 for (name,) in lagging:
                     runner = runners.get(name)
@@ -262,20 +263,14 @@ def follow_from(url: str, log_level: str) -> None:
 
 def status(conn: psycopg.Connection[Any], ledger: str) -> list[dict[str, Any]]:
     """Each projection's tracked position and its lag behind the log's head."""
-    row = conn.execute("SELECT head_position FROM ledgers WHERE name = %s", (ledger,)).fetchone()
-    if row is None:
-        raise errors.LedgerNotFound(f"ledger {ledger!r} does not exist")
-    tracked = conn.execute(
-        "SELECT notification_id FROM tracking WHERE application_name = %s",
-        (f"positions:{ledger}",),
-    ).fetchone()
-    position = int(tracked[0]) if tracked else 0
+    head = int(ledgers.ledger_on(conn, ledger).head_position)
+    position = projected.tracked_on(conn, tracking_name(POSITIONS, ledger)) or 0
     return [
         {
             "projection": "positions",
             "position": position,
-            "head": int(row[0]),
-            "lag": int(row[0]) - position,
+            "head": head,
+            "lag": head - position,
         }
     ]
 
@@ -283,15 +278,14 @@ def status(conn: psycopg.Connection[Any], ledger: str) -> list[dict[str, Any]]:
 def rebuild(url: str, ledger: str, progress: Callable[[int], None] | None = None) -> int:
     """Rebuilds the ledger's positions from position zero into shadow tables and swaps them in
     atomically; returns the position they were rebuilt to."""
-    live = f"positions:{ledger}"
+    live = tracking_name(POSITIONS, ledger)
     with postgres.connect(url) as conn, conn.transaction():
-        row = conn.execute("SELECT id FROM ledgers WHERE name = %s", (ledger,)).fetchone()
-        if row is None:
-            raise errors.LedgerNotFound(f"ledger {ledger!r} does not exist")
+        ledger_id = ledgers.ledger_on(conn, ledger).id
         for table in TABLES:
-            conn.execute(f"DELETE FROM {table}_next WHERE ledger_id = %s", (row[0],))
+            conn.execute(f"DELETE FROM {table}_next WHERE ledger_id = %s", (ledger_id,))
         conn.execute(
-            "DELETE FROM tracking WHERE application_name = %s", (f"positions_next:{ledger}",)
+            "DELETE FROM tracking WHERE application_name = %s",
+            (tracking_name(POSITIONS_REBUILT, ledger),),
         )
     shadow = Runner(url, ledger, "_next")
     try:
@@ -336,39 +330,31 @@ def positions_at(conn: psycopg.Connection[Any], ledger: str, until: int | None) 
 
 def check(conn: psycopg.Connection[Any], ledger: str) -> tuple[bool, str]:
     """The positions projection equals a replay of the log up to the position it tracks."""
-    ledger_row = conn.execute("SELECT id FROM ledgers WHERE name = %s", (ledger,)).fetchone()
-    assert ledger_row is not None
-    tracked = conn.execute(
-        "SELECT notification_id FROM tracking WHERE application_name = %s",
-        (f"positions:{ledger}",),
-    ).fetchone()
+    ledger_id = ledgers.ledger_on(conn, ledger).id
+    tracked = projected.tracked_on(conn, tracking_name(POSITIONS, ledger))
     if tracked is None:
         return True, "the positions projection has not started"
     with conn.transaction():
-        replayed = positions_at(conn, ledger, int(tracked[0]))
+        replayed = positions_at(conn, ledger, tracked)
     expected = {r[:2]: r for r in replayed.rows()}
     stored = {
-        (r[0], r[1]): (
-            r[0],
-            r[1],
-            int(r[2]),
-            int(r[3]),
-            r[4],
-            int(r[5]),
-            int(r[6]),
-            orjson.dumps(r[7]).decode(),
-            int(r[8]),
+        (r.holder, r.asset): (
+            r.holder,
+            r.asset,
+            int(r.quantity),
+            int(r.pending),
+            r.quote,
+            int(r.cost_average),
+            int(r.pnl_average),
+            orjson.dumps(r.lots).decode(),
+            int(r.pnl_fifo),
         )
-        for r in conn.execute(
-            "SELECT holder, asset, quantity, pending, quote, cost_average, pnl_average, lots,"
-            " pnl_fifo FROM positions WHERE ledger_id = %s",
-            (ledger_row[0],),
-        )
+        for r in projected.POSITIONS_HELD.all_on(conn, (ledger_id, None, None))
     }
     wrong = sorted(k for k in expected.keys() | stored.keys() if expected.get(k) != stored.get(k))
     if wrong:
         return (
             False,
-            f"{len(wrong)} positions differ from the log at {tracked[0]}, first {wrong[0]}",
+            f"{len(wrong)} positions differ from the log at {tracked}, first {wrong[0]}",
         )
-    return True, f"positions equal a replay at position {tracked[0]}"
+    return True, f"positions equal a replay at position {tracked}"

@@ -13,14 +13,15 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from ledger import errors, limits
-
-if TYPE_CHECKING:
-    from ledger.service import LedgerService
+from ledger.queries import accounts, ledgers, transfers
+from ledger.queries.accounts import POSTED_SUMS, as_of_entry
+from ledger.queries.ledgers import PointInTime, StoredEvent, position_at
+from ledger.queries.reader import Read, Reader
 
 TRANSFER_TOPICS = {
     "ledger.events:TransferPosted": "transfer",
@@ -86,61 +87,11 @@ def decode_cursor(cursor: str | None, numeric: bool = False) -> str | int | None
     return text
 
 
-# --- Time axes ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PointInTime:
-    """Where on the two time axes a query looks: a log position (given, or the last recorded
-    at or before ``recorded_at``), and optionally an effective time. Both may be given: "what
-    the books said on 5 December (recorded) about November (effective)"."""
-
-    position: int | None = None
-    effective_at: datetime | None = None
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "as_of": self.position,
-            "effective_at": None if self.effective_at is None else self.effective_at.isoformat(),
-        }
-
-
-async def point_in_time(
-    svc: LedgerService,
-    ledger_id: int,
-    head: int,
-    as_of: int | None,
-    recorded_at: datetime | None,
-    effective_at: datetime | None,
-) -> PointInTime:
-    if as_of is not None and recorded_at is not None:
-        raise errors.InvalidRequest("give as_of or recorded_at (both name a log position)")
-    if as_of is not None and as_of > head:
-        raise errors.PositionOutOfRange(f"as_of {as_of} is past the head ({head})")
-    if recorded_at is not None:
-        as_of = await position_at(svc, ledger_id, recorded_at)
-    return PointInTime(as_of, effective_at)
-
-
-POSITION_AT_SQL = (
-    "SELECT coalesce(max(position), 0) FROM events WHERE ledger_id = %s AND recorded_at <= %s"
-)
-"""Recorded time → log position, written once: the last position recorded at or before a time
-(0 before the first event); parameters (ledger id, time). Used by the service, the reports,
-the journal and the CLI."""
-
-
-async def position_at(svc: LedgerService, ledger_id: int, recorded_at: datetime) -> int:
-    """The last position recorded at or before ``recorded_at`` (0 before the first event)."""
-    row = await svc._one(POSITION_AT_SQL, (ledger_id, recorded_at))
-    return int(row[0])
-
-
 # --- Ledgers and accounts -----------------------------------------------------------------
 
 
 async def list_ledgers(
-    svc: LedgerService,
+    reader: Reader,
     visible: Any,
     cursor: str | None,
     limit: int,
@@ -158,25 +109,35 @@ async def list_ledgers(
     exact = [p for p in patterns if not p.endswith("*")]
     prefixes = [like_prefix(p[:-1]) for p in patterns if p.endswith("*")]
     while len(items) < limit and scanned < limits.search_scan_events_max:
-        rows = await svc._all(
-            "SELECT name, head_position, created_at FROM ledgers WHERE name > %s" + only
-            + " ORDER BY name LIMIT %s",
+        rows = await reader.all(
+            Read(
+                "SELECT name, head_position, created_at FROM ledgers WHERE name > %s" + only
+                + " ORDER BY name LIMIT %s",
+                _Listed,
+            ),
             (after, *((exact, prefixes) if patterns else ()), limits.page_size_max),
         )
         if not rows:
             after = ""
             break
-        for name, head, created in rows:
+        for r in rows:
             scanned += 1
-            after = name
-            if visible(name):
-                items.append({"name": name, "head": head, "created_at": created.isoformat()})
+            after = r.name
+            if visible(r.name):
+                items.append({"name": r.name, "head": r.head_position,
+                              "created_at": r.created_at.isoformat()})
                 if len(items) == limit:
                     break
         if len(rows) < limits.page_size_max and len(items) < limit:
             after = ""
             break
     return {"items": items, "next_cursor": encode_cursor(after) if after else None}
+
+
+class _Listed(NamedTuple):
+    name: str
+    head_position: int
+    created_at: datetime
 
 
 @dataclass(frozen=True)
@@ -237,28 +198,45 @@ def _json_value(text: str) -> Any:
     return value if not isinstance(value, dict | list) else text
 
 
+class _Found(NamedTuple):
+    name: str
+    type: str
+    metadata: dict[str, Any]
+    position: int
+    guard: str
+    frozen: bool
+    closed: bool
+
+
+class _Opened(NamedTuple):
+    name: str
+    type: str
+    position: int
+
+
 async def list_accounts(
-    svc: LedgerService, ledger: str, where: AccountFilter, at: int | None,
+    reader: Reader, ledger: str, where: AccountFilter, at: int | None,
     cursor: str | None, limit: int,
 ) -> dict[str, Any]:
     """Accounts by name (those opened at or before position ``at``, if given, with their
     guard, flags and metadata as they were then)."""
-    ref = await svc.ledger_ref(ledger)
+    ref = await ledgers.ledger_ref(reader, ledger)
     if at is not None:
-        return await _accounts_then(svc, ref, where, at, cursor, limit)
+        return await _accounts_then(reader, ref, where, at, cursor, limit)
     sql, params = where.where()
-    if at is not None:
-        sql += " AND position <= %(at)s"
-    rows = await svc._all(
-        "SELECT name, type, metadata, position, guard, frozen, closed FROM accounts"
-        " WHERE ledger_id = %(ledger)s AND name > %(after)s" + sql
-        + " ORDER BY name LIMIT %(limit)s",
+    rows = await reader.all(
+        Read(
+            "SELECT name, type, metadata, position, guard, frozen, closed FROM accounts"
+            " WHERE ledger_id = %(ledger)s AND name > %(after)s" + sql
+            + " ORDER BY name LIMIT %(limit)s",
+            _Found,
+        ),
         {**params, "ledger": ref.id, "after": decode_cursor(cursor) or "", "at": at,
          "limit": limit + 1},
     )
-    items = [
-        {"name": r[0], "type": r[1], "metadata": r[2], "opened_at_position": r[3],
-         "guard": r[4], "frozen": r[5], "closed": r[6]}
+    items: list[dict[str, Any]] = [
+        {"name": r.name, "type": r.type, "metadata": r.metadata, "opened_at_position": r.position,
+         "guard": r.guard, "frozen": r.frozen, "closed": r.closed}
         for r in rows[:limit]
     ]
     more = len(rows) > limit
@@ -266,7 +244,7 @@ async def list_accounts(
 
 
 async def _accounts_then(
-    svc: LedgerService, ref: Any, where: AccountFilter, at: int, cursor: str | None, limit: int
+    reader: Reader, ref: Any, where: AccountFilter, at: int, cursor: str | None, limit: int
 ) -> dict[str, Any]:
     """Accounts open at position ``at``, filtered and shown by their attributes of then (each
     folded from the account's own events, a page's worth per query). Name and type narrow the
@@ -278,13 +256,16 @@ async def _accounts_then(
     scanned, done = 0, False
     chunk = limits.search_chunk_events
     while len(items) < limit and scanned < limits.search_scan_events_max:
-        rows = await svc._all(
-            "SELECT name, type, position FROM accounts WHERE ledger_id = %(ledger)s"
-            " AND name > %(after)s AND position <= %(at)s" + sql
-            + " ORDER BY name LIMIT %(chunk)s",
+        rows = await reader.all(
+            Read(
+                "SELECT name, type, position FROM accounts WHERE ledger_id = %(ledger)s"
+                " AND name > %(after)s AND position <= %(at)s" + sql
+                + " ORDER BY name LIMIT %(chunk)s",
+                _Opened,
+            ),
             {**params, "ledger": ref.id, "after": after, "at": at, "chunk": chunk},
         )
-        then = await svc.accounts_at(ref, [r[0] for r in rows], at) if rows else {}
+        then = await accounts.accounts_at(reader, ref, [r.name for r in rows], at) if rows else {}
         for name, kind, position in rows:
             scanned += 1
             after = name
@@ -295,7 +276,7 @@ async def _accounts_then(
                               "frozen": frozen, "closed": closed})
                 if len(items) == limit:
                     break
-        if len(rows) < chunk and (len(items) < limit or after == rows[-1][0]):
+        if len(rows) < chunk and (len(items) < limit or after == rows[-1].name):
             done = True
             break
     return {"items": items, "next_cursor": None if done else encode_cursor(after)}
@@ -351,40 +332,40 @@ class TransferFilter:
 
 
 async def search_transfers(
-    svc: LedgerService, ledger: str, where: TransferFilter, cursor: str | None, limit: int
+    reader: Reader, ledger: str, where: TransferFilter, cursor: str | None, limit: int
 ) -> dict[str, Any]:
     """Transfers newest first. Candidates come from the log walked backwards from the cursor
     (or from one account's entries, with ``account``), narrowed to the recorded-time range by
     position; at most ``search_scan_events_max`` are examined per page."""
-    ref = await svc.ledger_ref(ledger)
+    ref = await ledgers.ledger_ref(reader, ledger)
     before = decode_cursor(cursor, numeric=True)
-    high = int(before) - 1 if before is not None else await svc.head(ledger)
+    high = int(before) - 1 if before is not None else await ledgers.head(reader, ledger)
     if where.recorded_to is not None:
-        high = min(high, await position_at(svc, ref.id, where.recorded_to))
+        high = min(high, await position_at(reader, ref.id, where.recorded_to))
     low = 0
     if where.recorded_from is not None:
-        low = await position_at(svc, ref.id, where.recorded_from)  # positions after it
+        low = await position_at(reader, ref.id, where.recorded_from)  # positions after it
     account_id = None
     if where.account is not None:
-        row = await svc._one(
-            "SELECT id FROM accounts WHERE ledger_id = %s AND name = %s", (ref.id, where.account)
-        )
-        if row is None:
+        account = await accounts.account_named(reader, ref, where.account)
+        if account is None:
             raise errors.AccountNotFoundForRead(f"account {where.account!r} does not exist")
-        account_id = int(row[0])
+        account_id = account.id
     statuses = _statuses_wanted(where.status)
     items: list[dict[str, Any]] = []
     scanned, position = 0, high
     chunk = limits.search_chunk_events
     while position > low and len(items) < limit and scanned < limits.search_scan_events_max:
-        rows = await _candidates(svc, ref.id, account_id, where.asset, low, position, chunk)
+        rows = await _candidates(reader, ref.id, account_id, where.asset, low, position, chunk)
         if not rows:
             position = low
             break
         states = {
-            r[0]: orjson.loads(bytes(r[2])) for r in rows if r[1] in TRANSFER_TOPICS
+            r.position: orjson.loads(bytes(r.state)) for r in rows if r.topic in TRANSFER_TOPICS
         }
-        amended = await _amended_metadata(svc, ref.id, [st.get("key") for st in states.values()])
+        amended = await transfers.amended(
+            reader, ref.id, [st.get("key") for st in states.values()]
+        )
         for pos, topic, _, digest in rows:
             scanned += 1
             position = pos
@@ -393,7 +374,7 @@ async def search_transfers(
                 continue
             state = states[pos]
             if state.get("key") in amended:  # filters and answers see the metadata of now
-                state["metadata"] = amended[state["key"]]
+                state["metadata"] = amended[state["key"]].metadata
             if not where.accepts(state, kind):
                 continue
             items.append(_transfer_item(ledger, pos, kind, state, bytes(digest)))
@@ -402,27 +383,12 @@ async def search_transfers(
         if len(rows) < chunk:
             position = low if len(items) < limit else position
             break
-    await _fill_status(svc, ref.id, items)
+    await _fill_status(reader, ref.id, items)
     if statuses is not None:
         items = [i for i in items if i["status"] in statuses]
     done = position <= low
     return {"items": items, "next_cursor": None if done else encode_cursor(position),
             "examined": scanned}
-
-
-async def _amended_metadata(
-    svc: LedgerService, ledger_id: int, keys: list[str]
-) -> dict[str, Any]:
-    """The newest amended metadata (TransferMetadataAmended) of the transfers ``keys``: one
-    query per chunk of candidates."""
-    if not keys:
-        return {}
-    found = await svc._all(
-        "SELECT DISTINCT ON (key) key, metadata FROM transfer_metadata"
-        " WHERE ledger_id = %s AND key = ANY(%s) ORDER BY key, position DESC",
-        (ledger_id, keys),
-    )
-    return {r[0]: r[1] for r in found}
 
 
 def _statuses_wanted(status: str | None) -> set[str] | None:
@@ -433,31 +399,38 @@ def _statuses_wanted(status: str | None) -> set[str] | None:
     return {status}
 
 
+EVENTS_BEFORE = Read(
+    "SELECT position, topic, state, hash FROM events WHERE ledger_id = %s"
+    " AND position > %s AND position <= %s ORDER BY position DESC LIMIT %s",
+    StoredEvent,
+)
+"""The log backwards: parameters (ledger id, after this position, up to this one, how many)."""
+ACCOUNT_EVENTS_BEFORE = Read(
+    "SELECT DISTINCT ON (x.position) x.position, ev.topic, ev.state, ev.hash"
+    " FROM balances b CROSS JOIN LATERAL (SELECT e.position FROM entries e"
+    "   WHERE e.account_id = b.account_id AND e.asset = b.asset"
+    "   AND e.position > %s AND e.position <= %s ORDER BY e.position DESC LIMIT %s) x"
+    " JOIN events ev ON ev.ledger_id = %s AND ev.position = x.position"
+    " WHERE b.account_id = %s AND (%s::text IS NULL OR b.asset = %s)"
+    " ORDER BY x.position DESC LIMIT %s",
+    StoredEvent,
+)
+"""The events that moved an account, backwards: parameters (after this position, up to this
+one, how many per asset, ledger id, account id, asset code or null twice, how many)."""
+
+
 async def _candidates(
-    svc: LedgerService, ledger_id: int, account_id: int | None, asset: str | None,
+    reader: Reader, ledger_id: int, account_id: int | None, asset: str | None,
     low: int, high: int, chunk: int,
-) -> list[Any]:
+) -> list[StoredEvent]:
     """Events at positions in (low, high], newest first: all of the ledger's, or those that
     moved ``account_id`` (one index probe per asset it holds)."""
     if account_id is None:
-        rows: list[Any] = await svc._all(
-            "SELECT position, topic, state, hash FROM events WHERE ledger_id = %s"
-            " AND position > %s AND position <= %s ORDER BY position DESC LIMIT %s",
-            (ledger_id, low, high, chunk),
-        )
-        return rows
+        return await reader.all(EVENTS_BEFORE, (ledger_id, low, high, chunk))
     code = None if asset is None else asset.split("/")[0]
-    rows = await svc._all(
-        "SELECT DISTINCT ON (x.position) x.position, ev.topic, ev.state, ev.hash"
-        " FROM balances b CROSS JOIN LATERAL (SELECT e.position FROM entries e"
-        "   WHERE e.account_id = b.account_id AND e.asset = b.asset"
-        "   AND e.position > %s AND e.position <= %s ORDER BY e.position DESC LIMIT %s) x"
-        " JOIN events ev ON ev.ledger_id = %s AND ev.position = x.position"
-        " WHERE b.account_id = %s AND (%s::text IS NULL OR b.asset = %s)"
-        " ORDER BY x.position DESC LIMIT %s",
-        (low, high, chunk, ledger_id, account_id, code, code, chunk),
+    return await reader.all(
+        ACCOUNT_EVENTS_BEFORE, (low, high, chunk, ledger_id, account_id, code, code, chunk)
     )
-    return rows
 
 
 def _transfer_item(
@@ -480,18 +453,13 @@ def _transfer_item(
     return body
 
 
-async def _fill_status(svc: LedgerService, ledger_id: int, items: list[dict[str, Any]]) -> None:
+async def _fill_status(reader: Reader, ledger_id: int, items: list[dict[str, Any]]) -> None:
     """Each transfer's current status: pending ones as their hold stands now, reversed ones
     as reversed, the rest posted (voids and reversals themselves are posted records)."""
-    keys = [i["key"] for i in items]
-    rows = await svc._all(
-        "SELECT key, status, reversed FROM transfer_status WHERE ledger_id = %s"
-        " AND key = ANY(%s)",
-        (ledger_id, keys),
-    ) if keys else []
-    found = {r[0]: (r[1], r[2]) for r in rows}
+    found = await transfers.statuses(reader, ledger_id, [i["key"] for i in items])
     for item in items:
-        status, reversed_ = found.get(item["key"], ("posted", []))
+        row = found.get(item["key"])
+        status, reversed_ = (row.status, row.reversed) if row else ("posted", [])
         if status == "posted" and any(int(r) for r in reversed_ or []):
             status = "reversed"
         item["status"] = status
@@ -500,13 +468,23 @@ async def _fill_status(svc: LedgerService, ledger_id: int, items: list[dict[str,
 # --- Balances rolled up by prefix ----------------------------------------------------------
 
 
+class _Group(NamedTuple):
+    group: str
+    asset: str
+    debits_posted: int
+    credits_posted: int
+    debits_pending: int
+    credits_pending: int
+    accounts: int
+
+
 async def aggregate(
-    svc: LedgerService, ledger: str, prefix: str, depth: int | None, at: PointInTime
+    reader: Reader, ledger: str, prefix: str, depth: int | None, at: PointInTime
 ) -> dict[str, Any]:
     """Per asset, the sum of the balances of every account whose name starts with ``prefix``,
     grouped by the first ``depth`` segments of the name (``users:*`` at depth 2 → one row per
     user), now, as of a position, effective at a time, or both at once."""
-    ref = await svc.ledger_ref(ledger)
+    ref = await ledgers.ledger_ref(reader, ledger)
     group = (
         "s.name" if depth is None
         else "array_to_string((string_to_array(s.name, ':'))[1:%(depth)s], ':')"
@@ -518,8 +496,7 @@ async def aggregate(
     if at.effective_at is not None:
         # Posted amounts effective by then, as recorded by the position (if one was asked).
         source = (
-            "SELECT a.name, e.asset, coalesce(sum(e.amount) FILTER (WHERE e.debit), 0) d,"
-            " coalesce(sum(e.amount) FILTER (WHERE NOT e.debit), 0) c, 0 dp, 0 cp"
+            f"SELECT a.name, e.asset, {POSTED_SUMS}, 0, 0"
             " FROM entries e JOIN accounts a ON a.id = e.account_id"
             " WHERE a.ledger_id = %(ledger)s AND a.name LIKE %(prefix)s AND e.posted"
             " AND e.effective_at <= %(effective_at)s"
@@ -528,41 +505,44 @@ async def aggregate(
         )
     elif at.position is not None:
         source = (
-            "SELECT a.name, b.asset, e.debits_posted d, e.credits_posted c,"
-            " e.debits_pending dp, e.credits_pending cp FROM balances b"
-            " JOIN accounts a ON a.id = b.account_id"
-            " CROSS JOIN LATERAL (SELECT * FROM entries x WHERE x.account_id = b.account_id"
-            "   AND x.asset = b.asset AND x.position <= %(as_of)s"
-            "   ORDER BY x.position DESC, x.leg DESC LIMIT 1) e"
+            "SELECT a.name, b.asset, e.debits_posted, e.credits_posted,"
+            " e.debits_pending, e.credits_pending FROM balances b"
+            f" JOIN accounts a ON a.id = b.account_id {as_of_entry('%(as_of)s')}"
             " WHERE a.ledger_id = %(ledger)s AND a.name LIKE %(prefix)s"
         )
     else:
         source = (
-            "SELECT a.name, b.asset, b.debits_posted d, b.credits_posted c,"
-            " b.debits_pending dp, b.credits_pending cp FROM balances b"
+            "SELECT a.name, b.asset, b.debits_posted, b.credits_posted,"
+            " b.debits_pending, b.credits_pending FROM balances b"
             " JOIN accounts a ON a.id = b.account_id"
             " WHERE a.ledger_id = %(ledger)s AND a.name LIKE %(prefix)s"
         )
-    rows = await svc._all(
-        f"SELECT {group} g, s.asset, sum(s.d), sum(s.c), sum(s.dp), sum(s.cp), count(*)"
-        f" FROM ({source}) s GROUP BY g, s.asset ORDER BY g, s.asset LIMIT %(limit)s",
+    rows = await reader.all(
+        Read(
+            f"SELECT {group} g, s.asset, sum(s.d), sum(s.c), sum(s.dp), sum(s.cp), count(*)"
+            f" FROM ({source}) s(name, asset, d, c, dp, cp)"
+            " GROUP BY g, s.asset ORDER BY g, s.asset LIMIT %(limit)s",
+            _Group,
+        ),
         {**params, "limit": limits.aggregate_groups_max + 1},
     )
     if len(rows) > limits.aggregate_groups_max:
         raise errors.InvalidRequest(
             f"more than {limits.aggregate_groups_max} groups: use a longer prefix or less depth"
         )
-    scales = await svc._scales(ref.id)
+    scales = await ledgers.scales(reader, ref.id)
     return {
         "prefix": prefix,
         "depth": depth,
         **at.describe(),
         "groups": [
             {
-                "group": r[0], "asset": f"{r[1]}/{scales[r[1]]}", "accounts": r[6],
-                "debits_posted": str(r[2]), "credits_posted": str(r[3]),
-                "debits_pending": str(r[4]), "credits_pending": str(r[5]),
-                "net_posted": str(r[3] - r[2]),
+                "group": r.group, "asset": f"{r.asset}/{scales[r.asset]}",
+                "accounts": r.accounts,
+                "debits_posted": str(r.debits_posted), "credits_posted": str(r.credits_posted),
+                "debits_pending": str(r.debits_pending),
+                "credits_pending": str(r.credits_pending),
+                "net_posted": str(r.credits_posted - r.debits_posted),
             }
             for r in rows
         ],
