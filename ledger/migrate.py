@@ -38,16 +38,36 @@ def pending_files(applied: set[int]) -> list[tuple[int, Path]]:
     return [(v, p) for v, p in files if v not in applied]
 
 
-def migrate(url: str) -> int:
-    """Brings the database to the newest schema version; returns that version."""
+def migrate(url: str, until: int | None = None) -> int:
+    """Brings the database to the newest schema version (or to ``until``); returns the version
+    it is at. Refuses, before changing anything, while an index is invalid: a ``CREATE INDEX
+    CONCURRENTLY`` that failed, or is still running, leaves one that a migration's ``IF NOT
+    EXISTS`` would take for built (docs/operations.md, "Indexes built without blocking
+    writes")."""
     with psycopg.connect(url) as conn:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
         conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations (version int PRIMARY KEY,"
             " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
         )
+        invalid = [
+            r[0]
+            for r in conn.execute(
+                "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+                " WHERE NOT i.indisvalid AND c.relnamespace = current_schema()::regnamespace"
+                " ORDER BY 1"
+            )
+        ]
+        if invalid:
+            raise SettingsError(
+                f"index {invalid[0]} is invalid (a CREATE INDEX CONCURRENTLY that failed or is"
+                f" still running): wait for it, or DROP INDEX CONCURRENTLY {invalid[0]} and"
+                " build it again, then migrate"
+            )
         applied = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
         for version, path in pending_files(applied):
+            if until is not None and version > until:
+                break
             conn.execute(path.read_text().encode())
             conn.execute(
                 "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",

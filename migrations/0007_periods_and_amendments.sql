@@ -4,8 +4,9 @@
 ALTER TABLE ledgers ADD COLUMN closed_through date;
 
 -- A ledger's period history (GET …/periods) without scanning its log: the few events that
--- close or reopen periods, by position.
-CREATE INDEX events_periods ON events (ledger_id, position)
+-- close or reopen periods, by position. IF NOT EXISTS: on a large log, an operator may build it
+-- first without blocking writes (docs/operations.md, "Indexes built without blocking writes").
+CREATE INDEX IF NOT EXISTS events_periods ON events (ledger_id, position)
     WHERE topic IN ('ledger.events:PeriodClosed', 'ledger.events:PeriodReopened');
 
 -- Transfer metadata amendments (TransferMetadataAmended): one row per amendment, append-only
