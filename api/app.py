@@ -23,6 +23,7 @@ from api import ratelimit, routes, ws
 from api import reports as report_routes
 from api import webhooks as webhook_routes
 from api.auth import document, principal_of
+from api.hot import HotPath
 from api.middleware import OPENAPI_URL, BodyBudget, Guard
 from ledger import keys, limits, metrics, postgres, tracing
 from ledger.service import LedgerService
@@ -109,9 +110,12 @@ async def _webhooks_exist(url: str) -> bool:
         return False
 
 
-def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
+def create_app(
+    database_url: str, settings: Settings | None = None, *, hot_path: bool = True
+) -> FastAPI:
     """The API on the database at ``database_url``: the pools, the service and the background
-    tasks start with the app (its lifespan) and stop with it."""
+    tasks start with the app (its lifespan) and stop with it. ``hot_path=False`` serves the
+    two hot routes through FastAPI too (api/hot.py; for the test that compares the two)."""
     settings = settings or Settings()
 
     app = FastAPI(
@@ -149,6 +153,8 @@ def create_app(database_url: str, settings: Settings | None = None) -> FastAPI:
 
         app.state.signing_key = load_private_key(settings.signing_key_file)
         app.state.public_key = app.state.signing_key.public_key()
+    if hot_path:
+        app.add_middleware(HotPath)  # right under the Guard (added last, so outermost)
     app.add_middleware(Guard)
     api_errors.install(app)
     app.include_router(routes.router)

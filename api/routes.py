@@ -9,6 +9,7 @@ import orjson
 from fastapi import APIRouter, Header, Path, Query, Request
 from pydantic import AwareDatetime, TypeAdapter, ValidationError
 from starlette.responses import Response
+from starlette.types import Scope
 
 from api import auth, schemas
 from api.errors import PROBLEM
@@ -53,14 +54,22 @@ _problems: dict[int | str, dict[str, Any]] = {
 
 
 def service(request: Request) -> LedgerService:
-    svc: LedgerService = request.app.state.service
+    return service_of(request.scope)
+
+
+def service_of(scope: Scope) -> LedgerService:
+    svc: LedgerService = scope["app"].state.service
     return svc
 
 
 def meta(request: Request) -> dict[str, Any]:
+    return meta_of(request.scope)
+
+
+def meta_of(scope: Scope) -> dict[str, Any]:
     return {
-        "actor": request.scope["state"]["actor"],
-        "request_id": request.scope["state"].get("request_id", ""),
+        "actor": scope["state"]["actor"],
+        "request_id": scope["state"].get("request_id", ""),
     }
 
 
@@ -76,7 +85,7 @@ def created(result: Result) -> Response:
 
 
 async def _keyed(
-    request: Request,
+    scope: Scope,
     ledger: str,
     idempotency_key: str | None,
     command_for: Callable[[str], domain.KeyedCommand],
@@ -84,8 +93,8 @@ async def _keyed(
     """A command under the request's idempotency key (checked first), submitted and answered."""
     own = _key(idempotency_key)
     command = command_for(own)
-    meta_with_key = {**meta(request), "idempotency_key": own}
-    return created(await service(request).post_transfer(ledger, command, meta_with_key))
+    meta_with_key = {**meta_of(scope), "idempotency_key": own}
+    return created(await service_of(scope).post_transfer(ledger, command, meta_with_key))
 
 
 # The transfer routes come first: a request is matched against the routes in order.
@@ -106,7 +115,15 @@ async def post_transfer(
 ) -> Response:
     """Posts a transfer: all postings apply atomically, or none does. With `pending: true` the
     amounts are only reserved, until posted, voided or expired."""
-    return await _keyed(request, ledger, idempotency_key, body.command)
+    return await transfer(request.scope, ledger, body, idempotency_key)
+
+
+async def transfer(
+    scope: Scope, ledger: str, body: schemas.TransferIn, idempotency_key: str | None
+) -> Response:
+    """The single transfer's answer, once its ledger, body and header are validated: called by
+    the route above and by the hot path (api/hot.py), so that both answer alike."""
+    return await _keyed(scope, ledger, idempotency_key, body.command)
 
 
 @router.post(
@@ -126,7 +143,7 @@ async def post_pending(
     """Posts a pending transfer, in full or in part: `amount` for one posting, `amounts` (one
     per posting, in order; "0" for none) for any number; the rest is released."""
     return await _keyed(
-        request,
+        request.scope,
         ledger,
         idempotency_key,
         lambda own: domain.PostPending(
@@ -151,7 +168,7 @@ async def void_pending(
 ) -> Response:
     """Voids a pending transfer: its reserved amounts are released."""
     return await _keyed(
-        request,
+        request.scope,
         ledger,
         idempotency_key,
         lambda own: domain.VoidPending(own, key, dict(body.metadata)),
@@ -176,7 +193,7 @@ async def reverse(
     for one posting, `amounts` per posting for any number), never more than remains
     unreversed. A capture's key reverses what its hold posted."""
     return await _keyed(
-        request,
+        request.scope,
         ledger,
         idempotency_key,
         lambda own: domain.ReverseTransfer(
@@ -214,8 +231,14 @@ async def post_batch(ledger: LedgerPath, body: schemas.BatchIn, request: Request
     """Up to the batch limit of items, each with its own `id` (idempotency key) and its own
     result, in request order. Unlinked items are independent; `linked: true` chains an item
     with the next, and a chain succeeds or fails as a whole."""
-    svc = service(request)
-    m = meta(request)
+    return await batch(request.scope, ledger, body)
+
+
+async def batch(scope: Scope, ledger: str, body: schemas.BatchIn) -> Response:
+    """The batch's answer, once its ledger and body are validated: called by the route above
+    and by the hot path (api/hot.py)."""
+    svc = service_of(scope)
+    m = meta_of(scope)
     return json_response({"results": await svc.post_batch(ledger, _batch_items(body.items), m)})
 
 

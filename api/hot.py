@@ -1,0 +1,157 @@
+"""The two hot routes, single transfers and batches, answered without FastAPI's machinery.
+
+A single transfer over HTTP is bound by one core of Python, and FastAPI's routing, parameter
+resolution, exception layers and response handling took about a third of its CPU
+(``bench/lean_probe.py``; docs/performance.md, "Third session", step 4). :class:`HotPath` sits
+right under the Guard (api/middleware.py: request id, access log, metrics, the key, the rate
+limit, the body bound and the strict JSON check are all done there, for every route) and
+answers ``POST /v1/ledgers/{ledger}/transfers`` and ``POST /v1/ledgers/{ledger}/transfers/batch``
+itself, with the FastAPI route's own pieces, none restated here:
+
+- the route's scope check (:func:`api.auth.authorize` with the route's ``openapi_extra``);
+- the route's header parameters, read and validated by FastAPI's own function;
+- the route's body field (the same pydantic model, validated as FastAPI validates it);
+- the function the route itself calls to build the command, call the service and render the
+  answer (:func:`api.routes.transfer`, :func:`api.routes.batch`);
+- the app's exception handlers, looked up as Starlette's exception layer looks them up.
+
+It answers only a request it can answer exactly as FastAPI would. Anything else goes on to
+FastAPI untouched, which answers it as it always did: a query string (refused there, 400), a
+ledger name or header that does not validate, a body missing, not an object or refused by the
+model, a key without the route's scope, a ``root_path``, FastAPI's own telemetry switched on.
+So every refusal before the service call is FastAPI's own; after it, the same handlers render
+the same errors. ``tests/test_hot_path.py`` sends the same requests, valid and invalid, to a
+server with and a server without this layer and compares the answers, the metrics and the
+access log.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi.dependencies.utils import request_params_to_args
+from fastapi.routing import APIRoute
+from starlette._exception_handler import wrap_app_handling_exceptions
+from starlette.datastructures import Headers
+from starlette.middleware.exceptions import ExceptionMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api import routes
+from api.auth import authorize
+from api.middleware import PARSED_BODY
+from ledger import errors
+
+_PATH = re.compile(r"/v1/ledgers/([a-z0-9][a-z0-9_.-]{0,63})/transfers(/batch)?", re.ASCII)
+"""The two routes' paths, with a ledger name that passes the routes' own pattern (a name that
+does not goes on to FastAPI, which refuses it)."""
+
+Answer = Callable[[Scope, str, Any, dict[str, Any]], Awaitable[Response]]
+
+
+async def _transfer(scope: Scope, ledger: str, body: Any, headers: dict[str, Any]) -> Response:
+    return await routes.transfer(scope, ledger, body, headers["idempotency_key"])
+
+
+async def _batch(scope: Scope, ledger: str, body: Any, headers: dict[str, Any]) -> Response:
+    return await routes.batch(scope, ledger, body)
+
+
+_ANSWERS: dict[Callable[..., Any], tuple[str, Answer]] = {
+    routes.post_transfer: ("/v1/ledgers/{ledger}/transfers", _transfer),
+    routes.post_batch: ("/v1/ledgers/{ledger}/transfers/batch", _batch),
+}
+"""Each hot route's endpoint, the path :data:`_PATH` matches for it, and the function that
+answers for it here: both call the same function of api/routes.py with the same values."""
+
+
+class HotPath:
+    """The ASGI layer under the Guard that answers the two hot routes (see the module)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._routes: dict[bool, tuple[APIRoute, Answer]] | None = None
+        """Per route (is it the batch?), the FastAPI route and its answer; found at the
+        first request, once every router is included."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and not scope.get("query_string")
+            and not scope.get("root_path")
+            and "fastapi.telemetry" not in scope  # FastAPI's request spans: its own route
+            and isinstance(self.app, ExceptionMiddleware)
+        ):
+            match = _PATH.fullmatch(scope["path"])
+            if match is not None and await self._answered(scope, receive, send, match):
+                return
+        await self.app(scope, receive, send)
+
+    async def _answered(
+        self, scope: Scope, receive: Receive, send: Send, match: re.Match[str]
+    ) -> bool:
+        """Answers the request and returns True, or returns False having changed nothing, for
+        FastAPI to answer it."""
+        if self._routes is None:
+            self._routes = _hot_routes()
+        found = self._routes.get(match.group(2) is not None)
+        parsed = scope["state"].get(PARSED_BODY)
+        if found is None or not isinstance(parsed, dict):
+            return False
+        route, answer = found
+        ledger = match.group(1)
+        dependant = route.dependant
+        try:
+            authorize(scope, route.openapi_extra, {"ledger": ledger})
+            headers: dict[str, Any] = {}
+            if dependant.header_params:
+                headers, problems = request_params_to_args(
+                    dependant.header_params, Headers(scope=scope)
+                )
+                if problems:
+                    return False
+            assert route.body_field is not None
+            body, problems = route.body_field.validate(parsed, {}, loc=("body",))
+        except errors.LedgerError:
+            return False
+        if problems:
+            return False
+        # As the router would have: the route (the Guard's metrics are labelled with its
+        # path), its endpoint and the path parameters.
+        scope["route"] = route
+        scope["endpoint"] = route.endpoint
+        scope["path_params"] = {**scope.get("path_params", {}), "ledger": ledger}
+        exception_middleware: ExceptionMiddleware = self.app  # type: ignore[assignment]
+        scope["starlette.exception_handlers"] = (
+            exception_middleware._exception_handlers,
+            exception_middleware._status_handlers,
+        )
+
+        async def respond(scope: Scope, receive: Receive, send: Send) -> None:
+            response = await answer(scope, ledger, body, headers)
+            await response(scope, receive, send)
+
+        # Errors from here on (the rules' refusals, conflicts, 503s) go through the app's own
+        # handlers, looked up as Starlette's exception layer looks them up for the routes;
+        # an error with no handler goes up to the server's error layer, as from a route.
+        await wrap_app_handling_exceptions(respond, Request(scope, receive, send))(
+            scope, receive, send
+        )
+        return True
+
+
+def _hot_routes() -> dict[bool, tuple[APIRoute, Answer]]:
+    """The FastAPI routes this layer answers for, if they are still declared as it expects
+    (else FastAPI answers them)."""
+    found: dict[bool, tuple[APIRoute, Answer]] = {}
+    for route in routes.router.routes:
+        if not isinstance(route, APIRoute) or route.endpoint not in _ANSWERS:
+            continue
+        path, answer = _ANSWERS[route.endpoint]
+        if route.path == path and route.methods == {"POST"}:
+            found[route.endpoint is routes.post_batch] = (route, answer)
+    return found
