@@ -9,7 +9,9 @@ answers ``POST /v1/ledgers/{ledger}/transfers`` and ``POST /v1/ledgers/{ledger}/
 itself, with the FastAPI route's own pieces, none restated here:
 
 - the route's scope check (:func:`api.auth.authorize` with the route's ``openapi_extra``);
-- the route's header parameters, read and validated by FastAPI's own function;
+- the route's header parameters, validated by their own FastAPI fields (found as FastAPI finds
+  them: the first header of the parameter's name; FastAPI's generic function for this was 6 %
+  of the server's samples, for one optional header);
 - the route's body field (the same pydantic model, validated as FastAPI validates it);
 - the function the route itself calls to build the command, call the service and render the
   answer (:func:`api.routes.transfer`, :func:`api.routes.batch`);
@@ -29,12 +31,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
-from fastapi.dependencies.utils import request_params_to_args
 from fastapi.routing import APIRoute
 from starlette._exception_handler import wrap_app_handling_exceptions
-from starlette.datastructures import Headers
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
@@ -68,14 +69,22 @@ _ANSWERS: dict[Callable[..., Any], tuple[str, Answer]] = {
 answers for it here: both call the same function of api/routes.py with the same values."""
 
 
+@dataclass(frozen=True)
+class _Hot:
+    route: APIRoute
+    answer: Answer
+    headers: tuple[tuple[bytes, Any], ...]
+    """The route's header parameters: each one's name as sent (lower case) and its field."""
+
+
 class HotPath:
     """The ASGI layer under the Guard that answers the two hot routes (see the module)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._routes: dict[bool, tuple[APIRoute, Answer]] | None = None
-        """Per route (is it the batch?), the FastAPI route and its answer; found at the
-        first request, once every router is included."""
+        self._routes: dict[bool, _Hot] | None = None
+        """Per route (is it the batch?): found at the first request, once every router is
+        included."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -98,22 +107,17 @@ class HotPath:
         FastAPI to answer it."""
         if self._routes is None:
             self._routes = _hot_routes()
-        found = self._routes.get(match.group(2) is not None)
+        hot = self._routes.get(match.group(2) is not None)
         parsed = scope["state"].get(PARSED_BODY)
-        if found is None or not isinstance(parsed, dict):
+        if hot is None or not isinstance(parsed, dict):
             return False
-        route, answer = found
+        route = hot.route
         ledger = match.group(1)
-        dependant = route.dependant
         try:
             authorize(scope, route.openapi_extra, {"ledger": ledger})
-            headers: dict[str, Any] = {}
-            if dependant.header_params:
-                headers, problems = request_params_to_args(
-                    dependant.header_params, Headers(scope=scope)
-                )
-                if problems:
-                    return False
+            headers = _header_values(scope, hot.headers)
+            if headers is None:
+                return False
             assert route.body_field is not None
             body, problems = route.body_field.validate(parsed, {}, loc=("body",))
         except errors.LedgerError:
@@ -130,6 +134,7 @@ class HotPath:
             exception_middleware._exception_handlers,
             exception_middleware._status_handlers,
         )
+        answer = hot.answer
 
         async def respond(scope: Scope, receive: Receive, send: Send) -> None:
             response = await answer(scope, ledger, body, headers)
@@ -144,14 +149,45 @@ class HotPath:
         return True
 
 
-def _hot_routes() -> dict[bool, tuple[APIRoute, Answer]]:
+def _header_values(
+    scope: Scope, fields: tuple[tuple[bytes, Any], ...]
+) -> dict[str, Any] | None:
+    """The header parameters' values, as FastAPI gives them to the route (the first header of
+    each name, validated by the parameter's field; None when absent), or None if one is
+    refused (FastAPI then refuses it)."""
+    values: dict[str, Any] = {}
+    for name, field in fields:
+        for sent, value in scope["headers"]:
+            if sent == name:
+                validated, problems = field.validate(
+                    value.decode("latin-1"), {}, loc=("header", field.alias)
+                )
+                if problems:
+                    return None
+                values[field.name] = validated
+                break
+        else:
+            values[field.name] = None
+    return values
+
+
+def _hot_routes() -> dict[bool, _Hot]:
     """The FastAPI routes this layer answers for, if they are still declared as it expects
-    (else FastAPI answers them)."""
-    found: dict[bool, tuple[APIRoute, Answer]] = {}
+    (else FastAPI answers them): the path, the method, and header parameters that are each an
+    optional string under its own name, None when absent."""
+    found: dict[bool, _Hot] = {}
     for route in routes.router.routes:
         if not isinstance(route, APIRoute) or route.endpoint not in _ANSWERS:
             continue
         path, answer = _ANSWERS[route.endpoint]
-        if route.path == path and route.methods == {"POST"}:
-            found[route.endpoint is routes.post_batch] = (route, answer)
+        fields = route.dependant.header_params
+        simple = all(
+            f.field_info.annotation == (str | None)
+            and f.field_info.default is None
+            and f.field_info.validation_alias is None
+            for f in fields
+        )
+        if route.path == path and route.methods == {"POST"} and simple:
+            headers = tuple((f.alias.lower().encode("latin-1"), f) for f in fields)
+            found[route.endpoint is routes.post_batch] = _Hot(route, answer, headers)
     return found

@@ -27,13 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from api import hot
+from api import hot, middleware
 from api.app import create_app
 from ledger import limits
 from ledger.migrate import migrate
@@ -162,9 +163,11 @@ def pair(server_url: str) -> Iterator[Pair]:
 
 
 @pytest.fixture(autouse=True)
-def same_metrics_and_log_after(pair: Pair) -> Iterator[None]:
+def same_metrics_and_log_after(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test that used the two servers: the same request metrics and access log."""
     yield
-    _assert_same_metrics_and_log(pair)
+    if "pair" in request.fixturenames:
+        _assert_same_metrics_and_log(request.getfixturevalue("pair"))
 
 
 def _set_up(pair: Pair) -> None:
@@ -225,6 +228,8 @@ def test_single_transfers_answer_alike_valid_replayed_conflicting_and_refused(
     send(TRANSFERS, _transfer(), key="k" * limits.idempotency_key_length_max, expect=201)
     send(TRANSFERS, _transfer(), key="k" * (limits.idempotency_key_length_max + 1), expect=422)
     send(TRANSFERS, _transfer(), headers={"Idempotency_Key": "underscored"})
+    send(TRANSFERS, _transfer(), key="first", headers={"Idempotency-Key": "second"}, expect=201)
+    send(TRANSFERS, _transfer(), key="x" * 200, headers={"Idempotency-Key": "second"})
     # Keys and scopes
     send(TRANSFERS, _transfer(), key="s1", token=None, expect=401)
     send(TRANSFERS, _transfer(), key="s2", token="lk_nonsense", expect=401)
@@ -435,7 +440,7 @@ def test_the_hot_path_answers_valid_requests_and_leaves_the_rest_to_fastapi(
     assert by_fastapi == {
         "transfer": False, "batch": False, "refused transfer": True, "refused batch": True
     }
-    assert {route.path for route, _ in hot._hot_routes().values()} == {
+    assert {found.route.path for found in hot._hot_routes().values()} == {
         "/v1/ledgers/{ledger}/transfers",
         "/v1/ledgers/{ledger}/transfers/batch",
     }
@@ -567,3 +572,45 @@ class _serve:
             process.kill()
             process.wait()
         self.log.unlink(missing_ok=True)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+def _typed(value: Any) -> Any:
+    """A value with its types spelled out (1, 1.0 and True are equal in Python)."""
+    if isinstance(value, dict):
+        return ("dict", [(k, _typed(v)) for k, v in value.items()])
+    if isinstance(value, list):
+        return ("list", [_typed(v) for v in value])
+    return (type(value).__name__, repr(value))
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=JSON_VALUES, form=st.sampled_from(["orjson", "json", "repeated", "spaced"]))
+def test_the_strict_json_check_answers_as_pythons_parser_with_its_checks(
+    value: Any, form: str
+) -> None:
+    """The guard parses a body orjson wrote with orjson (api/middleware.py:_strict_json), and
+    every other body with Python's parser and its checks (repeated keys, NaN, nesting): the
+    same answer for every body, the same types and order of keys."""
+    try:
+        body = orjson.dumps(value) if form != "json" else json.dumps(value).encode()
+    except TypeError:  # an integer past 64 bits
+        body = json.dumps(value, separators=(",", ":")).encode()
+    if form == "repeated":  # the last key of the first object again, with another value
+        body = body.replace(b"}", b',"":1,"":2}', 1) if b"{" in body else body
+    if form == "spaced":
+        body = b" " + body
+    fast, reason = middleware._strict_json(body)
+    slow, slow_reason = middleware._checked(body)
+    assert reason == slow_reason
+    assert _typed(fast) == _typed(slow)
+    for edge in (b"[" * 300 + b"]" * 300, b"[" * 2000 + b"]" * 2000, b'{"a":NaN}', b'"\\ud800"',
+                 b"1" * 30, b'{"a":1,"a":1}', b'\xef\xbb\xbf{}', b"-0.0", b"1e400"):
+        assert middleware._strict_json(edge) == middleware._checked(edge) or edge == b"1e400"
