@@ -22,6 +22,8 @@ from api.middleware import ParsedBodyRoute
 from api.routes import LedgerPath, Limit, _problems, json_response, service
 from ledger import errors, limits
 from ledger.events import EVENT_CLASSES
+from ledger.queries.ledgers import LEDGER_OF_ID
+from ledger.queries.reader import Reader
 from projections.webhooks import check_target, new_secret
 
 router = APIRouter(prefix="/v1", tags=["webhooks"], route_class=ParsedBodyRoute)
@@ -80,10 +82,8 @@ async def create_webhook(ledger: LedgerPath, body: WebhookIn, request: Request) 
         # One creation at a time per ledger, so that the bound below holds.
         await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (5, ref.id))
         # The head on the primary (a replica's may lag): "from now on" means from here.
-        found = await (
-            await conn.execute("SELECT head_position FROM ledgers WHERE id = %s", (ref.id,))
-        ).fetchone()
-        head = int(found[0]) if found else 0
+        found = await Reader.on(conn).one(LEDGER_OF_ID, (ref.id,))
+        head = int(found.head_position) if found else 0
         if body.after is not None and body.after > head:
             raise errors.PositionOutOfRange(f"after={body.after} is beyond the log's head ({head})")
         count = await (

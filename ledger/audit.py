@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives.serialization import (
 from ledger import errors, merkle
 from ledger.log import chain_hash, genesis_hash
 from ledger.queries import ledgers
+from ledger.queries.accounts import as_of_entry
+from ledger.queries.transfers import POSITION_ANY
 from ledger.replay import Replay
 from ledger.settings import SettingsError
 
@@ -549,14 +551,13 @@ def _check_derived_state(
         "" if not wrong else f"{len(wrong)} balances differ from the log, first {wrong[0]}",
     )
 
-    latest = conn.execute(
+    latest = conn.execute(  # each balance against itself as of the end of the log
         "SELECT count(*) FROM balances b JOIN accounts a ON a.id = b.account_id"
-        " CROSS JOIN LATERAL (SELECT * FROM entries e WHERE e.account_id = b.account_id"
-        "   AND e.asset = b.asset ORDER BY position DESC, leg DESC LIMIT 1) e"
+        f" {as_of_entry('%s')}"
         " WHERE a.ledger_id = %s AND (e.debits_posted, e.credits_posted, e.debits_pending,"
         " e.credits_pending) IS DISTINCT FROM (b.debits_posted, b.credits_posted,"
         " b.debits_pending, b.credits_pending)",
-        (ledger_id,),
+        (POSITION_ANY, ledger_id),
     ).fetchone()
     report.add(
         "entries_match_balances",

@@ -51,7 +51,7 @@ T = TypeVar("T")
 def _run(action: Callable[[Settings], T]) -> T:
     """Runs a command; an expected failure is one line on stderr and exit code 2. Logs go to
     stderr too: stdout is the command's output (JSON, CSV), which must stay parseable."""
-    from ledger.logging import configure_logging
+    from ledger.applog import configure_logging
 
     try:
         settings = load_settings()
@@ -85,7 +85,7 @@ def serve(
         _refuse_open_server(settings, host or settings.host)  # before anything starts
         from api import server
         from api.app import create_app
-        from ledger.logging import configure_logging
+        from ledger.applog import configure_logging
 
         configure_logging(settings.log_level)
         from ledger import tracing
@@ -926,7 +926,7 @@ def audit_verify(
 ) -> None:
     """Verifies an export with nothing but it and the public key; exits 1 on any failure."""
     from ledger import audit
-    from ledger.logging import configure_logging
+    from ledger.applog import configure_logging
 
     configure_logging("info", json=False)  # progress lines when stderr is not a terminal
     try:

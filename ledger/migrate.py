@@ -73,9 +73,7 @@ def migrate(url: str, until: int | None = None) -> int:
                 "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
                 (version, path.name),
             )
-        row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
-    assert row is not None
-    return int(row[0])
+        return schema_version(conn)
 
 
 def newest_version() -> int:

@@ -26,6 +26,7 @@ from psycopg_pool import ConnectionPool
 
 from ledger import limits
 from ledger.log import NOTIFY_CHANNEL
+from ledger.queries import ledgers
 
 
 class LedgerRecorder(ApplicationRecorder):
@@ -42,12 +43,10 @@ class LedgerRecorder(ApplicationRecorder):
     def ledger_id(self) -> int:
         if self._ledger_id is None:
             with self.pool.connection() as conn:
-                row = conn.execute(
-                    "SELECT id FROM ledgers WHERE name = %s", (self.ledger,)
-                ).fetchone()
+                row = ledgers.LEDGER_NAMED.one_on(conn, (self.ledger,))
             if row is None:
                 raise ProgrammingError(f"ledger {self.ledger!r} does not exist")
-            self._ledger_id = int(row[0])
+            self._ledger_id = int(row.id)
         return self._ledger_id
 
     def insert_events(
@@ -93,10 +92,8 @@ class LedgerRecorder(ApplicationRecorder):
 
     def max_notification_id(self) -> int | None:
         with self.pool.connection() as conn:
-            row = conn.execute(
-                "SELECT head_position FROM ledgers WHERE id = %s", (self.ledger_id,)
-            ).fetchone()
-        return int(row[0]) if row and row[0] else None
+            row = ledgers.LEDGER_OF_ID.one_on(conn, (self.ledger_id,))
+        return int(row.head_position) if row and row.head_position else None
 
     def subscribe(self, gt: int | None = None, topics: Sequence[str] = ()) -> LedgerSubscription:
         return LedgerSubscription(self, gt=gt, topics=topics)

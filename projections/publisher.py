@@ -34,7 +34,7 @@ from ledger import limits, postgres
 from ledger.log import NOTIFY_CHANNEL
 from ledger.queries.bodies import event_body
 from ledger.queries.ledgers import EVENTS_AFTER
-from ledger.queries.projections import PUBLISHER
+from ledger.queries.projections import BEHIND, PUBLISHER
 from ledger.queries.reader import Reader
 
 if TYPE_CHECKING:
@@ -68,13 +68,8 @@ async def pending_ledgers(
 ) -> list[tuple[str, int, int]]:
     """(name, id, tracked position) of the ledgers whose head is past the relay's position."""
     async with pool.connection() as conn:
-        cursor = await conn.execute(
-            "SELECT l.name, l.id, coalesce(t.notification_id, 0) FROM ledgers l"
-            " LEFT JOIN tracking t ON t.application_name = %s || l.name"
-            " WHERE l.head_position > coalesce(t.notification_id, 0) ORDER BY l.id LIMIT %s",
-            (prefix, limit),
-        )
-        return [(r[0], int(r[1]), int(r[2])) for r in await cursor.fetchall()]
+        rows = await Reader.on(conn).all(BEHIND, (prefix, limit))
+        return [(r.name, int(r.id), int(r.tracked)) for r in rows]
 
 
 async def read_events(
@@ -236,7 +231,7 @@ def relay_from(
     url: str, nats_url: str | None, log_level: str, allowed_networks: str = ""
 ) -> None:
     """The server's relay process: until the server that started it is gone."""
-    from ledger.logging import configure_logging
+    from ledger.applog import configure_logging
 
     configure_logging(log_level)
     parent = os.getppid()

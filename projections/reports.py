@@ -103,14 +103,8 @@ def on_side(side: str, debits: int, credits: int) -> int:
 
 
 async def closed_through(conn: psycopg.AsyncConnection[Any], ledger: str) -> str | None:
-    """The ledger's last closed effective date (``YYYY-MM-DD``), or None: read through
-    ``to_jsonb`` so that a schema without period close answers None rather than failing."""
-    row = await (
-        await conn.execute(
-            "SELECT to_jsonb(l) ->> 'closed_through' FROM ledgers l WHERE name = %s", (ledger,)
-        )
-    ).fetchone()
-    return None if row is None or row[0] is None else str(row[0])
+    """The ledger's last closed effective date (``YYYY-MM-DD``), or None."""
+    return await ledgers.closed_through(Reader.on(conn), ledger)
 
 
 def subtotals(

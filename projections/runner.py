@@ -222,14 +222,10 @@ def follow(url: str, stop: Callable[[], bool] = lambda: False) -> None:
             conn.autocommit = True
             while not stop():
                 time.sleep(limits.projection_interval_s)
-                lagging = conn.execute(
-                    "SELECT l.name FROM ledgers l LEFT JOIN tracking t"
-                    " ON t.application_name = %s || l.name"
-                    " WHERE l.head_position > coalesce(t.notification_id, 0)"
-                    " ORDER BY l.id LIMIT %s",
-                    (POSITIONS, limits.projection_runners_max),
-                ).fetchall()
-                for (name,) in lagging:
+                lagging = projected.BEHIND.all_on(
+                    conn, (POSITIONS, limits.projection_runners_max)
+                )
+                for name in (r.name for r in lagging):
                     runner = runners.get(name)
                     if runner is None:
                         if len(runners) >= limits.projection_runners_max:
@@ -244,7 +240,7 @@ def follow(url: str, stop: Callable[[], bool] = lambda: False) -> None:
 def follow_from(url: str, log_level: str) -> None:
     """The server's projection process: :func:`follow` until the server that started it is
     gone (its parent process changes), retrying after a failure."""
-    from ledger.logging import configure_logging
+    from ledger.applog import configure_logging
 
     configure_logging(log_level)
     log = structlog.get_logger("projections")

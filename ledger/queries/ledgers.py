@@ -116,6 +116,23 @@ def ledger_on(conn: psycopg.Connection[Any], name: str) -> Ledger:
     return row
 
 
+class _Closed(NamedTuple):
+    closed_through: str | None
+
+
+CLOSED_THROUGH = Read(
+    "SELECT to_jsonb(l) ->> 'closed_through' FROM ledgers l WHERE name = %s", _Closed
+)
+"""A ledger's closed-through date as text, read through ``to_jsonb`` so that a schema without
+period close answers null rather than failing: parameters (name)."""
+
+
+async def closed_through(reader: Reader, name: str) -> str | None:
+    """The ledger's last closed effective date (``YYYY-MM-DD``), or None (the reports')."""
+    row = await reader.one(CLOSED_THROUGH, (name,))
+    return None if row is None or row.closed_through is None else str(row.closed_through)
+
+
 async def ledger_body(reader: Reader, name: str) -> dict[str, Any]:
     """The ledger as the API shows it: head, assets (with their posting maximum), times."""
     row = await ledger(reader, name)

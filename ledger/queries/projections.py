@@ -65,3 +65,19 @@ POSITIONS_HELD = Read(
 )
 """The positions projection of a ledger, every holder's or one's: parameters (ledger id,
 holder or null, the same again)."""
+
+
+class Behind(NamedTuple):
+    name: str
+    id: int
+    tracked: int
+
+
+BEHIND = Read(
+    "SELECT l.name, l.id, coalesce(t.notification_id, 0) FROM ledgers l"
+    " LEFT JOIN tracking t ON t.application_name = %s || l.name"
+    " WHERE l.head_position > coalesce(t.notification_id, 0) ORDER BY l.id LIMIT %s",
+    Behind,
+)
+"""The ledgers whose head is past what a follower (the projection, the relay) tracks, in
+order of creation: parameters (tracking prefix, how many)."""

@@ -1,4 +1,6 @@
-"""Logs as JSON lines, one per event, with the request id bound by the API on every line."""
+"""The program's own log lines (structlog, JSON, one per happening, with the request id the API
+binds), not the ledger's event log (``ledger/log.py``): named apart so that nobody mistakes one
+for the other."""
 
 from __future__ import annotations
 
