@@ -4,7 +4,7 @@
 models by :mod:`api.commands`, so that both accept and refuse the same inputs); ``report``;
 ``verify``, ``replay``, ``seal``, ``export``, ``import``, ``keygen`` and ``audit verify``
 (offline); ``keys`` (API keys); ``projections`` and ``publish`` (the relay); ``period``;
-``bank`` (a workload against a deployment).
+``bank`` (a workload against a deployment); ``version`` (and whether the rules run compiled).
 
 An expected failure is one line on stderr, ``ledger: <code>: <detail>`` with the API's error
 code where it has one, and exit status 2. Logs go to stderr too: stdout carries only the
@@ -30,6 +30,7 @@ from typing import Annotated, Any, TypeVar
 import psycopg
 import typer
 
+import ledger
 from ledger import domain, errors, limits
 from ledger.domain import ACCOUNT_TYPES, GUARD_RULES
 from ledger.embedded import EmbeddedError, database_url, owner_database_url
@@ -88,6 +89,10 @@ def serve(
         from ledger.applog import configure_logging
 
         configure_logging(settings.log_level)
+        import structlog
+
+        log = structlog.get_logger("ledger.serve")
+        log.info("starting", version=_version(), build=ledger.build())  # build: compiled or pure
         from ledger import tracing
 
         tracing.from_environment()  # OTEL_*: off unless an exporter is named (ledger/tracing.py)
@@ -104,6 +109,24 @@ def serve(
             server.build(app, settings, host or settings.host, port or settings.port).run()
 
     _run(action)
+
+
+@app.command()
+def version() -> None:
+    """Prints the version, and whether the rules run compiled (mypyc) or as pure Python."""
+    import platform
+
+    print(f"ledger {_version()} {ledger.build()}, Python {platform.python_version()}")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("ledger")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
 
 
 def _refuse_open_server(settings: Settings, host: str) -> None:

@@ -151,7 +151,11 @@ class Posting:
 class Idempotent:
     """A command that may carry a client's idempotency key: the key and a hash of the request
     are kept forever (in the same key space as transfers, ADR 0006), so that the same key with
-    the same request answers the first outcome, and with another request is refused."""
+    the same request answers the first outcome, and with another request is refused.
+
+    Compiled (mypyc, ``LEDGER_COMPILE=1``), ``key`` is a class attribute here, which a
+    subclass's dataclass would take for its field's default: a subclass whose ``key`` has no
+    default says so with ``= field()`` (tests/test_compiled.py)."""
 
     key: str
 
@@ -179,7 +183,7 @@ def key_of(command: object) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class PostTransfer(Keyed):
-    key: str
+    key: str = field()
     postings: tuple[Posting, ...]
     metadata: dict[str, Any] = field(default_factory=dict)
     pending: bool = False
@@ -225,7 +229,7 @@ class PostTransfer(Keyed):
 
 @dataclass(frozen=True, slots=True)
 class PostPending(Keyed):
-    key: str
+    key: str = field()
     pending_key: str
     amount: int | None = None
     """Post less than the pending amount (single-posting transfers); the rest is released."""
@@ -249,7 +253,7 @@ class PostPending(Keyed):
 
 @dataclass(frozen=True, slots=True)
 class VoidPending(Keyed):
-    key: str
+    key: str = field()
     pending_key: str
     metadata: dict[str, Any] = field(default_factory=dict)
     linked: bool = False
@@ -260,7 +264,7 @@ class VoidPending(Keyed):
 
 @dataclass(frozen=True, slots=True)
 class ReverseTransfer(Keyed):
-    key: str
+    key: str = field()
     original_key: str
     amount: int | None = None
     """Reverse part of a single-posting transfer; by default all that remains."""
@@ -303,7 +307,7 @@ def _check_amounts(amount: int | None, amounts: tuple[int, ...] | None, verb: st
 class AmendTransferMetadata(Idempotent):
     """Replaces a transfer's metadata (a new event; the transfer's own event is unchanged)."""
 
-    key: str
+    key: str = field()
     transfer_key: str
     metadata: dict[str, Any]
 

@@ -20,6 +20,8 @@ from ledger.settings import SettingsError
 logger = structlog.get_logger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
+if not (ROOT / "schema.sql").is_file():  # installed from a wheel: setup.py ships them here
+    ROOT = Path(__file__).resolve().parent / "sql"
 SCHEMA = ROOT / "schema.sql"
 MIGRATIONS = ROOT / "migrations"
 _LOCK_ID = 7_346_118_201  # any constant: the advisory lock of ``ledger migrate``

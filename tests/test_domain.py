@@ -114,10 +114,11 @@ def test_the_request_hash_depends_on_every_field_of_the_request() -> None:
 
 
 def test_entries_balance_detects_an_unbalanced_set() -> None:
-    ok = domain.Entry(1, "USD", 1, 0, True, True, 5, NOW, domain.Balance())
-    other = domain.Entry(2, "USD", 1, 0, False, True, 5, NOW, domain.Balance())
-    short = domain.Entry(2, "USD", 1, 0, False, True, 4, NOW, domain.Balance())
-    pending = domain.Entry(2, "USD", 1, 0, False, False, 5, NOW, domain.Balance())
+    zero = domain.Totals(0, 0, 0, 0)  # a Balance here once passed in Python, not compiled
+    ok = domain.Entry(1, "USD", 1, 0, True, True, 5, NOW, zero)
+    other = domain.Entry(2, "USD", 1, 0, False, True, 5, NOW, zero)
+    short = domain.Entry(2, "USD", 1, 0, False, True, 4, NOW, zero)
+    pending = domain.Entry(2, "USD", 1, 0, False, False, 5, NOW, zero)
     assert domain.entries_balance([ok, other])
     assert not domain.entries_balance([ok, short])
     assert not domain.entries_balance([ok, pending])  # a posted debit needs a posted credit
