@@ -8,10 +8,12 @@ import gc
 import multiprocessing
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 import psycopg
 import structlog
 from fastapi import FastAPI, Request
+from psycopg_pool import AsyncConnectionPool
 from starlette.responses import Response
 
 from api import audit as audit_routes
@@ -25,7 +27,8 @@ from api import webhooks as webhook_routes
 from api.auth import document, principal_of
 from api.hot import HotPath
 from api.middleware import OPENAPI_URL, BodyBudget, Guard
-from ledger import keys, limits, metrics, postgres, tracing
+from ledger import errors, keys, limits, metrics, postgres, tracing
+from ledger.remote import RemoteWriters
 from ledger.service import LedgerService
 from ledger.settings import Settings
 from projections.webhooks import networks as webhook_networks
@@ -111,11 +114,17 @@ async def _webhooks_exist(url: str) -> bool:
 
 
 def create_app(
-    database_url: str, settings: Settings | None = None, *, hot_path: bool = True
+    database_url: str,
+    settings: Settings | None = None,
+    *,
+    hot_path: bool = True,
+    writer_socket: str | None = None,
 ) -> FastAPI:
     """The API on the database at ``database_url``: the pools, the service and the background
     tasks start with the app (its lifespan) and stop with it. ``hot_path=False`` serves the
-    two hot routes through FastAPI too (api/hot.py; for the test that compares the two)."""
+    two hot routes through FastAPI too (api/hot.py; for the test that compares the two). With
+    ``writer_socket`` (an HTTP worker of ``ledger serve --workers N``, api/workers.py) commands
+    go to the writer process there, which also runs the background tasks."""
     settings = settings or Settings()
 
     app = FastAPI(
@@ -125,7 +134,7 @@ def create_app(
         openapi_url=OPENAPI_URL,
         docs_url="/docs",
         redoc_url=None,
-        lifespan=_lifespan(database_url, settings),
+        lifespan=_lifespan(database_url, settings, writer_socket),
         # Metrics are ours (Prometheus, /metrics) and logs are structlog's; FastAPI's own
         # OpenTelemetry hooks would only check for providers on every request. Its request
         # spans are on only when our tracing is (ledger/tracing.py), with our provider.
@@ -141,6 +150,7 @@ def create_app(
     app.state.webhook_networks = webhook_networks(settings.webhook_allowed_networks)
     publishing = settings.publish_nats_url is not None  # else its lag counts once it has run
     app.state.database_url = database_url
+    app.state.writer_process = None  # RemoteWriters in an HTTP worker (set by the lifespan)
     app.state.read_database_url = settings.read_database_url or database_url
     # The edge (api/middleware.py reads these): rate limits and the body's time bound
     app.state.rate_limiter = ratelimit.from_settings(settings)
@@ -174,7 +184,7 @@ def create_app(
 
 
 def _lifespan(
-    database_url: str, settings: Settings
+    database_url: str, settings: Settings, writer_socket: str | None = None
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """What runs for the app's whole life: the pools, the service, the key cache, the
     notifier and the background tasks; then ``gc.freeze()``."""
@@ -189,7 +199,11 @@ def _lifespan(
             settings.read_database_url or database_url, settings.read_pool_size
         )
         await read_pool.open(wait=False)  # a replica down at start must not stop writes
-        app.state.service = LedgerService(pool, read_pool, settings.require_sync_standby)
+        remote = RemoteWriters(writer_socket) if writer_socket else None
+        app.state.writer_process = remote
+        app.state.service = LedgerService(
+            pool, read_pool, settings.require_sync_standby, writers=remote
+        )
         app.state.authenticator = keys.Authenticator(pool)
         if settings.insecure_no_auth:
             logger.warning(
@@ -198,7 +212,11 @@ def _lifespan(
             )
         app.state.notifier = ws.Notifier(database_url)
         app.state.notifier.start()
-        background = _background(app.state.service, database_url, settings)
+        background = (
+            [process_gauges(pool, read_pool, app.state.notifier)]
+            if remote
+            else background_tasks(app.state.service, database_url, settings)
+        )
         # Everything made so far (modules, the app, its routes) lives as long as the process:
         # keep it out of the collector's full passes, which otherwise paused every request in
         # flight for ~18 ms now and then (measured; with it, ~1 ms).
@@ -220,10 +238,26 @@ def _lifespan(
     return lifespan
 
 
-def _background(
+def process_gauges(
+    pool: AsyncConnectionPool[Any], read_pool: AsyncConnectionPool[Any], notifier: ws.Notifier
+) -> asyncio.Task[None]:
+    """In an HTTP worker: its pools' and streams' gauges kept current (every
+    ``process_gauges_interval_s``), whichever worker a scrape reaches."""
+
+    async def observe() -> None:
+        while True:
+            metrics.observe_pools({"write": pool, "read": read_pool})
+            metrics.STREAM_CLIENTS.set(notifier.count)
+            await asyncio.sleep(limits.process_gauges_interval_s)
+
+    return asyncio.create_task(observe(), name="process-gauges")
+
+
+def background_tasks(
     service: LedgerService, database_url: str, settings: Settings
 ) -> list[asyncio.Task[None]]:
-    """The expiry sweeper, and the projections and the relay unless they run elsewhere."""
+    """The expiry sweeper, and the projections and the relay unless they run elsewhere: once
+    per server (in the writer process with ``--workers N``)."""
     sweeper = asyncio.create_task(_sweep(service), name="expiry-sweeper")
     background = [sweeper]
     if settings.projections:
@@ -265,8 +299,13 @@ def _operational_routes(app: FastAPI, publishing: bool) -> None:
             publishing,
             queued=sum(writer.queued for writer in service.writers.all()),
         )
-
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        remote = app.state.writer_process
+        if remote is not None:  # its queue and pools, now; the rest of the server is on file
+            try:
+                await remote.refresh_metrics()
+            except errors.LedgerError as exc:
+                logger.warning("writer process metrics unavailable", error=exc.detail)
+        return Response(generate_latest(metrics.registry()), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> Response:
@@ -282,6 +321,15 @@ def _operational_routes(app: FastAPI, publishing: bool) -> None:
             return api_errors.problem(
                 503, "not_ready", "Not ready", "database: no writable primary (in recovery)"
             )
+        remote = app.state.writer_process
+        if remote is not None:  # writes need the writer process, and its database
+            try:
+                health = await remote.ping()
+            except errors.LedgerError as exc:
+                health = {"ready": False, "detail": exc.detail}
+            if not health["ready"]:
+                detail = f"writer process: {health['detail']}"
+                return api_errors.problem(503, "not_ready", "Not ready", detail)
         return Response(b'{"status":"ready"}', media_type="application/json")
 
 

@@ -219,8 +219,8 @@ def check_key_file(path: Path) -> None:
         )
 
 
-def build(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.Server:
-    """The uvicorn server ``ledger serve`` runs (``server.run()``)."""
+def tls_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's TLS options from the settings, refused in one line when unusable."""
     tls: dict[str, Any] = {}
     if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
         raise SettingsError("LEDGER_TLS_CERT_FILE and LEDGER_TLS_KEY_FILE go together")
@@ -232,6 +232,13 @@ def build(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.Ser
             "ssl_certfile": str(settings.tls_cert_file),
             "ssl_keyfile": str(settings.tls_key_file),
         }
+    return tls
+
+
+def build(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.Server:
+    """The uvicorn server ``ledger serve`` runs (``server.run()``; an HTTP worker of
+    ``--workers N`` hands it its own ``SO_REUSEPORT`` socket, api/workers.py)."""
+    tls = tls_options(settings)
     config = uvicorn.Config(
         app,
         host=host,

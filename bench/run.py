@@ -150,9 +150,85 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+WORKERS = [0]
+"""``--workers N``: serve with ``ledger serve --workers N`` (0: uvicorn on the app, as always)."""
+
+
+def listeners(port: int) -> int:
+    """Sockets listening on ``port`` (one per HTTP worker with ``SO_REUSEPORT``)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                count += fields[1].endswith(f":{port:04X}") and fields[3] == "0A"
+    return count
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and every live process under it."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with suppress(OSError, ValueError, IndexError):
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                parents[int(entry)] = int(fields[1])
+                cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / ticks
+    tree, todo = {pid}, [pid]
+    while todo:
+        parent = todo.pop()
+        for child, its_parent in parents.items():
+            if its_parent == parent and child not in tree:
+                tree.add(child)
+                todo.append(child)
+    return sum(cpu.get(p, 0.0) for p in tree)
+
+
+@contextmanager
+def serve_command(url: str, workers: int, projections: bool = True) -> Iterator[tuple[int, int]]:
+    """``ledger serve --workers N`` on loopback, once every HTTP worker listens; yields
+    (port, pid of the server's first process)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
+    env.update(
+        LEDGER_DATABASE_URL=url,
+        LEDGER_INSECURE_PRIVILEGED_DB_LOGIN="true",  # the bench's cluster login is its owner
+        LEDGER_POOL_SIZE="8",
+        LEDGER_PROJECTIONS=str(projections).lower(),
+        LEDGER_LOG_LEVEL="warning",
+    )
+    log = open(os.environ.get("BENCH_SERVER_LOG", os.devnull), "w")  # noqa: SIM115
+    root = os.environ.get("BENCH_SERVER_ROOT", str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ledger", "serve", "--workers", str(workers), "--port", str(port)],
+        cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=log,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while listeners(port) < workers:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit("bench: the server did not start")
+            time.sleep(0.1)
+        yield port, proc.pid
+    finally:
+        proc.terminate()
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
 @contextmanager
 def server(url: str, projections: bool = True) -> Iterator[tuple[int, int]]:
-    """A real uvicorn serving the ledger on loopback; yields (port, pid)."""
+    """A real uvicorn serving the ledger on loopback; yields (port, pid). With ``--workers N``,
+    ``ledger serve --workers N`` instead."""
+    if WORKERS[0]:
+        with serve_command(url, WORKERS[0], projections) as served:
+            yield served
+        return
     port = free_port()
     code = (
         "import uvicorn; from api.app import create_app; from ledger.settings import Settings; "
@@ -639,7 +715,14 @@ def main() -> None:
         type=int,
         help="measure the --check figures PASSES times and write their median as the baseline",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="serve the HTTP figures with `ledger serve --workers N` (default: uvicorn on the app)",
+    )
     args = parser.parse_args()
+    WORKERS[0] = args.workers
     if args.check or args.write_baseline:
         sys.exit(check(bool(args.write_baseline), args.write_baseline or 0))
     quick = args.quick

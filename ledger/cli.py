@@ -79,6 +79,15 @@ def _run(action: Callable[[Settings], T]) -> T:
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="HTTP worker processes (LEDGER_WORKERS); above 1 they forward commands to one"
+            " writer process",
+            min=1,
+            max=limits.workers_max,
+        ),
+    ] = None,
 ) -> None:
     """Serves the HTTP API (on an embedded Postgres unless LEDGER_DATABASE_URL is set)."""
 
@@ -104,6 +113,17 @@ def serve(
             # rewrite history (the embedded default migrated as its superuser just above).
             check_before_serving(url, settings.insecure_privileged_db_login)
             _keys_at_start(url, settings, host or settings.host)
+            processes = workers or settings.workers
+            if processes > 1:  # N HTTP workers and one writer process (api/workers.py)
+                from api import workers as process_model
+
+                server.tls_options(settings)  # refused here, once, not in every worker
+                code = process_model.serve(
+                    settings, url, host or settings.host, port or settings.port, processes
+                )
+                if code:
+                    raise typer.Exit(code)
+                return
             # uvicorn with connection, header, body and TLS settings (api/server.py)
             app = create_app(url, settings)
             server.build(app, settings, host or settings.host, port or settings.port).run()

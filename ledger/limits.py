@@ -215,3 +215,24 @@ progress_redraw_s: Final = 0.2
 """Shortest interval between two redraws of a progress bar on a terminal."""
 progress_log_interval_s: Final = 30.0
 """Longest interval between two progress lines in the logs (also one every 10 %)."""
+
+# The process model (`ledger serve --workers N`: api/workers.py, ledger/remote.py, ADR 0017)
+workers_max: Final = 16
+"""HTTP worker processes one server may run (besides its one writer process)."""
+writer_frame_bytes_max: Final = 64 * 1024 * 1024
+"""Largest frame between an HTTP worker and the writer process (a 1,000-item batch of
+transfers with their events is well under 2 MiB); a larger one closes the connection."""
+process_restarts_max: Final = 5
+"""Restarts of the writer process, or of the HTTP workers together, within
+``process_restart_window_s`` before the server gives up and stops (exit 1)."""
+process_restart_window_s: Final = 60.0
+writer_start_timeout_s: Final = 60.0
+"""How long the server waits for its writer process to take connections at a (re)start."""
+worker_stop_timeout_s: Final = 15.0
+"""How long a stopping server waits for each process to drain before it kills it."""
+writer_connect_wait_ms: Final = 2_000
+"""How long an HTTP worker keeps trying to reach a writer process that is not taking
+connections (restarting) before it answers 503 (nothing was sent: retry)."""
+process_gauges_interval_s: Final = 1.0
+"""How often an HTTP worker records its pools' and streams' gauges for /metrics (a scrape
+reaches one worker; the others' figures are at most this old)."""

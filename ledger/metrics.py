@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import structlog
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from ledger import limits
 from ledger.queries.projections import POSITIONS, PUBLISHER
@@ -39,6 +40,7 @@ QUEUED = Gauge(
     "ledger_writer_queued_commands",
     "Commands waiting for the writers of this process (all ledgers: labels stay bounded),"
     " counted at each scrape",
+    multiprocess_mode="livesum",
 )
 RETRIES = Counter("ledger_writer_retries_total", "Write transactions retried")
 KEY_READS = Counter(
@@ -66,29 +68,43 @@ POOL_CONNECTIONS = Gauge(
     "ledger_pool_connections",
     "Connections of a pool by state: used (checked out) or idle",
     ["pool", "state"],
+    multiprocess_mode="livesum",
 )
-POOL_MAX = Gauge("ledger_pool_max_connections", "A pool's upper bound", ["pool"])
+POOL_MAX = Gauge(
+    "ledger_pool_max_connections", "A pool's upper bound", ["pool"], multiprocess_mode="livesum"
+)
 POOL_WAITING = Gauge(
-    "ledger_pool_waiting_requests", "Callers waiting for a connection of the pool", ["pool"]
+    "ledger_pool_waiting_requests",
+    "Callers waiting for a connection of the pool",
+    ["pool"],
+    multiprocess_mode="livesum",
 )
-STREAM_CLIENTS = Gauge("ledger_stream_clients", "WebSocket event-stream subscribers connected")
+STREAM_CLIENTS = Gauge(
+    "ledger_stream_clients",
+    "WebSocket event-stream subscribers connected",
+    multiprocess_mode="livesum",
+)
 PROJECTION_LAG = Gauge(
     "ledger_projection_lag_events",
     "Events committed but not yet applied by the positions projection, over all ledgers",
+    multiprocess_mode="mostrecent",
 )
 PUBLISHER_LAG = Gauge(
     "ledger_publisher_lag_events",
     "Events committed but not yet acknowledged by JetStream, over all ledgers"
     " (0 while no publisher is configured or has run)",
+    multiprocess_mode="mostrecent",
 )
 WEBHOOK_DELIVERIES = Gauge(
     "ledger_webhook_deliveries",
     "Webhook deliveries waiting (pending) or given up on (dead: the dead letters)",
     ["state"],
+    multiprocess_mode="mostrecent",
 )
 WEBHOOK_FAILED_ATTEMPTS = Gauge(
     "ledger_webhook_failed_attempts",
     "Failed attempts of the webhook deliveries not delivered yet (pending or dead)",
+    multiprocess_mode="mostrecent",
 )
 REFRESH_ERRORS = Counter(
     "ledger_metrics_refresh_errors_total",
@@ -113,6 +129,20 @@ FROM webhook_subscriptions s,
 LATERAL (SELECT count(*) AS n, coalesce(sum(attempts), 0) AS attempts FROM webhook_deliveries d
          WHERE d.subscription_id = s.id AND d.state = 'dead') dead
 """
+
+
+def registry() -> CollectorRegistry:
+    """What ``/metrics`` exports: this process's metrics; with ``ledger serve --workers N``
+    (``PROMETHEUS_MULTIPROC_DIR`` set by its supervisor), every process's of the server:
+    counters and histograms summed, pool and queue gauges summed over the live processes, the
+    lags read from the database as last read (``multiprocess_mode`` of each gauge)."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    from prometheus_client import multiprocess
+
+    merged = CollectorRegistry()
+    multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+    return merged
 
 
 def observe_pools(pools: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from ledger.queries import accounts, ledgers, transfers
 from ledger.queries.accounts import ACCOUNT_TOPICS_SQL as _ACCOUNT_TOPICS_SQL
 from ledger.queries.bodies import event_body, period_body, transfer_body
 from ledger.queries.reader import Reader, on_primary
-from ledger.writer import Writers
+from ledger.writer import WriterPool, Writers
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,13 +49,16 @@ class LedgerService:
         pool: AsyncConnectionPool[Any],
         read_pool: AsyncConnectionPool[Any] | None = None,
         require_sync: bool = False,
+        writers: WriterPool | None = None,
     ) -> None:
         """``pool`` reaches the writable primary; queries go to ``read_pool`` (a replica,
         ``LEDGER_READ_DATABASE_URL``) when there is one. With ``require_sync``, writes are
-        refused while the primary has no synchronous standby (LEDGER_REQUIRE_SYNC_STANDBY)."""
+        refused while the primary has no synchronous standby (LEDGER_REQUIRE_SYNC_STANDBY).
+        Commands go to ``writers``: by default this process's own; in an HTTP worker of
+        ``ledger serve --workers N``, the writer process's (``ledger.remote``)."""
         self.pool = pool
         self.read_pool = read_pool if read_pool is not None else pool
-        self.writers = Writers(pool, require_sync)
+        self.writers: WriterPool = writers if writers is not None else Writers(pool, require_sync)
         self.reads = Reader(pool, self.read_pool)
 
     async def close(self) -> None:

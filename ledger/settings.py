@@ -106,6 +106,15 @@ class Settings(BaseSettings):
             " process of the server; false to run `ledger publish` elsewhere"
         ),
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=limits.workers_max,
+        description=(
+            "HTTP worker processes; above 1, they forward commands to one writer process"
+            " (`ledger serve --workers N`, ADR 0017)"
+        ),
+    )
     # The edge (api/server.py, api/ratelimit.py); defaults in ledger/limits.py
     read_pool_size: int = Field(
         limits.read_pool_size, ge=1, le=64, description="Connections for reads, reports, replays"

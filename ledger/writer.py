@@ -17,8 +17,9 @@ import contextlib
 import contextvars
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 import structlog
@@ -247,6 +248,27 @@ def _fail(group: list[_Unit], error: Exception) -> None:
     for unit in group:
         if not unit.future.done():
             unit.future.set_exception(error)
+
+
+class Submitter(Protocol):
+    """What the service needs of a ledger's writer: :class:`LedgerWriter` here, or
+    ``ledger.remote.RemoteWriter`` in an HTTP worker of ``ledger serve --workers N``."""
+
+    @property
+    def queued(self) -> int: ...
+
+    async def submit(self, items: list[Item]) -> list[log.Outcome]: ...
+
+
+class WriterPool(Protocol):
+    """The writers of every ledger, as the service reaches them (:class:`Writers`, or
+    ``ledger.remote.RemoteWriters``)."""
+
+    def get(self, ledger: log.LedgerRef) -> Submitter: ...
+
+    def all(self) -> Sequence[Submitter]: ...
+
+    async def close(self) -> None: ...
 
 
 class Writers:
