@@ -5,7 +5,9 @@ Each bucket holds up to ``burst`` tokens and refills at ``rate`` tokens per seco
 takes one token or is refused with 429 and how long until one is back (``Retry-After``).
 Memory is bounded: at most ``buckets_max`` buckets are tracked, the least recently seen is
 forgotten first (it comes back with a full bucket, which only ever errs towards letting a
-request through). Per server process: with several processes, each enforces its own share.
+request through). Per server process: with ``ledger serve --workers N`` each HTTP worker is
+given 1/N of each rate and burst (``api.workers.share_of``), so that N processes do not
+multiply a client's budget.
 """
 
 from __future__ import annotations
