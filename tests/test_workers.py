@@ -373,23 +373,36 @@ def test_a_writer_process_killed_under_load_loses_and_duplicates_nothing(
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
-def test_sigterm_lets_a_batch_in_flight_finish_before_the_writer_stops(database_url: str) -> None:
-    env = {"LEDGER_WORKERS": "2"}
-    # served() stops the server with SIGTERM at the end of the block: the batch is in flight.
-    answer: dict[str, Any] = {}
-    with served(database_url, env) as (base, token):
+def test_sigterm_answers_a_batch_in_flight_then_stops(
+    database_url: str,
+) -> None:
+    """A batch is in flight (its writer process held stopped, SIGSTOP, so that it surely is)
+    when the server is told to stop: it is still answered, every item created, and then the
+    server exits."""
+    import http.client
+
+    with served(database_url, {"LEDGER_WORKERS": "2"}) as (base, token):
         _ledger(base, token, "w-stop", "a", "b")
+        supervisor, writer, _ = _children(_port(base))
         items = [{"id": f"s{n}", "postings": [
             {"debit": "a", "credit": "b", "amount": "1", "asset": "USD/2"}]} for n in range(1000)]
-
-        def post() -> None:
-            got = _fresh("POST", f"{base}/v1/ledgers/w-stop/transfers/batch", json={"items": items},
-                         headers={**bearer(token), "Idempotency-Key": "stop-batch"})
-            answer["status"], answer["body"] = got.status_code, got.json()
-
-        poster = threading.Thread(target=post)
-        poster.start()
-        time.sleep(0.3)
-    poster.join(30)
-    assert answer["status"] == 200, answer
-    assert [r["status"] for r in answer["body"]["results"]] == ["created"] * 1000
+        os.kill(writer, signal.SIGSTOP)
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", _port(base), timeout=60)
+            conn.request(
+                "POST", "/v1/ledgers/w-stop/transfers/batch", json.dumps({"items": items}),
+                {**bearer(token), "Idempotency-Key": "stop-batch",
+                 "Content-Type": "application/json"},
+            )
+            time.sleep(2.0)  # read by its worker and forwarded to the stopped writer
+            os.kill(supervisor, signal.SIGTERM)
+            time.sleep(1.0)
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        answer = conn.getresponse()
+        body = json.loads(answer.read())
+        conn.close()
+        assert answer.status == 200, body
+        assert [r["status"] for r in body["results"]] == ["created"] * 1000
+        _wait(lambda: not Path(f"/proc/{supervisor}").exists() or Path(
+            f"/proc/{supervisor}/stat").read_text().split()[2] == "Z", 30, "the server stopped")
