@@ -309,18 +309,9 @@ def _operational_routes(app: FastAPI, publishing: bool) -> None:
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> Response:
-        try:
-            async with app.state.service.pool.connection(timeout=2.0) as conn:
-                cursor = await conn.execute("SELECT pg_is_in_recovery()")
-                row = await cursor.fetchone()
-        except Exception as exc:
-            return api_errors.problem(
-                503, "not_ready", "Not ready", f"database: {type(exc).__name__}"
-            )
-        if row is None or row[0]:  # a standby (a failover under way): writes cannot succeed
-            return api_errors.problem(
-                503, "not_ready", "Not ready", "database: no writable primary (in recovery)"
-            )
+        not_ready = await database_not_ready(app.state.service.pool)
+        if not_ready:
+            return api_errors.problem(503, "not_ready", "Not ready", not_ready)
         remote = app.state.writer_process
         if remote is not None:  # writes need the writer process, and its database
             try:
@@ -331,6 +322,20 @@ def _operational_routes(app: FastAPI, publishing: bool) -> None:
                 detail = f"writer process: {health['detail']}"
                 return api_errors.problem(503, "not_ready", "Not ready", detail)
         return Response(b'{"status":"ready"}', media_type="application/json")
+
+
+async def database_not_ready(pool: AsyncConnectionPool[Any]) -> str:
+    """Why writes could not succeed on ``pool`` now ("" if they could): for /readyz, here and
+    in the writer process of ``ledger serve --workers N``."""
+    try:
+        async with pool.connection(timeout=2.0) as conn:
+            cursor = await conn.execute("SELECT pg_is_in_recovery()")
+            row = await cursor.fetchone()
+    except Exception as exc:
+        return f"database: {type(exc).__name__}"
+    if row is None or row[0]:  # a standby (a failover under way): writes cannot succeed
+        return "database: no writable primary (in recovery)"
+    return ""
 
 
 def app_from_environment() -> FastAPI:

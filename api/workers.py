@@ -236,7 +236,7 @@ def serve(settings: Settings, database_url: str, host: str, port: int, workers: 
 
 
 async def _writer_main(settings: Settings, socket_path: str) -> None:
-    from api.app import background_tasks
+    from api.app import background_tasks, database_not_ready
     from ledger import metrics, postgres
     from ledger.remote import WriterServer
     from ledger.service import LedgerService
@@ -250,14 +250,8 @@ async def _writer_main(settings: Settings, socket_path: str) -> None:
     service = LedgerService(pool, read_pool, settings.require_sync_standby)
 
     async def ping() -> dict[str, Any]:
-        try:
-            async with pool.connection(timeout=2.0) as conn:
-                row = await (await conn.execute("SELECT pg_is_in_recovery()")).fetchone()
-        except Exception as exc:
-            return {"ready": False, "detail": f"database: {type(exc).__name__}"}
-        if row is None or row[0]:
-            return {"ready": False, "detail": "database: no writable primary (in recovery)"}
-        return {"ready": True, "detail": ""}
+        not_ready = await database_not_ready(pool)
+        return {"ready": not not_ready, "detail": not_ready}
 
     async def refresh_metrics() -> None:
         metrics.observe_pools({"write": pool, "read": read_pool})
@@ -302,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
     from ledger import tracing
-    from ledger.logging import configure_logging
+    from ledger.applog import configure_logging
     from ledger.settings import load_settings
 
     settings = load_settings()
