@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import psycopg
 from cryptography.exceptions import InvalidSignature
@@ -31,7 +31,8 @@ from cryptography.hazmat.primitives.serialization import (
 from ledger import errors, merkle
 from ledger.log import chain_hash, genesis_hash
 from ledger.queries import ledgers
-from ledger.queries.accounts import as_of_entry
+from ledger.queries.accounts import ACCOUNTS_OF_LEDGER, as_of_entry
+from ledger.queries.reader import Read
 from ledger.queries.transfers import POSITION_ANY
 from ledger.replay import Replay
 from ledger.settings import SettingsError
@@ -201,17 +202,28 @@ def leaf_hashes(
 
 def checkpoints(conn: psycopg.Connection[Any], ledger: str) -> list[Checkpoint]:
     ledger_id, _, _ = _ledger(conn, ledger)
-    rows = conn.execute(
-        "SELECT tree_size, root, signed_at, key_id, signature FROM checkpoints"
-        " WHERE ledger_id = %s ORDER BY tree_size",
-        (ledger_id,),
-    ).fetchall()
     return [
         Checkpoint(
-            ledger, int(r[0]), bytes(r[1]), r[2].astimezone(UTC).isoformat(), r[3], bytes(r[4])
+            ledger, int(r.tree_size), bytes(r.root), r.signed_at.astimezone(UTC).isoformat(),
+            r.key_id, bytes(r.signature),
         )
-        for r in rows
+        for r in _CHECKPOINTS.all_on(conn, (ledger_id,))
     ]
+
+
+class _Signed(NamedTuple):
+    tree_size: int
+    root: bytes
+    signed_at: datetime
+    key_id: str
+    signature: bytes
+
+
+_CHECKPOINTS = Read(
+    "SELECT tree_size, root, signed_at, key_id, signature FROM checkpoints"
+    " WHERE ledger_id = %s ORDER BY tree_size",
+    _Signed,
+)
 
 
 def seal(
@@ -805,19 +817,16 @@ def _accounts_and_assets_match_log(
         (ledger_id, _ACCOUNT_TOPICS),
     )
     accounts, assets = _accounts_and_assets_of(rows)
-    stored = conn.execute(
-        "SELECT name, type, metadata, guard, guard_limits, frozen, closed, position"
-        " FROM accounts WHERE ledger_id = %s",
-        (ledger_id,),
-    ).fetchall()
+    stored = ACCOUNTS_OF_LEDGER.all_on(conn, (ledger_id,))
     bad_accounts = sorted(
-        (r[7], r[0]) for r in stored
-        if accounts.get(r[0]) != {
-            "type": r[1], "metadata": r[2], "guard": r[3],
-            "limits": {k: int(v) for k, v in r[4].items()}, "frozen": r[5], "closed": r[6],
+        (r.position, r.name) for r in stored
+        if accounts.get(r.name) != {
+            "type": r.type, "metadata": r.metadata, "guard": r.guard,
+            "limits": {k: int(v) for k, v in r.guard_limits.items()}, "frozen": r.frozen,
+            "closed": r.closed,
         }
     )
-    missing = sorted(set(accounts) - {r[0] for r in stored})
+    missing = sorted(set(accounts) - {r.name for r in stored})
     report.add(
         "accounts_match_log",
         not bad_accounts and not missing,

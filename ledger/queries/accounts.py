@@ -29,12 +29,14 @@ class Account(NamedTuple):
     closed: bool
 
 
-ACCOUNT_NAMED = Read(
+_ACCOUNT = (
     "SELECT id, name, type, metadata, position, guard, guard_limits, frozen, closed"
-    " FROM accounts WHERE ledger_id = %s AND name = %s",
-    Account,
+    " FROM accounts WHERE ledger_id = %s"
 )
+ACCOUNT_NAMED = Read(_ACCOUNT + " AND name = %s", Account)
 """An account by its name: parameters (ledger id, name)."""
+ACCOUNTS_OF_LEDGER = Read(_ACCOUNT, Account)
+"""Every account of a ledger, in no order (verify's): parameters (ledger id)."""
 
 
 def as_of_entry(at: str) -> str:
