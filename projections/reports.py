@@ -14,7 +14,7 @@ import io
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import psycopg
 
@@ -164,29 +164,21 @@ async def _position(
     return await ledgers.position_at(Reader.on(conn), ledger_id, at.time)
 
 
-class _Totals(NamedTuple):
-    account: str
-    type: str
-    asset: str
-    debits: int
-    credits: int
-
-
-_EFFECTIVE_TOTALS = Read(
+_EFFECTIVE_TOTALS: Read[tuple[str, str, str, int, int]] = Read(
     f"SELECT a.name, a.type, e.asset, {POSTED_SUMS}"
     " FROM accounts a JOIN entries e ON e.account_id = a.id"
     " WHERE a.ledger_id = %s AND e.posted AND e.effective_at <= %s"
     " AND (%s::bigint IS NULL OR e.position <= %s)"
     " GROUP BY a.name, a.type, e.asset ORDER BY a.name, e.asset",
-    _Totals,
+    tuple,
 )
 """Every account's posted totals effective at a time (recorded by a position, or null):
 parameters (ledger id, time, position, position)."""
-_TOTALS_AS_OF = Read(
+_TOTALS_AS_OF: Read[tuple[str, str, str, int, int]] = Read(
     "SELECT a.name, a.type, b.asset, e.debits_posted, e.credits_posted"
     f" FROM accounts a JOIN balances b ON b.account_id = a.id {as_of_entry('%s')}"
     " WHERE a.ledger_id = %s ORDER BY a.name, b.asset",
-    _Totals,
+    tuple,
 )
 """Every account's posted totals as of a position: parameters (position, ledger id)."""
 
@@ -209,9 +201,9 @@ async def balances_at(
         position = await _position(conn, ledger_id, head, at)
         rows = await Reader.on(conn).all(_TOTALS_AS_OF, (position, ledger_id))
     out = [
-        {"account": r.account, "type": r.type, "asset": r.asset, "debits": int(r.debits),
-         "credits": int(r.credits)}
-        for r in rows
+        {"account": name, "type": kind, "asset": asset, "debits": int(debits),
+         "credits": int(credits)}
+        for name, kind, asset, debits, credits in rows
     ]
     return out, scales, position
 

@@ -29,20 +29,24 @@ class Read(Generic[Row]):
 
     sql: str
     row: type[Row]
+    """A NamedTuple; or ``tuple`` for the reads that scan many rows (search candidates, a
+    report's every account), whose readers name the columns by unpacking them."""
     make: Callable[[Sequence[Any]], Row] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # tuple.__new__ straight from C, without the NamedTuple's own __new__ (a Python call
         # with one argument per column): 1,111 rows of 7 columns in 0.7 ms instead of 1.45 ms
-        # (psycopg's args_row). Its length check is made once per statement, in rows().
-        make = functools.partial(tuple.__new__, self.row)
+        # (psycopg's args_row); plain tuples take psycopg's own path (0.1 ms). The length
+        # check is made once per statement, in rows().
+        make = tuple if self.row is tuple else functools.partial(tuple.__new__, self.row)
         object.__setattr__(self, "make", cast(Callable[[Sequence[Any]], Row], make))
 
     def rows(self, cursor: Any) -> RowMaker[Row]:
         """The cursor's row factory: the statement's columns must be the row's fields."""
-        columns = cursor.description
-        fields = self.row._fields  # type: ignore[attr-defined]
-        assert columns is None or len(columns) == len(fields), (self.sql, fields)
+        if self.row is not tuple:
+            columns = cursor.description
+            fields = self.row._fields  # type: ignore[attr-defined]
+            assert columns is None or len(columns) == len(fields), (self.sql, fields)
         return self.make
 
     def all_on(self, conn: psycopg.Connection[Any], params: Any) -> list[Row]:

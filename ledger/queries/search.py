@@ -20,7 +20,7 @@ import orjson
 from ledger import errors, limits
 from ledger.queries import accounts, ledgers, transfers
 from ledger.queries.accounts import POSTED_SUMS, as_of_entry
-from ledger.queries.ledgers import PointInTime, StoredEvent, position_at
+from ledger.queries.ledgers import PointInTime, position_at
 from ledger.queries.reader import Read, Reader
 
 TRANSFER_TOPICS = {
@@ -361,7 +361,9 @@ async def search_transfers(
             position = low
             break
         states = {
-            r.position: orjson.loads(bytes(r.state)) for r in rows if r.topic in TRANSFER_TOPICS
+            pos: orjson.loads(bytes(state))
+            for pos, topic, state, _ in rows
+            if topic in TRANSFER_TOPICS
         }
         amended = await transfers.amended(
             reader, ref.id, [st.get("key") for st in states.values()]
@@ -399,13 +401,16 @@ def _statuses_wanted(status: str | None) -> set[str] | None:
     return {status}
 
 
-EVENTS_BEFORE = Read(
+Candidate = tuple[int, str, bytes, bytes]
+"""(position, topic, state, hash) of an event a search examines."""
+
+EVENTS_BEFORE: Read[Candidate] = Read(
     "SELECT position, topic, state, hash FROM events WHERE ledger_id = %s"
     " AND position > %s AND position <= %s ORDER BY position DESC LIMIT %s",
-    StoredEvent,
+    tuple,
 )
 """The log backwards: parameters (ledger id, after this position, up to this one, how many)."""
-ACCOUNT_EVENTS_BEFORE = Read(
+ACCOUNT_EVENTS_BEFORE: Read[Candidate] = Read(
     "SELECT DISTINCT ON (x.position) x.position, ev.topic, ev.state, ev.hash"
     " FROM balances b CROSS JOIN LATERAL (SELECT e.position FROM entries e"
     "   WHERE e.account_id = b.account_id AND e.asset = b.asset"
@@ -413,7 +418,7 @@ ACCOUNT_EVENTS_BEFORE = Read(
     " JOIN events ev ON ev.ledger_id = %s AND ev.position = x.position"
     " WHERE b.account_id = %s AND (%s::text IS NULL OR b.asset = %s)"
     " ORDER BY x.position DESC LIMIT %s",
-    StoredEvent,
+    tuple,
 )
 """The events that moved an account, backwards: parameters (after this position, up to this
 one, how many per asset, ledger id, account id, asset code or null twice, how many)."""
@@ -422,7 +427,7 @@ one, how many per asset, ledger id, account id, asset code or null twice, how ma
 async def _candidates(
     reader: Reader, ledger_id: int, account_id: int | None, asset: str | None,
     low: int, high: int, chunk: int,
-) -> list[StoredEvent]:
+) -> list[Candidate]:
     """Events at positions in (low, high], newest first: all of the ledger's, or those that
     moved ``account_id`` (one index probe per asset it holds)."""
     if account_id is None:
@@ -466,16 +471,6 @@ async def _fill_status(reader: Reader, ledger_id: int, items: list[dict[str, Any
 
 
 # --- Balances rolled up by prefix ----------------------------------------------------------
-
-
-class _Group(NamedTuple):
-    group: str
-    asset: str
-    debits_posted: int
-    credits_posted: int
-    debits_pending: int
-    credits_pending: int
-    accounts: int
 
 
 async def aggregate(
@@ -522,7 +517,7 @@ async def aggregate(
             f"SELECT {group} g, s.asset, sum(s.d), sum(s.c), sum(s.dp), sum(s.cp), count(*)"
             f" FROM ({source}) s(name, asset, d, c, dp, cp)"
             " GROUP BY g, s.asset ORDER BY g, s.asset LIMIT %(limit)s",
-            _Group,
+            tuple,
         ),
         {**params, "limit": limits.aggregate_groups_max + 1},
     )
@@ -537,13 +532,11 @@ async def aggregate(
         **at.describe(),
         "groups": [
             {
-                "group": r.group, "asset": f"{r.asset}/{scales[r.asset]}",
-                "accounts": r.accounts,
-                "debits_posted": str(r.debits_posted), "credits_posted": str(r.credits_posted),
-                "debits_pending": str(r.debits_pending),
-                "credits_pending": str(r.credits_pending),
-                "net_posted": str(r.credits_posted - r.debits_posted),
+                "group": group, "asset": f"{asset}/{scales[asset]}", "accounts": accounts,
+                "debits_posted": str(debits), "credits_posted": str(credits),
+                "debits_pending": str(debits_pending), "credits_pending": str(credits_pending),
+                "net_posted": str(credits - debits),
             }
-            for r in rows
+            for group, asset, debits, credits, debits_pending, credits_pending, accounts in rows
         ],
     }
