@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -506,6 +507,11 @@ def _key(key: str | None) -> str:
         raise errors.IdempotencyKeyMissing(
             "send an Idempotency-Key header with every transfer and account command"
         )
-    if not all(0x21 <= ord(c) <= 0x7E for c in key):
+    if not _PRINTABLE.fullmatch(key):
         raise errors.InvalidRequest("Idempotency-Key must be printable ASCII without spaces")
     return key
+
+
+_PRINTABLE = re.compile(r"[\x21-\x7e]+")
+"""Printable ASCII without spaces (a generator over the characters was ~1 % of a single
+transfer's server samples)."""
