@@ -46,7 +46,7 @@ LAUNCH = """
 import sys
 from api import server
 from api.app import create_app
-from ledger.logging import configure_logging
+from ledger.applog import configure_logging
 from ledger.settings import load_settings
 
 settings = load_settings()
