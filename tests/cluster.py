@@ -1,15 +1,30 @@
 """A pg_auto_failover cluster on loopback ports, for tests: a monitor, a primary, a standby.
 
-Everything lives in one temporary directory (data dirs, pg_autoctl's config and state, logs)
-and is stopped and removed at the end, even when the test fails. Postgres refuses to run as
-root, so when the tests run as root every ``pg_autoctl`` runs as the ``postgres`` OS user.
-Tests that use it skip with a clear message when ``pg_autoctl`` is not installed
+Everything lives in one temporary directory (data dirs, Unix sockets, pg_autoctl's config and
+state, logs) and is stopped and removed at the end, even when the test fails. Postgres refuses
+to run as root, so when the tests run as root every ``pg_autoctl`` runs as the ``postgres`` OS
+user. Tests that use it skip with a clear message when ``pg_autoctl`` is not installed
 (``apt-get install -y postgresql-15-auto-failover``).
+
+Several clusters run at once on one machine (two test runs, or two pytest-xdist workers), so
+nothing a cluster uses may be shared or taken by another:
+
+- every TCP port is held from its choice to the cluster's end (:func:`reserve_port`: a socket
+  bound to it, which the kernel's port choice for others then avoids, and a lock file), also
+  while a node is down between a stop and a restart;
+- the network namespace's /30 is locked too, and checked unused;
+- each cluster's Unix sockets are in its own directory (``PG_REGRESS_SOCK_DIR``, which
+  ``pg_autoctl`` passes to Postgres as ``-k``), not the shared ``/var/run/postgresql``, where
+  two servers on one port number would meet;
+- every URL a test connects with is checked, host by host, to reach this cluster
+  (:meth:`Cluster.check_ours`: the ``system_identifier`` that initdb drew for node_a, which its
+  standbys share, and the monitor's own).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import pwd
@@ -65,10 +80,51 @@ def missing() -> str | None:
     return None
 
 
+LOCKS = Path("/tmp/ledger-test-locks")
+"""Lock files of the ports and subnets held by the clusters running on this machine."""
+
+
 def free_port() -> int:
+    """A port free now, for a socket nothing will listen on (refused connections); use
+    :func:`reserve_port` for a port a server will listen on."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _lock(stack: contextlib.ExitStack, name: str) -> bool:
+    """Takes ``LOCKS/name`` (released by ``stack``, or when this process dies); False if
+    another process holds it."""
+    LOCKS.mkdir(mode=0o1777, exist_ok=True)
+    fd = os.open(LOCKS / name, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    stack.callback(os.close, fd)
+    return True
+
+
+def reserve_port(stack: contextlib.ExitStack) -> int:
+    """A port held until ``stack`` closes, for a server (Postgres, uvicorn) to listen on.
+
+    The hold is a socket bound to the port on every address with SO_REUSEADDR, never
+    listening: the kernel then never picks that port for another process's ``bind(("", 0))``
+    (such as :func:`free_port` in a run of older code), nor lets a bind without SO_REUSEADDR
+    take it, while a server that sets SO_REUSEADDR (Postgres and uvicorn do) binds it
+    explicitly. It also covers the seconds a node is down between a stop and a restart. A lock
+    file per port keeps out the other runs of this code that chose it a moment before."""
+    for _ in range(100):
+        hold = socket.socket()
+        hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        hold.bind(("0.0.0.0", 0))
+        port = int(hold.getsockname()[1])
+        if _lock(stack, f"port-{port}.lock"):
+            stack.callback(hold.close)
+            return port
+        hold.close()
+    raise RuntimeError("no free port could be reserved in 100 tries")
 
 
 @dataclass
@@ -80,10 +136,17 @@ class Node:
     netns: str | None = None
     """The network namespace the node runs in (its own host, for partitions), if any."""
     process: subprocess.Popen[bytes] | None = None
+    sockets: Path | None = None
+    """The directory of its Unix socket (the cluster's own)."""
 
     @property
     def url(self) -> str:
         return f"host={self.host} port={self.port} dbname={DBNAME} user=postgres"
+
+    @property
+    def local_url(self) -> str:
+        """Its Unix socket, as postgres: reachable from this host even across a partition."""
+        return f"host={self.sockets} port={self.port} dbname={DBNAME} user=postgres"
 
     def postmaster_pid(self) -> int | None:
         try:
@@ -100,6 +163,14 @@ class Cluster:
     log: list[str] = field(default_factory=list)
     link: str | None = None
     """The host side of the veth pair to the namespaced node: down is a partition."""
+    leases: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    """The ports and subnet this cluster holds (:func:`reserve_port`), released at its end."""
+    identifiers: dict[str, int] = field(default_factory=dict)
+    """Node name → the ``system_identifier`` of its Postgres, read through its own socket."""
+
+    @property
+    def sockets(self) -> Path:
+        return self.root / "sockets"
 
     # --- running pg_autoctl -------------------------------------------------------------------
 
@@ -111,6 +182,11 @@ class Cluster:
             "XDG_DATA_HOME": str(self.root / "share"),
             "XDG_RUNTIME_DIR": str(self.root / "run"),
             "LANG": "C.UTF-8",
+            # Every Postgres of this cluster puts its Unix socket here (pg_autoctl passes it
+            # as -k), and pg_autoctl finds them here: not in /var/run/postgresql, shared by
+            # every cluster on the machine.
+            "PG_REGRESS_SOCK_DIR": str(self.sockets),
+            "PGHOST": str(self.sockets),
         }
 
     def _argv(self, *args: str, netns: str | None = None) -> list[str]:
@@ -167,6 +243,43 @@ class Cluster:
         ).strip()
         return uri + "&user=postgres" + CONNECTION_OPTIONS
 
+    def check_ours(self, url: str) -> str:
+        """``url`` itself, once every host in it that answers has answered with this
+        cluster's ``system_identifier`` (read as postgres: the login in the URL may not read
+        it), and at least one has. A URL that reaches any other Postgres (another run's
+        cluster on a port it took) fails here, before a test writes or reads through it. A
+        host that does not answer (a node down) is no other cluster: its port is still held."""
+        params = conninfo_to_dict(url)
+        hosts = str(params.get("host", "")).split(",")
+        ports = str(params.get("port", "")).split(",")
+        if len(ports) == 1:
+            ports = ports * len(hosts)
+        reached, silent = 0, []
+        for host, port in zip(hosts, ports, strict=True):
+            single = {
+                k: v for k, v in params.items() if k not in ("target_session_attrs", "password")
+            }
+            single.update(host=host, port=port, user="postgres")
+            try:
+                conn = psycopg.connect(make_conninfo("", **single), autocommit=True)
+            except psycopg.OperationalError as error:
+                silent.append(f"{host}:{port}: {error}")
+                continue
+            with conn:
+                self.assert_ours(conn)
+            reached += 1
+        assert reached, f"no host of {url} answered: {silent}"
+        return url
+
+    def assert_ours(self, conn: psycopg.Connection[Any]) -> None:
+        """That ``conn`` (a superuser's) is connected to a data node of this cluster."""
+        ours = {v for name, v in self.identifiers.items() if name != "monitor"}
+        theirs = _identifier(conn)
+        info = conn.info
+        assert theirs in ours, (
+            f"{info.host}:{info.port} is another cluster's Postgres ({theirs}, ours {ours})"
+        )
+
     def states(self) -> dict[str, str]:
         """Node name → its current state, as the monitor sees it."""
         out = self.ctl("show", "state", "--pgdata", str(self.monitor.pgdata), "--json", check=False)
@@ -190,13 +303,18 @@ class Cluster:
             time.sleep(0.5)
         raise TimeoutError(f"cluster states {states}, wanted {wanted}\n{self.tail()}")
 
-    def wait_healthy(self, timeout: float = START_TIMEOUT_S) -> None:
-        """Until one node is primary and the other a secondary (caught up), both settled."""
+    def wait_healthy(
+        self, timeout: float = START_TIMEOUT_S, among: list[Node] | None = None
+    ) -> None:
+        """Until one node (of ``among``, by default all) is primary and every other a
+        secondary (caught up), all settled."""
         deadline = time.monotonic() + timeout
         states: dict[str, str] = {}
+        names = [n.name for n in among or self.nodes]
+        wanted = ["primary"] + ["secondary"] * (len(names) - 1)
         while time.monotonic() < deadline:
             states = self.states()
-            if sorted(states.values()) == ["primary", "secondary"]:
+            if sorted(states.get(n, "") for n in names) == wanted:
                 return
             time.sleep(0.5)
         raise TimeoutError(f"cluster states {states}\n{self.tail()}")
@@ -225,6 +343,19 @@ class Cluster:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         node.process.wait(timeout=10)
+
+    def restart(self, node: Node) -> None:
+        """Starts a killed node's keeper again: it restarts Postgres and rejoins as told by
+        the monitor (the standby of whichever node is primary now)."""
+        assert node.process is not None and node.process.poll() is not None, "still running"
+        self._run(node)
+
+    def setting(self, node: Node, name: str) -> str:
+        """A setting of ``node``'s Postgres as it is now, through its socket."""
+        with psycopg.connect(with_dbname(node.local_url, "postgres"), autocommit=True) as conn:
+            row = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()
+        assert row is not None
+        return str(row[0])
 
     def read_only_url(self, node: Node) -> str:
         return node.url
@@ -311,26 +442,25 @@ def _make_netns(name: str, here: str, there: str) -> None:
 
 
 @contextlib.contextmanager
-def cluster(partitionable: bool = False) -> Iterator[Cluster]:
-    """A monitor, a primary and a synchronous standby; everything removed at the end. With
-    ``partitionable``, node_b runs in a network namespace of its own, joined by a veth pair
-    whose link :meth:`Cluster.partition` cuts (the others then listen on that link's address)."""
+def cluster(partitionable: bool = False, standbys: int = 1) -> Iterator[Cluster]:
+    """A monitor, a primary and ``standbys`` synchronous standbys (node_a, node_b, ...);
+    everything removed at the end. With ``partitionable``, node_b runs in a network namespace
+    of its own, joined by a veth pair whose link :meth:`Cluster.partition` cuts (the others
+    then listen on that link's address)."""
     root = Path(tempfile.mkdtemp(prefix="ledger-ha-", dir="/tmp"))
     os.chmod(root, 0o755)
-    for sub in ("config", "share", "run"):
+    for sub in ("config", "share", "run", "sockets"):
         (root / sub).mkdir(mode=0o700)
-    for path in (root, root / "config", root / "share", root / "run"):
+    for path in (root, root / "config", root / "share", root / "run", root / "sockets"):
         _chown_to_postgres(path)
-    here = there = "127.0.0.1"
+    c = Cluster(root, Node("monitor", root / "monitor", 0))
     netns = None
-    if partitionable:
-        netns = f"lha{secrets.token_hex(3)}"
-        # One of 16,384 /30s in 10.231/16: two runs at once on one machine do not collide.
-        third, fourth = secrets.randbelow(256), secrets.randbelow(64) * 4
-        subnet = f"10.231.{third}.{fourth}/30"
-        here, there = f"10.231.{third}.{fourth + 1}", f"10.231.{third}.{fourth + 2}"
-    c = Cluster(root, Node("monitor", root / "monitor", free_port(), here))
     try:
+        here = there = "127.0.0.1"
+        if partitionable:
+            netns = f"lha{secrets.token_hex(3)}"
+            subnet, here, there = _reserve_subnet(c.leases)
+        c.monitor.host, c.monitor.port = here, reserve_port(c.leases)
         if netns:
             _make_netns(netns, here, there)
             c.link = f"{netns}h"
@@ -340,19 +470,22 @@ def cluster(partitionable: bool = False) -> Iterator[Cluster]:
             "--listen", here, "--auth", "trust", "--no-ssl",
         )  # fmt: skip
         c._run(c.monitor)
+        c.monitor.sockets = c.sockets
         monitor_uri = _wait_uri(c)
-        with psycopg.connect(
-            f"host=/var/run/postgresql port={c.monitor.port} dbname=pg_auto_failover user=postgres",
-            autocommit=True,
-        ) as conn:
+        local = with_dbname(c.monitor.local_url, "pg_auto_failover")
+        with psycopg.connect(local, autocommit=True) as conn:
+            c.identifiers["monitor"] = _identifier(conn)
             for name, value in MONITOR_SETTINGS.items():
                 conn.execute(f"ALTER SYSTEM SET {name} = {value}")
             conn.execute("SELECT pg_reload_conf()")
-        for name in ("node_a", "node_b"):
+        with psycopg.connect(monitor_uri, autocommit=True) as conn:  # TCP: the same server?
+            assert _identifier(conn) == c.identifiers["monitor"], "another monitor answered"
+        for index in range(1 + standbys):
+            name = f"node_{'abcdefgh'[index]}"
             elsewhere = name == "node_b" and netns is not None
             node = Node(
-                name, root / name, free_port(), there if elsewhere else here,
-                netns if elsewhere else None,
+                name, root / name, reserve_port(c.leases), there if elsewhere else here,
+                netns if elsewhere else None, sockets=c.sockets,
             )  # fmt: skip
             c.nodes.append(node)
             c.ctl(
@@ -369,24 +502,68 @@ def cluster(partitionable: bool = False) -> Iterator[Cluster]:
                 node=node,
             )  # fmt: skip
             c._run(node)
-            # The first node must be primary before the second is created (it is cloned).
-            c.wait_states({"node_a": "single"} if name == "node_a" else {})
-        c.wait_states({"node_a": "primary", "node_b": "secondary"})
+            # Each node is settled before the next is created (standbys are clones of node_a).
+            c.wait_states({name: "single" if index == 0 else "secondary"})
+            if index == 0:
+                c.identifiers[name] = _identifier_of(node)
+        c.wait_healthy()
+        assert c.primary().name == "node_a", c.states()
+        for node in c.nodes[1:]:  # clones of node_a: the same identifier
+            c.identifiers[node.name] = _identifier_of(node)
+            assert c.identifiers[node.name] == c.identifiers["node_a"], c.identifiers
         if netns:  # --pg-hba-lan lets in the replication and postgres; the ledger's logins too
             for node in c.nodes:
                 with (node.pgdata / "pg_hba.conf").open("a") as hba:
                     hba.write(f"host all all {subnet} trust\n")
-                with psycopg.connect(
-                    f"host=/var/run/postgresql port={node.port} dbname=postgres user=postgres"
-                ) as conn:
+                with psycopg.connect(with_dbname(node.local_url, "postgres")) as conn:
                     conn.execute("SELECT pg_reload_conf()")
+        c.check_ours(c.app_uri())
         yield c
     finally:
         c.stop()
         if netns:
             subprocess.run(["ip", "netns", "del", netns], check=False)
             shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
+        c.leases.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _identifier(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _identifier_of(node: Node) -> int:
+    """The ``system_identifier`` of ``node``'s Postgres, through its socket, once it is up
+    (``single`` is settled during ``pg_autoctl create``, before ``run`` starts Postgres)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    url = with_dbname(node.local_url, "postgres")
+    while True:
+        try:
+            with psycopg.connect(url, connect_timeout=2) as conn:
+                return _identifier(conn)
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def _reserve_subnet(stack: contextlib.ExitStack) -> tuple[str, str, str]:
+    """A /30 in 10.231/16 (one of 16,384) no other cluster here uses, held until ``stack``
+    closes: (the subnet, this side's address, the namespace's)."""
+    for _ in range(100):
+        third, fourth = secrets.randbelow(256), secrets.randbelow(64) * 4
+        base = f"10.231.{third}"
+        if not _lock(stack, f"net-{base}.{fourth}.lock"):
+            continue
+        shown = subprocess.run(
+            ["ip", "-o", "addr", "show", "to", f"{base}.{fourth}/30"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        if not shown.stdout.strip():  # not taken by a run of older code either
+            return f"{base}.{fourth}/30", f"{base}.{fourth + 1}", f"{base}.{fourth + 2}"
+    raise RuntimeError("no free /30 in 10.231/16 in 100 tries")
 
 
 def _wait_uri(c: Cluster) -> str:
@@ -404,4 +581,4 @@ def _wait_uri(c: Cluster) -> str:
 
 
 def with_dbname(url: str, dbname: str) -> str:
-    return make_conninfo(**{**conninfo_to_dict(url), "dbname": dbname})
+    return make_conninfo("", **{**conninfo_to_dict(url), "dbname": dbname})

@@ -8,6 +8,10 @@ be there twice, the books balance, ``ledger verify`` passes and a checkpoint sig
 failover is a prefix (consistency proof) of one signed after. Also: a read from the replica with
 ``min_position`` sees the write it names, or says ``replica_behind``.
 
+Every figure is checked twice: through the server, as a client reads the log, and straight from
+the cluster's primary, by a connection whose server was checked to be this cluster's
+(``Cluster.check_ours``), so that a test can never count another run's database.
+
 The cluster tests skip when ``pg_autoctl`` is missing (``.ci/run`` installs it); the cache test
 at the end needs only the suite's database.
 """
@@ -20,6 +24,7 @@ import itertools
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +44,7 @@ from websockets.sync.client import connect
 
 from api.app import create_app
 from ledger import audit, domain, errors, log, merkle, postgres
+from ledger.events import TransferPosted
 from ledger.migrate import migrate
 from ledger.money import Asset
 from ledger.postgres import APP_ROLE, login_as
@@ -67,7 +73,42 @@ def ha() -> Iterator[cluster.Cluster]:
 
 
 def app_url(c: cluster.Cluster) -> str:
-    return login_as(c.app_uri(), APP_ROLE)
+    """The ledger's URL on ``c``, every host in it checked to be ``c``'s."""
+    return login_as(c.check_ours(c.app_uri()), APP_ROLE)
+
+
+# --- The harness: ports and clusters of their own ----------------------------------------------
+
+
+def test_a_reserved_port_is_free_to_its_server_alone() -> None:
+    """What keeps two clusters on one machine apart: a port another process's ``bind(0)``
+    never gets and a plain bind is refused, while a server that sets SO_REUSEADDR (Postgres
+    and uvicorn do) listens on it."""
+    with contextlib.ExitStack() as leases:
+        port = cluster.reserve_port(leases)
+        picked = set()
+        for _ in range(2000):
+            with socket.socket() as other:
+                other.bind(("127.0.0.1", 0))
+                picked.add(other.getsockname()[1])
+        assert port not in picked
+        with socket.socket() as plain, pytest.raises(OSError):
+            plain.bind(("127.0.0.1", port))
+        with socket.socket() as server:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.bind(("127.0.0.1", port))
+            server.listen()
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        # Another run of this code does not take it either (its lock file is held).
+        assert not cluster._lock(contextlib.ExitStack(), f"port-{port}.lock")
+
+
+@needs_cluster
+def test_a_url_that_reaches_another_postgres_is_refused(ha: cluster.Cluster) -> None:
+    """The monitor is a Postgres of another initdb, as another run's cluster would be."""
+    ha.check_ours(ha.nodes[0].url)
+    with pytest.raises(AssertionError, match="another cluster's Postgres"):
+        ha.check_ours(cluster.with_dbname(ha.monitor.local_url, "pg_auto_failover"))
 
 
 # --- Read replicas ------------------------------------------------------------------------------
@@ -76,7 +117,7 @@ def app_url(c: cluster.Cluster) -> str:
 @needs_cluster
 def test_a_replica_read_with_min_position_sees_the_write_it_names(ha: cluster.Cluster) -> None:
     standby = ha.standby()
-    replica = login_as(standby.url, APP_ROLE)
+    replica = login_as(ha.check_ours(standby.url), APP_ROLE)
     name = f"r{random.randrange(10**9)}"
     env = {"LEDGER_READ_DATABASE_URL": replica}
     with (
@@ -148,7 +189,7 @@ def test_a_replica_read_with_min_position_sees_the_write_it_names(ha: cluster.Cl
 
 @needs_cluster
 def test_readyz_is_503_on_a_database_in_recovery(ha: cluster.Cluster) -> None:
-    standby = login_as(ha.standby().url, APP_ROLE)
+    standby = login_as(ha.check_ours(ha.standby().url), APP_ROLE)
     with TestClient(create_app(standby, Settings(projections=False, relay=False))) as client:
         ready = client.get("/readyz")
     assert ready.status_code == 503 and "recovery" in ready.json()["detail"]
@@ -174,6 +215,24 @@ class Figures:
     ack_times: list[tuple[float, bool]] = field(default_factory=list)
     """(time, replayed) of every acknowledgement."""
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def settled(self, logged: Counter[str]) -> dict[str, int]:
+        """What became of every attempted transfer, against the keys the log holds (each
+        key with its number of events)."""
+        with self.lock:
+            acknowledged = set(self.acknowledged)
+            return {
+                "attempted": self.attempted,
+                "acknowledged": len(acknowledged),
+                "unknown": len(self.unknown),
+                "unknown_then_settled": len(self.unknown & acknowledged),
+                "of_which_already_applied": len(self.replayed_on_retry),
+                "unsettled": self.attempted - len(acknowledged) - len(self.failed),
+                "failed": len(self.failed),
+                "lost": len(acknowledged - set(logged)),
+                "duplicated": sum(1 for n in logged.values() if n > 1),
+                "unacknowledged_in_log": len(set(logged) - acknowledged),
+            }
 
 
 def _posting(debit: str, credit: str, amount: int) -> dict[str, str]:
@@ -250,6 +309,7 @@ def _watch_ready(base: str, stop: threading.Event, seen: list[tuple[float, int]]
 def test_a_switchover_moves_the_primary_and_every_write_settles_once(ha: cluster.Cluster) -> None:
     """The planned case (maintenance of the primary's host): ``pg_autoctl perform switchover``
     while a client writes; the server follows the new primary on its own."""
+    ha.wait_healthy()
     old = ha.primary()
     name = f"s{random.randrange(10**9)}"
     figures = Figures()
@@ -257,6 +317,7 @@ def test_a_switchover_moves_the_primary_and_every_write_settles_once(ha: cluster
         served(app_url(ha)) as (base, token),
         httpx.Client(base_url=base, headers=bearer(token), timeout=5) as client,
     ):
+        # The token is in this cluster alone: a 201 says the server is ours, on our cluster.
         assert client.post("/v1/ledgers", json={"name": name}).status_code == 201
         for account in ("bank", "users:0"):
             opened = client.post(
@@ -282,14 +343,19 @@ def test_a_switchover_moves_the_primary_and_every_write_settles_once(ha: cluster
         finally:
             stop.set()
             writer.join(SETTLE_MAX_S + 10)
+        # Nothing may be acknowledged after the log is read: the writer is done.
+        assert not writer.is_alive(), "the client was still writing"
         assert ha.primary().name != old.name
         events = _all_events(client, name)
         verified = client.get(f"/v1/ledgers/{name}/verify").json()
-    keys = Counter(e["data"]["key"] for e in events if e["type"] == "TransferPosted")
-    assert keys == Counter(set(figures.acknowledged)), "a write lost, duplicated or unanswered"
+    keys = _logged_keys(ha, name, events)
+    report = figures.settled(keys)
+    print("\nswitchover figures:", json.dumps({**report, "responses": dict(figures.statuses)}))
+    assert keys == Counter(set(figures.acknowledged)), ("lost, duplicated or unanswered", report)
     assert any(t > switched_at for t, _ in figures.ack_times), "no write after the switchover"
     assert not figures.failed and set(figures.statuses) <= {200, 201, 503}, figures.statuses
     assert verified["ok"], verified
+    ha.wait_healthy()  # the new primary leaves wait_primary once the old one has caught up
     # Both nodes up: the primary commits through its synchronous standby, so writes pass.
     assert _post_requiring_sync(app_url(ha), name, "sync-required") is None
 
@@ -357,21 +423,21 @@ def test_a_partitioned_primary_is_replaced_and_nothing_acknowledged_is_lost(
             for t in threads:
                 t.join(SETTLE_MAX_S + 10)
         assert promoted_at is not None, f"no promotion: {ha.states()}\n{ha.tail()}"
+        assert not any(t.is_alive() for t in threads), "a client was still writing"
         ha.wait_healthy()  # the old primary rejoined, as the standby
         events = _all_events(client, name)
         verified = client.get(f"/v1/ledgers/{name}/verify").json()
     assert probe is not None and not probe[0], f"the isolated old primary took a write: {probe}"
-    keys = Counter(e["data"]["key"] for e in events if e["type"] == "TransferPosted")
-    assert keys == Counter(set(figures.acknowledged)), "a write lost, duplicated or unanswered"
+    keys = _logged_keys(ha, name, events)
+    report = figures.settled(keys)
+    assert keys == Counter(set(figures.acknowledged)), ("lost, duplicated or unanswered", report)
     assert not figures.failed and set(figures.statuses) <= {200, 201, 503}, figures.statuses
     assert verified["ok"], verified
     print(
         "\npartition figures:",
         json.dumps(
             {
-                "attempted": figures.attempted,
-                "acknowledged": len(figures.acknowledged),
-                "unknown_then_settled": len(figures.unknown & set(figures.acknowledged)),
+                **report,
                 "seconds_to_promotion": round(promoted_at - cut_at, 2),
                 "isolated_primary_write": probe[1],
             }
@@ -383,7 +449,7 @@ def _try_write(node: cluster.Node) -> tuple[bool, str]:
     """Whether ``node`` acknowledges a write within 3 s (through its Unix socket, which no
     partition cuts), and what it said."""
     argv = [
-        str(cluster.PG_BIN / "psql"), "-X", "-At", "-h", "/var/run/postgresql",
+        str(cluster.PG_BIN / "psql"), "-X", "-At", "-h", str(node.sockets),
         "-p", str(node.port), "-U", "postgres", "-d", cluster.DBNAME,
         "-c", "CREATE TABLE partition_probe ()",
     ]  # fmt: skip
@@ -459,6 +525,7 @@ def test_a_failover_under_load_loses_and_duplicates_nothing_acknowledged(
                 t.join(SETTLE_MAX_S + 10)
             stop_ready.set()
             watcher.join(5)
+        assert not any(t.is_alive() for t in threads), "a client was still writing"
         assert fresh, f"no write acknowledged after the failover; {ha.states()}\n{ha.tail()}"
         new_primary = ha.primary()
         assert new_primary.name != old_primary.name
@@ -480,10 +547,9 @@ def test_a_failover_under_load_loses_and_duplicates_nothing_acknowledged(
         events = _all_events(admin, name)
         balances = admin.get(f"/v1/ledgers/{name}/balances").json()
 
-    # The log as a client reads it: gapless, each acknowledged key once, nothing else.
-    positions = [e["position"] for e in events]
-    assert positions == list(range(1, len(events) + 1))
-    keys = Counter(e["data"]["key"] for e in events if e["type"] == "TransferPosted")
+    # The log as a client reads it and as the primary holds it: gapless, each acknowledged
+    # key once, nothing else.
+    keys = _logged_keys(ha, name, events)
     lost = sorted(set(figures.acknowledged) - set(keys))
     duplicated = sorted(k for k, n in keys.items() if n > 1)
     unacknowledged = sorted(set(keys) - set(figures.acknowledged))
@@ -519,13 +585,7 @@ def test_a_failover_under_load_loses_and_duplicates_nothing_acknowledged(
     acked = sorted(t for t, _ in figures.ack_times)
     gap = max(b - a for a, b in itertools.pairwise(acked) if b > killed_at)
     report = {
-        "attempted": figures.attempted,
-        "acknowledged": len(figures.acknowledged),
-        "unknown_then_settled": len(figures.unknown & set(figures.acknowledged)),
-        "of_which_already_applied": len(figures.replayed_on_retry),
-        "failed": len(figures.failed),
-        "lost": len(lost),
-        "duplicated": len(duplicated),
+        **figures.settled(keys),
         "seconds_to_promotion": round((promoted_at or 0) - killed_at, 2),
         "longest_seconds_without_an_acknowledged_write": round(gap, 2),
         "seconds_readyz_not_ready": round(not_ready[-1] - not_ready[0] + 0.1, 2),
@@ -552,6 +612,117 @@ def _all_events(client: httpx.Client, name: str) -> list[dict[str, Any]]:
         if not page["items"]:
             return events
         after = page["next_after"]
+
+
+def _logged_keys(c: cluster.Cluster, ledger: str, events: list[dict[str, Any]]) -> Counter[str]:
+    """The transfer keys in ``ledger``'s log, each with its number of events, read straight
+    from ``c``'s primary (checked to be ``c``'s), after checking that the log the server
+    served (``events``) is the same, position by position, and gapless."""
+    with psycopg.connect(c.check_ours(c.app_uri())) as conn:
+        c.assert_ours(conn)  # the very connection read from
+        rows = conn.execute(
+            "SELECT e.position, e.topic, e.state FROM events e"
+            " JOIN ledgers l ON l.id = e.ledger_id WHERE l.name = %s ORDER BY e.position",
+            (ledger,),
+        ).fetchall()
+    direct = [(p, log.to_event(ledger, p, topic, bytes(state))) for p, topic, state in rows]
+    assert [p for p, _ in direct] == list(range(1, len(direct) + 1)), "a gap in the log"
+    served_log = [(e["position"], e["type"], e["data"].get("key")) for e in events]
+    assert served_log == [(p, type(e).__name__, getattr(e, "key", None)) for p, e in direct], (
+        "the server served another log than the cluster's primary holds"
+    )
+    return Counter(e.key for _, e in direct if isinstance(e, TransferPosted))
+
+
+# --- Two standbys ------------------------------------------------------------------------------
+
+
+@needs_cluster
+def test_with_two_standbys_a_write_acknowledged_while_one_is_down_survives_the_primary() -> None:
+    """ADR 0012's third choice: with two standbys pg_auto_failover sets number_sync_standbys
+    to 1, so losing one standby leaves a synchronous one and no window where writes are
+    acknowledged on one node. A server with LEDGER_REQUIRE_SYNC_STANDBY keeps writing while
+    node_b is down (not refused, as with one standby), then the primary dies too: node_c, the
+    standby left, is promoted with every write acknowledged meanwhile, and node_b, started
+    again, follows it."""
+    with cluster.cluster(standbys=2) as c:
+        url = c.check_ours(c.app_uri())
+        migrate(url)
+        primary, down, left = c.nodes
+        names = c.setting(primary, "synchronous_standby_names")
+        assert names.startswith("ANY 1 (") and names.count(",") == 1, names
+        ledger = f"t{random.randrange(10**9)}"
+        figures = Figures()
+        env = {"LEDGER_REQUIRE_SYNC_STANDBY": "true"}
+        with (
+            served(login_as(url, APP_ROLE), env=env) as (base, token),
+            httpx.Client(base_url=base, headers=bearer(token), timeout=10) as client,
+        ):
+            assert client.post("/v1/ledgers", json={"name": ledger}).status_code == 201
+            for account in ("bank", "users:0"):
+                opened = client.post(
+                    f"/v1/ledgers/{ledger}/accounts", json={"name": account, "type": "liability"}
+                )
+                assert opened.status_code == 201, opened.text
+            stop = threading.Event()
+            writer = threading.Thread(
+                target=_client_loop, args=(base, token, ledger, 0, stop, figures)
+            )
+            writer.start()
+            try:
+                time.sleep(1.0)
+                with figures.lock:
+                    before_down = set(figures.acknowledged)
+                c.kill_node(down)
+                down_at = time.monotonic()
+                # The monitor gives node_b up (node_considered_unhealthy_timeout, 3 s here);
+                # the primary keeps a synchronous standby, so it stays primary and commits go
+                # on waiting for node_c, acknowledged.
+                time.sleep(6.0)
+                assert c.states().get(primary.name) == "primary", c.states()
+                assert c.setting(primary, "synchronous_standby_names").startswith("ANY 1 ("), (
+                    c.setting(primary, "synchronous_standby_names")
+                )
+                with figures.lock:
+                    while_down = set(figures.acknowledged) - before_down
+                    acked_down = [t for t, _ in figures.ack_times if t > down_at + 4.0]
+                assert acked_down, f"no write acknowledged with one standby down: {figures}"
+                c.kill_node(primary)
+                killed_at = time.monotonic()
+                # pg_auto_failover (2.0) promotes a standby only once every standby it knows
+                # has reported its LSN: until node_b is back (or dropped), nothing is promoted.
+                c.restart(down)
+                c.wait_healthy(timeout=RUN_MAX_S, among=[down, left])
+                with figures.lock:
+                    after = [t for t, _ in figures.ack_times if t > killed_at]
+                deadline = time.monotonic() + 20
+                while not after and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    with figures.lock:
+                        after = [t for t, _ in figures.ack_times if t > killed_at]
+                time.sleep(AFTER_RECOVERY_S)
+            finally:
+                stop.set()
+                writer.join(SETTLE_MAX_S + 10)
+            assert not writer.is_alive(), "the client was still writing"
+            assert after, f"no write acknowledged after the failover: {c.states()}"
+            assert c.primary().name != primary.name
+            events = _all_events(client, ledger)
+        keys = _logged_keys(c, ledger, events)
+        report = figures.settled(keys)
+        print(
+            "\ntwo standbys figures:",
+            json.dumps(
+                {
+                    **report,
+                    "acknowledged_while_one_standby_down": len(while_down),
+                    "responses": dict(figures.statuses),
+                }
+            ),
+        )
+        assert keys == Counter(set(figures.acknowledged)), ("lost or duplicated", report)
+        assert while_down <= set(keys)
+        assert not figures.failed and set(figures.statuses) <= {200, 201, 503}, figures.statuses
 
 
 # --- LEDGER_REQUIRE_SYNC_STANDBY --------------------------------------------------------------

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -36,7 +36,8 @@ from ledger.migrate import migrate
 from ledger.money import Asset
 from ledger.postgres import APP_ROLE, login_as
 from ledger.service import LedgerService
-from tests.support import free_port, served
+from tests.cluster import reserve_port
+from tests.support import served
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 STANZA = "drill"
@@ -69,6 +70,11 @@ def _as_postgres(args: list[str]) -> list[str]:
 class Drill:
     root: Path
     port: int
+    leases: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    """Its ports, and the restored clusters', held until the drill ends (another test run
+    may not start a server on them, even while one is stopped)."""
+    identifier: int = 0
+    """The ``system_identifier`` of its cluster, which restores of its backups keep."""
 
     @property
     def conf(self) -> Path:
@@ -102,7 +108,8 @@ class Drill:
 @pytest.fixture
 def drill() -> Iterator[Drill]:
     root = Path(tempfile.mkdtemp(prefix="ledger-restore-", dir="/tmp"))
-    d = Drill(root, free_port())
+    leases = contextlib.ExitStack()
+    d = Drill(root, reserve_port(leases), leases)
     data = root / "data"
     try:
         for sub in ("repo", "sock", "log", "lock", "spool"):
@@ -129,6 +136,7 @@ def drill() -> Iterator[Drill]:
                 " archive-push %p'\n"
             )
         d.start(data)
+        d.identifier = _identifier(d.port)
         d.pgbackrest("stanza-create")
         d.pgbackrest("check")
         yield d
@@ -136,7 +144,15 @@ def drill() -> Iterator[Drill]:
         for data_dir in root.glob("data*"):
             if data_dir.is_dir():
                 d.stop(data_dir)
+        leases.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _identifier(port: int) -> int:
+    with psycopg.connect(Drill.owner_url(port)) as conn:
+        row = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def post(url: str, ledger: str, keys: list[str], create: bool = False) -> int:
@@ -182,10 +198,12 @@ def restore(d: Drill, into: str, *target: str) -> tuple[str, Path]:
     ledger's login on it."""
     data = d.root / into
     d.pgbackrest(f"--pg1-path={data}", "--archive-mode=off", *target, "restore")
-    port = free_port()
+    port = reserve_port(d.leases)
     with (data / "postgresql.auto.conf").open("a") as conf:
         conf.write(f"port = {port}\n")
     d.start(data)
+    # The server on that port is the restore (a copy of the drill's cluster), no other's.
+    assert _identifier(port) == d.identifier, "another Postgres answered on the restore's port"
     deadline = time.monotonic() + 60
     with psycopg.connect(Drill.owner_url(port), autocommit=True) as conn:
         while conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,):
