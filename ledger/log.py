@@ -28,7 +28,7 @@ import psycopg
 import structlog
 from eventsourcing.persistence import StoredEvent
 
-from ledger import domain, errors, limits, tracing
+from ledger import domain, errors, limits, postgres, tracing
 from ledger.events import (
     MAPPER,
     TOPICS,
@@ -103,32 +103,48 @@ async def create_ledger(
     )
     stored = MAPPER.to_stored_event(event)
     digest = chain_hash(genesis_hash(name), 1, stored.topic, stored.state)
-    async with conn.transaction():
-        row = await (
-            await conn.execute(
-                "INSERT INTO ledgers (name, head_position, head_hash, head_recorded_at)"
-                " VALUES (%s, 1, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING id",
-                (name, digest, recorded_at),
-            )
-        ).fetchone()
-        if row is None:
-            existing = await _events_at(conn, await ledger_id(conn, name), [1])
-            found = existing[1]
-            assert isinstance(found.event, LedgerCreated)
-            if found.event.assets != asset_names:
-                raise errors.LedgerExists(f"ledger {name!r} exists with other assets")
-            return Committed(found.event, found.hash, replayed=True)
-        await conn.execute(
-            "INSERT INTO events (ledger_id, position, topic, state, recorded_at, hash)"
-            " VALUES (%s, 1, %s, %s, %s, %s)",
-            (row[0], stored.topic, stored.state, recorded_at, digest),
-        )
-        await conn.execute(
-            "INSERT INTO assets (ledger_id, code, scale, position)"
-            " SELECT %s, code, scale, 1 FROM unnest(%s::text[], %s::int2[]) AS a(code, scale)",
-            (row[0], [a.code for a in assets], [a.scale for a in assets]),
-        )
-    return Committed(event, digest, replayed=False)
+    with postgres.standby_releases(conn) as released:
+        async with conn.transaction():
+            row = await (
+                await conn.execute(
+                    "INSERT INTO ledgers (name, head_position, head_hash, head_recorded_at)"
+                    " VALUES (%s, 1, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING id",
+                    (name, digest, recorded_at),
+                )
+            ).fetchone()
+            if row is None:
+                # A replay that wrote nothing would commit without waiting for the standby,
+                # and could answer for a creation committed on this node alone (its own wait
+                # cancelled). A row lock is written to the WAL, so this commit waits, as every
+                # replay of a writer does (its head lock). (A transaction id alone is not
+                # enough: measured, such a commit does not wait.)
+                locked = await (
+                    await conn.execute(
+                        "SELECT id FROM ledgers WHERE name = %s FOR KEY SHARE", (name,)
+                    )
+                ).fetchone()
+                assert locked is not None, "a ledger whose name conflicts is there"
+                existing = await _events_at(conn, int(locked[0]), [1])
+                found = existing[1]
+                assert isinstance(found.event, LedgerCreated)
+                if found.event.assets != asset_names:
+                    raise errors.LedgerExists(f"ledger {name!r} exists with other assets")
+                committed = Committed(found.event, found.hash, replayed=True)
+            else:
+                await conn.execute(
+                    "INSERT INTO events (ledger_id, position, topic, state, recorded_at, hash)"
+                    " VALUES (%s, 1, %s, %s, %s, %s)",
+                    (row[0], stored.topic, stored.state, recorded_at, digest),
+                )
+                await conn.execute(
+                    "INSERT INTO assets (ledger_id, code, scale, position) SELECT %s, code,"
+                    " scale, 1 FROM unnest(%s::text[], %s::int2[]) AS a(code, scale)",
+                    (row[0], [a.code for a in assets], [a.scale for a in assets]),
+                )
+                committed = Committed(event, digest, replayed=False)
+    if released:  # committed, but on this node alone: not to be acknowledged
+        raise postgres.released_without_standby(released)
+    return committed
 
 
 async def ledger_id(conn: psycopg.AsyncConnection[Any], name: str) -> int:
@@ -260,13 +276,18 @@ async def write(
     commit = None
     cache.busy = True  # the budget may not empty it under this group (CacheBudget)
     try:
-        with tracing.span("ledger.transaction", **{"db.system.name": "postgresql"}):
+        with (
+            tracing.span("ledger.transaction", **{"db.system.name": "postgresql"}),
+            postgres.standby_releases(conn) as released,
+        ):
             try:
                 async with conn.pipeline(), conn.transaction():
                     outcomes, group = await _write(conn, ledger, items, cache)
                     commit = tracing.commit_started() if tracing.TRACER else None
             finally:
                 tracing.commit_ended(commit)
+        if released:  # committed, but on this node alone: not to be acknowledged
+            raise postgres.released_without_standby(released)
     except BaseException:
         cache.busy = False
         cache.clear()

@@ -7,6 +7,8 @@ NUMERIC as ``int`` (never ``float`` or ``Decimal``) and has bounded lock and sta
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -145,6 +147,51 @@ def translate(exc: BaseException) -> errors.LedgerError:
         # read-only transaction is transient: a failover's old primary, soon left behind.)
         return errors.Misconfigured(f"the database refused: {type(exc).__name__}")
     return errors.Unavailable(f"the database failed: {type(exc).__name__}")
+
+
+_SYNC_SQL = (
+    "SELECT current_setting('synchronous_standby_names') <> ''"
+    " AND current_setting('synchronous_commit') IN ('on', 'remote_write', 'remote_apply')"
+)
+
+
+async def commits_wait_for_standby(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether a commit on this connection now waits for a synchronous standby. One round trip
+    and a rollback, before a write transaction (only with LEDGER_REQUIRE_SYNC_STANDBY)."""
+    cursor = await conn.execute(_SYNC_SQL)
+    row = await cursor.fetchone()
+    await conn.rollback()
+    return bool(row and row[0])
+
+
+@contextlib.contextmanager
+def standby_releases(conn: psycopg.AsyncConnection[Any]) -> Iterator[list[str]]:
+    """The warnings with which Postgres ends a COMMIT's wait for its synchronous standby
+    without the standby, collected while the block runs.
+
+    A cancel request (``pg_cancel_backend``, or a client's cancel) during that wait makes the
+    COMMIT return *success* with a WARNING (SQLSTATE 01000, "canceling wait for synchronous
+    replication"): the transaction is then on the primary alone, and lost if it fails over.
+    ``statement_timeout`` does not end that wait (measured); only a cancel does. Any WARNING
+    01000 counts: a false alarm costs a retry, a missed one an acknowledged write on one node."""
+    released: list[str] = []
+
+    def on_notice(diag: psycopg.errors.Diagnostic) -> None:
+        if diag.severity_nonlocalized == "WARNING" and diag.sqlstate == "01000":
+            released.append(diag.message_primary or "")
+
+    conn.add_notice_handler(on_notice)
+    try:
+        yield released
+    finally:
+        conn.remove_notice_handler(on_notice)
+
+
+def released_without_standby(released: list[str]) -> errors.Unavailable:
+    return errors.Unavailable(
+        "the commit's wait for its synchronous standby was cancelled: it is on the primary"
+        f" alone ({'; '.join(released)}); its outcome is unknown, retry with the same key"
+    )
 
 
 def login_as(url: str, role: str) -> str:

@@ -18,7 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 from ledger import domain, errors, limits, log
 from ledger.events import AccountOpened, AssetDefined, LedgerCreated, LedgerEvent
 from ledger.money import Asset
-from ledger.postgres import translate
+from ledger.postgres import commits_wait_for_standby, translate
 from ledger.queries import accounts, ledgers, transfers
 from ledger.queries.accounts import ACCOUNT_TOPICS_SQL as _ACCOUNT_TOPICS_SQL
 from ledger.queries.bodies import event_body, period_body, transfer_body
@@ -58,6 +58,7 @@ class LedgerService:
         ``ledger serve --workers N``, the writer process's (``ledger.remote``)."""
         self.pool = pool
         self.read_pool = read_pool if read_pool is not None else pool
+        self.require_sync = require_sync
         self.writers: WriterPool = writers if writers is not None else Writers(pool, require_sync)
         self.reads = Reader(pool, self.read_pool)
 
@@ -77,6 +78,12 @@ class LedgerService:
             raise errors.InvalidRequest("an asset code is listed twice")
         try:
             async with self.pool.connection() as conn:
+                # Not through a writer (no ledger yet), so its check here, as a writer's.
+                if self.require_sync and not await commits_wait_for_standby(conn):
+                    raise errors.NotReplicated(
+                        "the primary is not replicating synchronously (no standby); nothing was"
+                        " written, retry with the same name"
+                    )
                 committed = await log.create_ledger(conn, name, chosen, meta)
         except psycopg.Error as exc:
             raise translate(exc) from exc

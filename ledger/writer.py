@@ -26,7 +26,7 @@ import structlog
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ledger import domain, errors, limits, log, metrics, tracing
-from ledger.postgres import RETRYABLE, translate
+from ledger.postgres import RETRYABLE, commits_wait_for_standby, translate
 
 logger = structlog.get_logger(__name__)
 
@@ -185,7 +185,7 @@ class LedgerWriter:
     ) -> list[log.Outcome]:
         # A commit that was waiting for the standby when the monitor gave up on it is released
         # without it; this check refuses the groups that come after (ADR 0012).
-        if self.require_sync and not await _replicating(conn):
+        if self.require_sync and not await commits_wait_for_standby(conn):
             raise errors.NotReplicated(
                 "the primary is not replicating synchronously (no standby); nothing was"
                 " written, retry with the same key"
@@ -220,21 +220,6 @@ class LedgerWriter:
             except psycopg.Error as exc:
                 raise translate(exc) from exc
         raise AssertionError("unreachable")
-
-
-_SYNC_SQL = (
-    "SELECT current_setting('synchronous_standby_names') <> ''"
-    " AND current_setting('synchronous_commit') IN ('on', 'remote_write', 'remote_apply')"
-)
-
-
-async def _replicating(conn: psycopg.AsyncConnection[Any]) -> bool:
-    """Whether a commit on this connection now waits for a synchronous standby. One round trip
-    and a rollback, before the write transaction (only with LEDGER_REQUIRE_SYNC_STANDBY)."""
-    cursor = await conn.execute(_SYNC_SQL)
-    row = await cursor.fetchone()
-    await conn.rollback()
-    return bool(row and row[0])
 
 
 def _no_primary() -> errors.Unavailable:

@@ -43,6 +43,8 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from ledger.migrate import migrate
+
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 DBNAME = "ledger"
 CONNECTION_OPTIONS = (
@@ -582,3 +584,45 @@ def _wait_uri(c: Cluster) -> str:
 
 def with_dbname(url: str, dbname: str) -> str:
     return make_conninfo("", **{**conninfo_to_dict(url), "dbname": dbname})
+
+
+@contextlib.contextmanager
+def lonely_primary() -> Iterator[str]:
+    """A Postgres 15 whose every commit waits for a synchronous standby that never comes
+    (``synchronous_standby_names = 'nobody'``), as a primary's do while its standby is gone
+    and the monitor has not yet given it up; migrated (without waiting), on a socket of its
+    own. Yields its owner's URL (as postgres); stopped and removed at the end."""
+    root = Path(tempfile.mkdtemp(prefix="ledger-lonely-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    data, sockets = root / "data", root / "sockets"
+    sockets.mkdir()
+    for path in (root, sockets):
+        _chown_to_postgres(path)
+
+    def run(*argv: str) -> None:
+        if os.geteuid() == 0:
+            argv = ("runuser", "-u", "postgres", "--", *argv)
+        subprocess.run(argv, check=True, capture_output=True, timeout=120)
+
+    with contextlib.ExitStack() as leases:
+        port = reserve_port(leases)  # the socket's name; it listens on no TCP address
+        try:
+            run(str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                "--no-sync")  # fmt: skip
+            with (data / "postgresql.conf").open("a") as conf:
+                conf.write(
+                    f"port = {port}\nlisten_addresses = ''\nunix_socket_directories = '{sockets}'\n"
+                    "shared_buffers = 32MB\nsynchronous_standby_names = 'nobody'\n"
+                )
+            run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "start")
+            url = f"host={sockets} port={port} dbname=postgres user=postgres"
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("SET synchronous_commit = local")
+                conn.execute(f"CREATE DATABASE {DBNAME}")
+            owner = with_dbname(url, DBNAME)
+            migrate(owner + " options='-c synchronous_commit=local'")
+            yield owner
+        finally:
+            with contextlib.suppress(subprocess.SubprocessError):
+                run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+            shutil.rmtree(root, ignore_errors=True)

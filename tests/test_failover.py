@@ -768,6 +768,113 @@ def test_with_sync_required_a_primary_without_a_standby_refuses_writes(
     assert isinstance(refused, errors.NotReplicated) and refused.status == 503
 
 
+def test_with_sync_required_a_primary_without_a_standby_refuses_to_create_a_ledger(
+    database_url: str, ledger_name: str
+) -> None:
+    """Creating a ledger is a write that goes through no writer: it is refused the same."""
+
+    async def body() -> errors.LedgerError | None:
+        pool = postgres.async_pool(database_url, 1)
+        await pool.open()
+        svc = LedgerService(pool, require_sync=True)
+        try:
+            await svc.create_ledger(ledger_name, None, {"actor": "t"})
+            return None
+        except errors.LedgerError as error:
+            return error
+        finally:
+            await svc.close()
+            await pool.close()
+
+    refused = asyncio.run(body())
+    assert isinstance(refused, errors.NotReplicated) and refused.status == 503, refused
+    with psycopg.connect(database_url) as conn:
+        found = conn.execute("SELECT 1 FROM ledgers WHERE name = %s", (ledger_name,)).fetchone()
+    assert found is None, "the ledger was created on a primary without a standby"
+
+
+# --- A commit released without its standby ---------------------------------------------------
+
+needs_postgres = pytest.mark.skipif(
+    not (cluster.PG_BIN / "initdb").exists(), reason=f"no Postgres 15 binaries in {cluster.PG_BIN}"
+)
+
+
+def _cancel_waiting_commits(owner: str) -> int:
+    """What an operator's ``pg_cancel_backend`` on sessions stuck in ``SyncRep`` does (and
+    psycopg's own cancel request, when a task waiting on a query is cancelled): the wait ends,
+    the COMMIT returns success with a WARNING, the transaction is on the primary alone."""
+    with psycopg.connect(owner, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
+        ).fetchall()
+    return len(rows)
+
+
+async def _pending(task: asyncio.Task[Any], seconds: float) -> bool:
+    """Whether ``task`` is still waiting after ``seconds``."""
+    await asyncio.sleep(seconds)
+    return not task.done()
+
+
+@needs_postgres
+def test_a_commit_whose_standby_wait_is_cancelled_is_not_acknowledged() -> None:
+    """A transfer's COMMIT waits for the standby; someone cancels the wait: Postgres then
+    commits on the primary alone and answers success. The ledger must not acknowledge it (it
+    answers 503 unknown, retry), and the retry's replay must wait for the standby too, never
+    answering from the primary alone; likewise a ledger's creation and its replay."""
+    posting = domain.Posting("bank", "alice", Asset("USD", 2), 100)
+    meta: dict[str, Any] = {"actor": "t"}
+
+    async def body(owner: str) -> None:
+        app = login_as(owner, APP_ROLE)
+        quick = postgres.async_pool(app + " options='-c synchronous_commit=local'", 1)
+        pool = postgres.async_pool(app, 2)
+        await quick.open()
+        await pool.open()
+        setup, svc = LedgerService(quick), LedgerService(pool)
+        try:
+            await setup.create_ledger("main", None, meta)  # without waiting: the set-up
+            for account in ("bank", "alice"):
+                await setup.open_account("main", domain.OpenAccount(account, "liability"), meta)
+            # A transfer: its commit waits; the wait is cancelled.
+            first = asyncio.create_task(
+                svc.post_transfer("main", domain.PostTransfer("t1", (posting,)), meta)
+            )
+            assert await _pending(first, 1.0), "the commit did not wait for a standby"
+            assert _cancel_waiting_commits(owner) == 1
+            with pytest.raises(errors.Unavailable, match="on the primary alone"):
+                await first
+            # Its retry finds it committed (here): the replay waits for the standby as well.
+            retry = asyncio.create_task(
+                svc.post_transfer("main", domain.PostTransfer("t1", (posting,)), meta)
+            )
+            assert await _pending(retry, 1.5), "a replay answered from the primary alone"
+            retry.cancel()
+            _cancel_waiting_commits(owner)
+            with contextlib.suppress(asyncio.CancelledError):
+                await retry
+            # A ledger's creation, and its replay.
+            created = asyncio.create_task(svc.create_ledger("other", None, meta))
+            assert await _pending(created, 1.0), "the creation did not wait for a standby"
+            assert _cancel_waiting_commits(owner) == 1
+            with pytest.raises(errors.Unavailable, match="on the primary alone"):
+                await created
+            again = asyncio.create_task(svc.create_ledger("other", None, meta))
+            assert await _pending(again, 1.5), "a ledger creation replayed from the primary alone"
+            again.cancel()  # psycopg's own cancel request ends the wait
+            with contextlib.suppress(asyncio.CancelledError):
+                await again
+        finally:
+            await svc.close()
+            await setup.close()
+            await pool.close()
+            await quick.close()
+
+    with cluster.lonely_primary() as owner:
+        asyncio.run(body(owner))
+
+
 # --- No writable primary (no cluster needed) -------------------------------------------------
 
 
