@@ -72,6 +72,11 @@ def missing() -> str | None:
     """Why a cluster cannot be started here, or None."""
     if shutil.which("pg_autoctl") is None:
         return "pg_autoctl is missing: apt-get install -y postgresql-15-auto-failover"
+    return postgres_missing()
+
+
+def postgres_missing() -> str | None:
+    """Why a Postgres 15 server (:func:`lonely_primary`) cannot be started here, or None."""
     if not (PG_BIN / "pg_ctl").exists():
         return f"the Postgres 15 binaries are missing ({PG_BIN})"
     if os.geteuid() == 0:

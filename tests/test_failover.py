@@ -796,7 +796,7 @@ def test_with_sync_required_a_primary_without_a_standby_refuses_to_create_a_ledg
 # --- A commit released without its standby ---------------------------------------------------
 
 needs_postgres = pytest.mark.skipif(
-    not (cluster.PG_BIN / "initdb").exists(), reason=f"no Postgres 15 binaries in {cluster.PG_BIN}"
+    cluster.postgres_missing() is not None, reason=str(cluster.postgres_missing())
 )
 
 
