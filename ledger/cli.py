@@ -98,10 +98,6 @@ def serve(
         from ledger.applog import configure_logging
 
         configure_logging(settings.log_level)
-        import structlog
-
-        log = structlog.get_logger("ledger.serve")
-        log.info("starting", version=_version(), build=ledger.build())  # build: compiled or pure
         from ledger import tracing
 
         tracing.from_environment()  # OTEL_*: off unless an exporter is named (ledger/tracing.py)
@@ -113,6 +109,7 @@ def serve(
             # rewrite history (the embedded default migrated as its superuser just above).
             check_before_serving(url, settings.insecure_privileged_db_login)
             _keys_at_start(url, settings, host or settings.host)
+            _log_start()  # after every refusal, which must stay the one line on stderr
             processes = workers or settings.workers
             if processes > 1:  # N HTTP workers and one writer process (api/workers.py)
                 from api import workers as process_model
@@ -137,6 +134,13 @@ def version() -> None:
     import platform
 
     print(f"ledger {_version()} {ledger.build()}, Python {platform.python_version()}")
+
+
+def _log_start() -> None:
+    import structlog
+
+    log = structlog.get_logger("ledger.serve")
+    log.info("starting", version=_version(), build=ledger.build())  # build: compiled or pure
 
 
 def _version() -> str:
