@@ -240,6 +240,7 @@ async def _writer_main(settings: Settings, socket_path: str) -> None:
     from ledger import metrics, postgres
     from ledger.remote import WriterServer
     from ledger.service import LedgerService
+    from ledger.writer import Writers
 
     url = settings.database_url
     assert url is not None
@@ -247,7 +248,8 @@ async def _writer_main(settings: Settings, socket_path: str) -> None:
     await pool.open(wait=True, timeout=limits.pool_timeout_s)
     read_pool = postgres.read_pool(settings.read_database_url or url, settings.read_pool_size)
     await read_pool.open(wait=False)
-    service = LedgerService(pool, read_pool, settings.require_sync_standby)
+    writers = Writers(pool, settings.require_sync_standby)
+    service = LedgerService(pool, read_pool, writers=writers)
 
     async def ping() -> dict[str, Any]:
         not_ready = await database_not_ready(pool)
@@ -255,9 +257,9 @@ async def _writer_main(settings: Settings, socket_path: str) -> None:
 
     async def refresh_metrics() -> None:
         metrics.observe_pools({"write": pool, "read": read_pool})
-        metrics.QUEUED.set(sum(w.queued for w in service.writers.all()))
+        metrics.QUEUED.set(sum(w.queued for w in writers.all()))
 
-    server = WriterServer(service.writers, ping, refresh_metrics)  # type: ignore[arg-type]
+    server = WriterServer(writers, ping, refresh_metrics)
     background = background_tasks(service, url, settings)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

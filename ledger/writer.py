@@ -75,7 +75,10 @@ class LedgerWriter:
     def queued(self) -> int:
         return self._queued_items
 
-    async def submit(self, items: list[Item]) -> list[log.Outcome]:
+    def enqueue(self, items: list[Item]) -> asyncio.Future[list[log.Outcome]]:
+        """Queues the items and returns the future of their outcomes, without waiting: what
+        ``submit`` awaits. The writer process (``ledger.remote``) answers from the future's
+        callback instead of a task per request; its callers keep their own time bound."""
         if self._queued_items + len(items) > limits.writer_queue_commands_max:
             raise errors.Overloaded(
                 f"ledger {self.ledger.name!r} has {self._queued_items} commands waiting"
@@ -89,11 +92,15 @@ class LedgerWriter:
         self._queue.append(unit)
         self._queued_items += len(items)
         self._wakeup.set()
+        return unit.future
+
+    async def submit(self, items: list[Item]) -> list[log.Outcome]:
+        future = self.enqueue(items)
         submitted = time.perf_counter()
         try:
             # shield: a caller that gives up must not cancel a group other callers share.
             async with asyncio.timeout(limits.request_timeout_ms / 1000):
-                outcomes = await asyncio.shield(unit.future)
+                outcomes = await asyncio.shield(future)
             metrics.COMMIT_SECONDS.observe(time.perf_counter() - submitted)
             return outcomes
         except TimeoutError:
