@@ -86,7 +86,7 @@ def database(server_url: str) -> Iterator[str]:
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield make_conninfo(**{**conninfo_to_dict(server_url), "dbname": name})
+        yield make_conninfo("", **{**conninfo_to_dict(server_url), "dbname": name})
     finally:
         with psycopg.connect(server_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -115,7 +115,7 @@ async def measure(
     """CPU of this process and wall time per transfer, posting ``total`` transfers."""
     prefix = secrets.token_hex(3)
     rounds = total // (per_submit * clients)
-    work = [
+    work: list[list[list[tuple[domain.Command, dict[str, Any]]]]] = [
         [
             [(transfer(f"{prefix}-{n}-{i}-{k}"), {}) for k in range(per_submit)]
             for i in range(rounds)
@@ -210,7 +210,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
             await svc.close()
             await pool.close()
             after = await asyncio.to_thread(_counts, url)
-            result["rows"] = _per_transfer(url, before, after, counted["transfers"])
+            result["rows"] = _per_transfer(url, before, after, int(counted["transfers"]))
             result["counted"] = counted["transfers"]
 
         asyncio.run(main())
