@@ -186,7 +186,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     with server() as server_url, database(server_url) as url:
         migrate(url)
         profile = cProfile.Profile() if args.cprofile else None
-        result: dict[str, Any] = {}
+        result: dict[str, Any] = {"code": str(Path(domain.__file__).parent)}
 
         async def main() -> None:
             pool = postgres.async_pool(url, 8)
@@ -315,6 +315,7 @@ def main() -> None:
             line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
             result = json.loads(line.removeprefix("RESULT "))
             results[side].append(result)
+            assert result["code"] == str(root / "ledger"), result["code"]
             report(result, f"pair {n + 1} {side:<6} ")
     for side, runs in results.items():
         batch = statistics.median(r["batches"]["cpu_us"] for r in runs)
