@@ -504,9 +504,10 @@ class Totals(NamedTuple):
     credits_pending: int
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One side of one posting, with the account's totals right after it."""
+class Entry(NamedTuple):
+    """One side of one posting, with the account's totals right after it. A named tuple: a
+    group makes two per posting and turns them into columns (a frozen dataclass cost four
+    times as much to make)."""
 
     account_id: int
     asset: str
@@ -596,7 +597,9 @@ class Decision:
 def decide(state: LedgerState, command: Command, position: int, now: datetime) -> Decision:
     """Checks one command against the state and applies it; on error the state is unchanged."""
     if isinstance(command, PostTransfer):
-        return post_transfer(state, command, position, now)
+        return post_plain(state, command, position, now) or post_transfer(
+            state, command, position, now
+        )
     if isinstance(command, PostPending):
         return post_pending(state, command, position, now)
     if isinstance(command, VoidPending | ExpirePending):
@@ -759,14 +762,7 @@ class _Moves:
         crossed = []
         for key, totals in self.touched.items():
             account = self.accounts[key[0]]
-            if account.guard == "none":
-                continue
-            limit = account.guard_limits.get(key[1], 0)
-            after, before = (
-                _exposure(account.guard, totals),
-                _exposure(account.guard, self.before[key]),
-            )
-            if after > limit and after > before:
+            if _crosses(account, key[1], self.before[key], totals):
                 crossed.append((account, key[1]))
         # insufficient_funds before exceeds_debits, whatever the legs' order (docs/errors.md).
         for account, asset in crossed:
@@ -873,6 +869,97 @@ def post_transfer(
         entries,
         touched,
         transfer=record if command.pending else None,
+    )
+
+
+def post_plain(
+    state: LedgerState, command: PostTransfer, position: int, now: datetime
+) -> Decision | None:
+    """:func:`post_transfer` for the commonest command, in fewer steps: one posting, posted
+    now, that every rule accepts. Anything else (a hold, an effective date, a correction,
+    several postings, or any rule that might refuse it) is None with the state unchanged, and
+    :func:`post_transfer` decides it: this path never refuses, so the rules and their order
+    stay in one place. Equal to :func:`post_transfer` wherever it decides (a property in
+    ``tests/test_fast_path.py``); half its CPU, which is a third of a batch's."""
+    if command.pending or command.effective_at is not None or len(command.postings) != 1:
+        return None
+    if "corrects" in command.metadata:
+        return None
+    posting = command.postings[0]
+    amount, code = posting.amount, posting.asset.code
+    closed = state.closed_through
+    if (
+        amount <= 0
+        or state.assets.get(code) != posting.asset.scale
+        or amount > posting_max_of(state, code)
+        or (closed is not None and now < _open_from(closed))
+    ):
+        return None
+    debit, credit = state.accounts.get(posting.debit), state.accounts.get(posting.credit)
+    if debit is None or credit is None or debit.id == credit.id:
+        return None
+    if debit.closed or credit.closed or debit.frozen or credit.frozen:
+        return None
+    debit_key, credit_key = (debit.id, code), (credit.id, code)
+    d = state.balances.get(debit_key) or _ZERO
+    c = state.balances.get(credit_key) or _ZERO
+    d_after = Balance(
+        d.debits_posted + amount,
+        d.credits_posted,
+        d.debits_pending,
+        d.credits_pending,
+        d.version + 1,
+        position,
+    )
+    c_after = Balance(
+        c.debits_posted,
+        c.credits_posted + amount,
+        c.debits_pending,
+        c.credits_pending,
+        c.version + 1,
+        position,
+    )
+    if (
+        max(d_after.debits_posted, d_after.debits_pending) > limits.amount_max
+        or max(c_after.credits_posted, c_after.credits_pending) > limits.amount_max
+        or _crosses(debit, code, d, d_after)
+        or _crosses(credit, code, c, c_after)
+    ):
+        return None
+    entries = [
+        Entry(debit.id, code, position, 0, True, True, amount, now, _totals(d_after)),
+        Entry(credit.id, code, position, 0, False, True, amount, now, _totals(c_after)),
+    ]
+    touched = {debit_key: d_after, credit_key: c_after}
+    state.balances.update(touched)
+    state.transfers[command.key] = TransferRecord(
+        command.key, position, "transfer", command.postings, "posted", [amount], [0]
+    )
+    fields: dict[str, Any] = {
+        "key": command.key,
+        "postings": command.postings_json,
+        "metadata": command.metadata,
+        "effective_at": iso(now),
+    }
+    return Decision("TransferPosted", fields, entries, touched)
+
+
+_ZERO = Balance()
+"""The totals of a balance never written (never changed: :func:`post_plain` makes new ones)."""
+
+
+def _totals(b: Balance) -> Totals:
+    return Totals(b.debits_posted, b.credits_posted, b.debits_pending, b.credits_pending)
+
+
+def _crosses(account: Account, code: str, before: Balance, after: Balance) -> bool:
+    """Whether a change takes a guarded account past its rule and limit (the test of
+    :meth:`_Moves.check_guards`)."""
+    if account.guard == "none":
+        return False
+    exposure = _exposure(account.guard, after)
+    return exposure > account.guard_limits.get(code, 0) and exposure > _exposure(
+        account.guard, before
     )
 
 
