@@ -206,6 +206,21 @@ def canonical_json(obj: Any) -> bytes:
 
 MAPPER: Mapper[str] = Mapper(transcoder=CanonicalJSONTranscoder())
 
+
+def encode(
+    cls: type[LedgerEvent], recorded_at: str, meta: dict[str, Any], fields: dict[str, Any]
+) -> bytes:
+    """The stored state of the event ``cls(recorded_at=, meta=, **fields)``: the bytes that
+    ``MAPPER.to_stored_event`` makes of it (every field but the originator's id and version,
+    and the class version past 1, as canonical JSON), from its fields, without copying them
+    out of the event again (the writer's way: a third of the mapper's CPU). Equal to the
+    mapper's for every event class: ``tests/test_event_bytes.py``."""
+    state = {"recorded_at": recorded_at, "meta": meta, **fields}
+    version = _CLASS_VERSIONS.get(cls)
+    if version is not None:
+        state["class_version"] = version
+    return canonical_json(state)
+
 EVENT_CLASSES: tuple[type[LedgerEvent], ...] = (
     LedgerCreated,
     AssetDefined,
@@ -226,3 +241,9 @@ EVENT_CLASSES: tuple[type[LedgerEvent], ...] = (
     PeriodReopened,
 )
 TOPICS: dict[type[LedgerEvent], str] = {cls: get_topic(cls) for cls in EVENT_CLASSES}
+_CLASS_VERSIONS: dict[type[LedgerEvent], int] = {
+    cls: int(getattr(cls, "class_version", 1))
+    for cls in EVENT_CLASSES
+    if getattr(cls, "class_version", 1) > 1
+}
+"""The classes past version 1, with their version (stored in their state, as the mapper does)."""

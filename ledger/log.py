@@ -39,6 +39,7 @@ from ledger.events import (
     TransferPending,
     TransferPosted,
     TransferReversed,
+    encode,
 )
 from ledger.money import Asset
 
@@ -766,11 +767,19 @@ _EVENT_CLASSES = {cls.__name__: cls for cls in TOPICS}
 class _Accepted:
     decision: domain.Decision
     event: LedgerEvent
-    stored: StoredEvent
+    topic: str
+    state: bytes
+    """The event as stored: its topic and its canonical JSON (``events.encode``)."""
     hash: bytes
     request_hash: bytes | None
     key: str | None = None
     """The command's idempotency key (a transfer's, or an account command's if it had one)."""
+
+    @property
+    def stored(self) -> StoredEvent:
+        """The event as the eventsourcing library's recorders hold it."""
+        event = self.event
+        return StoredEvent(event.originator_id, event.originator_version, self.topic, self.state)
 
 
 class _Group:
@@ -826,21 +835,23 @@ class _Group:
         if decision.event == "AccountOpened":
             assert decision.account is not None
             decision.account.id = self.new_ids.pop()
-        event = _EVENT_CLASSES[decision.event](
+        cls = _EVENT_CLASSES[decision.event]
+        event = cls(
             originator_id=self.ledger.name,
             originator_version=self.position,
             recorded_at=self.recorded_at,
             meta=meta,
             **decision.fields,
         )
-        stored = MAPPER.to_stored_event(event)
-        self.hash = chain_hash(self.hash, self.position, stored.topic, stored.state)
+        topic = TOPICS[cls]
+        state = encode(cls, self.recorded_at, meta, decision.fields)
+        self.hash = chain_hash(self.hash, self.position, topic, state)
         if key is not None:
             assert request_hash is not None
             self.known_keys[key] = (self.position, request_hash)
         if decision.asset is not None:
             self.asset_positions[decision.asset.code] = self.position
-        self.accepted.append(_Accepted(decision, event, stored, self.hash, request_hash, key))
+        self.accepted.append(_Accepted(decision, event, topic, state, self.hash, request_hash, key))
         return Committed(event, self.hash, replayed=False)
 
     def decide_chain(self, chain: list[tuple[domain.Command, dict[str, Any]]]) -> None:
@@ -976,8 +987,8 @@ async def _insert_events(q: _Execute, ledger: LedgerRef, group: _Group) -> None:
             ledger.id,
             group.recorded,
             _ints(positions),
-            [a.stored.topic for a in accepted],
-            [a.stored.state for a in accepted],
+            [a.topic for a in accepted],
+            [a.state for a in accepted],
             [a.hash for a in accepted],
         ),
     )
