@@ -344,6 +344,15 @@ def main() -> None:
             results[side].append(result)
             assert result["code"] == str(root / "ledger"), result["code"]
             report(result, f"pair {n + 1} {side:<6} ")
+            index = result["rows"]["index entries"]
+            rows = result["rows"]["rows"]
+            print(
+                f"       {side:<6} per transfer: index entries {sum(index.values()):.3f}"
+                f" (balances_pkey {index.get('balances_pkey', 0):.3f}), balances updated"
+                f" {rows.get('balances updated', 0):.3f} of which HOT"
+                f" {rows.get('balances updated HOT', 0):.3f}",
+                flush=True,
+            )
     for side, runs in results.items():
         batch = statistics.median(r["batches"]["cpu_us"] for r in runs)
         line = f"median {side:<6} 1,000-batches {batch:6.1f} µs CPU/transfer"
