@@ -27,6 +27,7 @@ import ledger
 ROOT = Path(__file__).resolve().parent.parent
 RULE_TESTS = (
     "test_domain.py",  # the rules on an in-memory state, with hypothesis
+    "test_fast_path.py",  # the writer's fast path decides as the rules do (hypothesis)
     "test_money.py",
     "test_decisions.py",  # the writer's decisions with and without its cache
     "test_write_plan.py",

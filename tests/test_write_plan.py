@@ -78,3 +78,28 @@ def test_a_cache_is_stale_exactly_when_the_head_moved_or_forked() -> None:
     assert log._stale(cache, (7, b"x" * 32))  # same position, another history
     assert log._stale(cache, (6, b"x" * 32))  # the head moved back (a lost commit)
     assert not log._stale(log.Cache(), (8, b"x" * 32))  # an empty cache trusts nothing
+
+
+def test_the_collector_waits_while_any_group_is_in_flight_and_only_if_it_was_running() -> None:
+    import gc
+
+    assert gc.isenabled()
+    with log._collector_paused():
+        assert not gc.isenabled()
+        with log._collector_paused():  # a second ledger's group at the same time
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the first is still in flight
+    assert gc.isenabled()
+    try:
+        with log._collector_paused():
+            raise RuntimeError("the transaction failed")
+    except RuntimeError:
+        pass
+    assert gc.isenabled()
+    gc.disable()  # someone else's choice: left as it was
+    try:
+        with log._collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
