@@ -302,28 +302,30 @@ async def write(
     return outcomes
 
 
-_PAUSES = [0]
-"""Groups in flight in this process with the collector paused (writers of several ledgers)."""
+_PAUSED = [False]
+"""Whether a group of this process holds the collector paused (``_collector_paused``)."""
 
 
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
     """The garbage collector waits while a group is in flight: a group makes tens of objects
     per command that all live until it ends and then go by reference counting, so the
-    collector's passes in between only scan them again and again (a sixth of a 1,000-transfer
-    batch's CPU, measured). Paused for the whole process while any writer's group is in flight
-    (at most a transaction's time), and only if it was running."""
-    if _PAUSES[0] == 0 and not gc.isenabled():
+    collector's passes in between only scanned them again and again (a sixth of a
+    1,000-transfer batch's CPU, measured). The first group to start holds it paused, for the
+    process, until that group ends; groups of other ledgers in flight meanwhile neither extend
+    nor end the pause, so the collector runs again after every such group (however busy the
+    writers) and is never paused for longer than one transaction. If something else had
+    paused it, it is left as it was."""
+    if _PAUSED[0] or not gc.isenabled():
         yield
         return
-    _PAUSES[0] += 1
+    _PAUSED[0] = True
     gc.disable()
     try:
         yield
     finally:
-        _PAUSES[0] -= 1
-        if _PAUSES[0] == 0:
-            gc.enable()
+        _PAUSED[0] = False
+        gc.enable()
 
 
 async def _write(

@@ -90,6 +90,17 @@ def test_the_collector_waits_while_any_group_is_in_flight_and_only_if_it_was_run
             assert not gc.isenabled()
         assert not gc.isenabled()  # the first is still in flight
     assert gc.isenabled()
+    # Groups overlapping without end never keep it paused: it runs when the first ends.
+    first, second, third = (log._collector_paused() for _ in range(3))
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert gc.isenabled()
+    third.__enter__()  # a new group while the second is still in flight: paused again
+    assert not gc.isenabled()
+    second.__exit__(None, None, None)
+    third.__exit__(None, None, None)
+    assert gc.isenabled()
     try:
         with log._collector_paused():
             raise RuntimeError("the transaction failed")
