@@ -423,7 +423,8 @@ def test_an_export_with_periods_amendments_partials_asset_maxima_and_keyed_accou
                 ).fetchone(),
                 conn.execute(
                     "SELECT m.key, m.position, m.metadata FROM transfer_metadata m"
-                    " JOIN ledgers l ON l.id = m.ledger_id WHERE l.name = %s", (name,)
+                    " JOIN ledgers l ON l.id = m.ledger_id WHERE l.name = %s ORDER BY 1, 2",
+                    (name,),
                 ).fetchall(),
                 conn.execute(
                     "SELECT a.code, a.posting_amount_max FROM assets a"
@@ -431,7 +432,8 @@ def test_an_export_with_periods_amendments_partials_asset_maxima_and_keyed_accou
                 ).fetchall(),
                 conn.execute(
                     "SELECT t.key FROM transfers t JOIN ledgers l ON l.id = t.ledger_id"
-                    " WHERE l.name = %s AND t.key IN ('frz', 'unf', 'open-bob', 'c2', 'm1')",
+                    " WHERE l.name = %s AND t.key IN ('frz', 'unf', 'open-bob', 'c2', 'm1')"
+                    " ORDER BY 1",
                     (name,),
                 ).fetchall(),
             )
