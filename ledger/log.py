@@ -987,9 +987,11 @@ async def _append(conn: psycopg.AsyncConnection[Any], ledger: LedgerRef, group: 
     q = conn.execute
     await _insert_events(q, ledger, group)
     await _insert_transfer_keys(q, ledger, [a for a in accepted if a.request_hash is not None])
+    # Accounts before the balances that refer to them: a group may open an account and post to
+    # it (the balances' foreign key failed such a group whole, before).
+    await _insert_accounts(q, ledger, list(changes.opened.values()))
     await _insert_entries(q, [e for a in accepted for e in a.decision.entries])  # and balances
     await _upsert_transfer_status(q, ledger, group.position, list(changes.statuses.values()))
-    await _insert_accounts(q, ledger, list(changes.opened.values()))
     await _update_accounts(q, list(changes.changed.values()))
     await _insert_assets(q, ledger, changes.assets)
     amended = [a for a in accepted if a.decision.event == "TransferMetadataAmended"]

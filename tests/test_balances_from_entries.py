@@ -92,3 +92,18 @@ async def _balances(
     rows = await cursor.fetchall()
     await conn.rollback()
     return {(int(r[0]), str(r[1])): tuple(int(v) for v in r[2:]) for r in rows}  # type: ignore[call-overload]
+
+
+def test_a_group_may_open_an_account_and_post_to_it(database_url: str, ledger_name: str) -> None:
+    async def body(svc: LedgerService) -> list[str]:
+        await setup(svc, ledger_name, "a")
+        ref = await svc.ledger_ref(ledger_name)
+        group: list[domain.Command] = [
+            domain.OpenAccount("new", "liability"),
+            domain.PostTransfer("t1", (domain.Posting("a", "new", USD, 5),)),
+        ]
+        async with svc.pool.connection() as conn:
+            outcomes = await log.write(conn, ref, [(c, META) for c in group], log.Cache())
+        return [type(o).__name__ for o in outcomes]
+
+    assert run(database_url, body) == ["Committed", "Committed"]
