@@ -114,15 +114,46 @@ _CODECS: dict[str, tuple[Encode, Decode]] = {
     "tuple[Posting, ...]": (_postings_out, _postings_in),
 }
 
+_FIELD_TYPES: dict[str, str] = {
+    "key": "str",
+    "postings": "tuple[Posting, ...]",
+    "metadata": "dict[str, Any]",
+    "pending": "bool",
+    "timeout_s": "int | None",
+    "effective_at": "datetime | None",
+    "linked": "bool",
+    "pending_key": "str",
+    "amount": "int | None",
+    "amounts": "tuple[int, ...] | None",
+    "original_key": "str",
+    "name": "str",
+    "type": "AccountType",
+    "account": "str",
+    "rule": "GuardRule",
+    "limits": "dict[str, int]",
+    "frozen": "bool",
+    "asset": "Asset",
+    "posting_amount_max": "int | None",
+    "transfer_key": "str",
+    "through": "date",
+    "reason": "str",
+    "from_date": "date",
+}
+"""Each command field's type as ``ledger/domain.py`` declares it, by name (a name has one type
+in every command). Stated here because compiled (setup.py, ``LEDGER_COMPILE=1``) a dataclass's
+annotations are erased to classes (``tuple``, ``dict``); in pure Python each is checked
+against the declaration below, at import, so this cannot drift from it."""
+
 _COMMANDS: dict[str, tuple[type[Any], list[tuple[str, Encode, Decode]]]] = {}
 for _cls in typing.get_args(domain.Command):
     _fields = []
     for _field in dataclasses.fields(_cls):
         if not _field.init:
             continue
-        _type = str(_field.type)
-        if _type not in _CODECS:  # a new field type: give it a codec above
-            raise TypeError(f"ledger.wire: no codec for {_cls.__name__}.{_field.name}: {_type}")
+        _type = _FIELD_TYPES.get(_field.name, "")
+        declared = _field.type if isinstance(_field.type, str) else _type  # a str: pure Python
+        if declared != _type or _type not in _CODECS:  # a new field: state it, give it a codec
+            raise TypeError(f"ledger.wire: no codec for {_cls.__name__}.{_field.name}: {declared}")
         _fields.append((_field.name, *_CODECS[_type]))
     _COMMANDS[_cls.__name__] = (_cls, _fields)
 
