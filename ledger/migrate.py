@@ -83,14 +83,19 @@ def newest_version() -> int:
     return max(version for version, _ in pending_files(set()))
 
 
-def schema_version(conn: psycopg.Connection[Any]) -> int:
-    """The database's schema version; 0 if it has none (or this login may not see it)."""
+def applied_versions(conn: psycopg.Connection[Any]) -> set[int]:
+    """The migrations applied to the database; empty if none (or this login may not see them)."""
     try:
         with conn.transaction():
-            row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+            rows = conn.execute("SELECT version FROM schema_migrations").fetchall()
     except (psycopg.errors.UndefinedTable, psycopg.errors.InsufficientPrivilege):
-        return 0
-    return int(row[0]) if row is not None and row[0] is not None else 0
+        return set()
+    return {int(r[0]) for r in rows}
+
+
+def schema_version(conn: psycopg.Connection[Any]) -> int:
+    """The database's schema version (its newest migration applied); 0 if it has none."""
+    return max(applied_versions(conn), default=0)
 
 
 def privileges(conn: psycopg.Connection[Any]) -> list[str]:
@@ -118,11 +123,20 @@ def check_before_serving(url: str, allow_privileged: bool = False) -> None:
     """Refuses (SettingsError, one line) a schema that is not current, and a login that could
     rewrite history unless ``allow_privileged`` (the development switch)."""
     with psycopg.connect(url, autocommit=True) as conn:
-        have, need = schema_version(conn), newest_version()
+        applied = applied_versions(conn)
+        have, need = max(applied, default=0), newest_version()
+        # Not only the newest: a migration numbered below one already applied (two branches
+        # landing out of order) would otherwise be skipped until the next `ledger migrate`.
+        missing = [version for version, _ in pending_files(applied)]
         if have < need:
             raise SettingsError(
                 f"LEDGER_DATABASE_URL: the schema is at version {have}, this program needs"
                 f" {need}: run `ledger migrate` (as the owner, LEDGER_OWNER_DATABASE_URL)"
+            )
+        if missing:
+            raise SettingsError(
+                f"LEDGER_DATABASE_URL: the schema lacks migration {missing[0]:04d}: run"
+                " `ledger migrate` (as the owner, LEDGER_OWNER_DATABASE_URL)"
             )
         found = privileges(conn)
         login = conn.info.user

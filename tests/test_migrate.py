@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from ledger.migrate import migrate, newest_version
+from ledger.migrate import check_before_serving, migrate, newest_version
 from ledger.settings import SettingsError
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -85,3 +85,23 @@ def test_migrate_refuses_while_a_concurrent_build_that_failed_left_an_invalid_in
     with psycopg.connect(empty_database, autocommit=True) as conn:
         conn.execute("DROP INDEX CONCURRENTLY duplicates_x")
     assert migrate(empty_database) == newest_version()
+
+
+def test_serving_is_refused_while_a_migration_below_the_newest_is_missing(
+    empty_database: str,
+) -> None:
+    """Two branches that land their migrations out of order (0010 applied, then 0009 added)
+    leave a database whose newest version is current but which lacks one: `serve` refuses it
+    until `ledger migrate` applies the missing one, instead of running without it."""
+    migrate(empty_database)
+    check_before_serving(empty_database, allow_privileged=True)  # complete: accepted
+    below = newest_version() - 1
+    with psycopg.connect(empty_database, autocommit=True) as conn:
+        conn.execute("DELETE FROM schema_migrations WHERE version = %s", (below,))
+    with pytest.raises(SettingsError, match=f"lacks migration {below:04d}: run `ledger migrate`"):
+        check_before_serving(empty_database, allow_privileged=True)
+    with psycopg.connect(empty_database, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES (%s, 'restored')", (below,)
+        )
+    check_before_serving(empty_database, allow_privileged=True)
