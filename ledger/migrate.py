@@ -66,7 +66,7 @@ def migrate(url: str, until: int | None = None) -> int:
                 f" still running): wait for it, or DROP INDEX CONCURRENTLY {invalid[0]} and"
                 " build it again, then migrate"
             )
-        applied = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+        applied = applied_versions(conn)
         for version, path in pending_files(applied):
             if until is not None and version > until:
                 break
