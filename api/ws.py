@@ -18,6 +18,7 @@ import structlog
 from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 
 from api.auth import authenticate, ws_principal
+from api.schemas import POSITION_MAX
 from ledger import errors, limits
 from ledger.log import NOTIFY_CHANNEL
 from ledger.service import LedgerService
@@ -100,7 +101,7 @@ def _take_rate(websocket: WebSocket, key_id: str | None) -> None:
 
 
 @router.websocket("/v1/ledgers/{ledger}/events/stream")
-async def stream(websocket: WebSocket, ledger: str, after: int = Query(0, ge=0)) -> None:
+async def stream(websocket: WebSocket, ledger: str, after: str = Query("0")) -> None:
     svc: LedgerService = websocket.app.state.service
     notifier: Notifier = websocket.app.state.notifier
     try:
@@ -111,6 +112,7 @@ async def stream(websocket: WebSocket, ledger: str, after: int = Query(0, ge=0))
             raise
         _take_rate(websocket, principal.key_id)
         principal.require("events", ledger)
+        position = _position(after)
         await svc.ledger_ref(ledger)
         wake = notifier.register(ledger)
     except errors.LedgerError as error:
@@ -134,19 +136,19 @@ async def stream(websocket: WebSocket, ledger: str, after: int = Query(0, ge=0))
                 return
             wake.clear()
             announced = notifier.heads.get(ledger, 0)
-            if announced > after and svc.read_pool is not svc.pool:
+            if announced > position and svc.read_pool is not svc.pool:
                 # Reads come from a replica, NOTIFY from the primary: let it replay that far.
                 with contextlib.suppress(errors.ReplicaBehind):
                     await svc.wait_for_position(ledger, announced)
-            page: dict[str, Any] = await svc.events(ledger, after, limits.stream_page_events)
+            page: dict[str, Any] = await svc.events(ledger, position, limits.stream_page_events)
             for item in page["items"]:
                 await websocket.send_text(orjson.dumps(item).decode())
-            after = page["next_after"]
+            position = page["next_after"]
             if len(page["items"]) < limits.stream_page_events:
                 try:
                     await asyncio.wait_for(wake.wait(), timeout=limits.stream_heartbeat_s)
                 except TimeoutError:
-                    await websocket.send_text(f'{{"type":"heartbeat","position":{after}}}')
+                    await websocket.send_text(f'{{"type":"heartbeat","position":{position}}}')
     except (WebSocketDisconnect, RuntimeError):
         pass
     except errors.LedgerError as error:
@@ -154,3 +156,16 @@ async def stream(websocket: WebSocket, ledger: str, after: int = Query(0, ge=0))
             await websocket.close(code=1011, reason=error.code)
     finally:
         notifier.unregister(ledger, wake)
+
+
+def _position(after: str) -> int:
+    """The stream's ``after``: a log position, as ``GET …/events`` takes it (0 to the largest
+    bigint). Checked after the handshake, so that a bad one closes with 4422 and its code, as
+    every other refusal does, rather than failing the handshake itself."""
+    if after.isascii() and after.isdigit() and len(after) <= 19:
+        position = int(after)
+        if position <= POSITION_MAX:
+            return position
+    raise errors.InvalidRequest(
+        f"after {after[:40]!r}: expected a log position, 0 to {POSITION_MAX}"
+    )

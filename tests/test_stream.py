@@ -29,7 +29,7 @@ def deposit(base: str, token: str, ledger: str, key: str) -> None:
     post(base, token, f"/v1/ledgers/{ledger}/transfers", {"postings": [posting]}, key)
 
 
-def follow(base: str, token: str, ledger: str, after: int) -> Any:
+def follow(base: str, token: str, ledger: str, after: int | str) -> Any:
     url = base.replace("http://", "ws://") + f"/v1/ledgers/{ledger}/events/stream?after={after}"
     return connect(url, additional_headers=headers(token), open_timeout=10)
 
@@ -98,6 +98,18 @@ def test_handshake_refusals_are_told_apart_by_close_code_and_reason_on_a_real_se
         assert refusal(no_events_scope, ledger_name) == (4403, "forbidden")
         with follow(base, make_key(database_url, ("events",)), ledger_name, 0) as ws:
             assert receive(ws, 1)[0]["type"] == "LedgerCreated"
+        # A position outside the log's range is refused like GET …/events refuses it (422),
+        # not followed with heartbeats at a position no event can reach.
+        for after in ("-1", str(2**63), "1e3", "%D9%A1"):  # the last: an Arabic-Indic 1
+            with (
+                follow(base, token, ledger_name, after) as ws,
+                pytest.raises(ConnectionClosed) as info,
+            ):
+                ws.recv(timeout=10)
+            assert info.value.rcvd is not None, after
+            assert (info.value.rcvd.code, info.value.rcvd.reason) == (4422, "invalid_request")
+        with follow(base, token, ledger_name, 2**63 - 1) as ws, pytest.raises(TimeoutError):
+            ws.recv(timeout=2)  # accepted: open, waiting for events past the last position
 
 
 def test_a_full_server_closes_a_new_stream_with_try_again_later(
