@@ -12,6 +12,7 @@ from starlette.responses import Response
 from api import auth
 from api.middleware import ParsedBodyRoute
 from api.routes import AccountPath, LedgerPath, _problems, json_response, service
+from api.schemas import POSITION_MAX
 from ledger import domain, limits, queries
 from ledger.queries import ledgers
 from projections import reports
@@ -21,7 +22,7 @@ router = APIRouter(prefix="/v1", tags=["queries"], route_class=ParsedBodyRoute)
 Cursor = Annotated[str | None, Query(max_length=256, description="From the previous page")]
 Limit = Annotated[int, Query(ge=1, le=limits.page_size_max)]
 Time = Annotated[AwareDatetime | None, Query(description="ISO 8601 with a UTC offset")]
-AsOf = Annotated[int | None, Query(ge=0, le=2**63 - 1, description="A log position")]
+AsOf = Annotated[int | None, Query(ge=0, le=POSITION_MAX, description="A log position")]
 Amount = Annotated[int | None, Query(ge=0, le=limits.amount_max, description="Minor units")]
 Metadata = Annotated[
     list[str] | None,

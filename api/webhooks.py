@@ -20,6 +20,7 @@ from starlette.responses import Response
 from api import auth
 from api.middleware import ParsedBodyRoute
 from api.routes import LedgerPath, Limit, _problems, json_response, service
+from api.schemas import POSITION_MAX
 from ledger import errors, limits
 from ledger.events import EVENT_CLASSES
 from ledger.queries.ledgers import LEDGER_OF_ID
@@ -305,7 +306,7 @@ async def rotate_secret(
 async def retry_delivery(
     ledger: LedgerPath,
     webhook_id: WebhookId,
-    position: Annotated[int, Path(ge=1, le=2**63 - 1)],
+    position: Annotated[int, Path(ge=1, le=POSITION_MAX)],
     request: Request,
 ) -> Response:
     """Sends a dead letter again, with a fresh count of attempts (after the receiver is fixed)."""
