@@ -153,7 +153,9 @@ def test_every_operation_fuzzed_gives_no_5xx_only_problem_json_and_balanced_book
         _seed(base, token)
         failures, sent = _fuzz(base, token, time.monotonic() + FUZZ_S)
     print(f"fuzz: {sent} requests, {len(failures)} failures")  # shown with pytest -s
-    assert sent > 200, f"only {sent} requests were sent"
+    # The deadline bounds the run, so a busy machine sends fewer (154-180 at load 15+, 1,060
+    # quiet): the floor only proves the fuzzer reached the server in earnest.
+    assert sent > 100, f"only {sent} requests were sent"
     assert not failures, f"{len(failures)} of {sent} requests failed:\n" + "\n".join(
         sorted(set(failures))[:40]
     )
