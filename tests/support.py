@@ -5,6 +5,7 @@ a subprocess, a service of its own (as a separate server would have), and a seal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -30,6 +31,7 @@ from ledger.log import chain_hash, genesis_hash
 from ledger.money import Asset
 from ledger.service import LedgerService
 from ledger.settings import Settings
+from tests import cluster
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,50 +106,52 @@ def free_port() -> int:
 def served(
     database_url: str, env: dict[str, str] | None = None, wait_s: float = 30.0
 ) -> Iterator[tuple[str, str]]:
-    """A real ``ledger serve`` process on a free loopback port: yields its base URL and an
-    admin token; stopped (SIGTERM, then SIGKILL) at the end."""
+    """A real ``ledger serve`` process on a loopback port reserved for it (tests/cluster.py:
+    another run cannot take it between the choice and the bind, nor answer in its place):
+    yields its base URL and an admin token; stopped (SIGTERM, then SIGKILL) at the end."""
     token = make_key(database_url)
-    port = free_port()
-    environment = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")},
-        "LEDGER_DATABASE_URL": database_url,
-        "LEDGER_PORT": str(port),
-        "LEDGER_LOG_LEVEL": "warning",
-        "LEDGER_PROJECTIONS": "false",
-        **(env or {}),
-    }
-    errors = tempfile.TemporaryFile()  # noqa: SIM115 (a pipe nobody read could fill and block)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ledger", "serve"],
-        cwd=ROOT,
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=errors,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            if process.poll() is not None:
-                errors.seek(0)
-                raise RuntimeError(f"ledger serve exited: {errors.read().decode()[-2000:]}")
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("ledger serve did not start in time")
-            time.sleep(0.1)
-        yield base, token
-    finally:
-        process.terminate()
+    with contextlib.ExitStack() as stack:
+        port = cluster.reserve_port(stack)  # held until the end: no other run can take it
+        environment = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")},
+            "LEDGER_DATABASE_URL": database_url,
+            "LEDGER_PORT": str(port),
+            "LEDGER_LOG_LEVEL": "warning",
+            "LEDGER_PROJECTIONS": "false",
+            **(env or {}),
+        }
+        errors = tempfile.TemporaryFile()  # noqa: SIM115 (a pipe nobody read could fill and block)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ledger", "serve"],
+            cwd=ROOT,
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+        )
+        base = f"http://127.0.0.1:{port}"
         try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        errors.close()
+            deadline = time.monotonic() + wait_s
+            while True:
+                if process.poll() is not None:
+                    errors.seek(0)
+                    raise RuntimeError(f"ledger serve exited: {errors.read().decode()[-2000:]}")
+                try:
+                    if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("ledger serve did not start in time")
+                time.sleep(0.1)
+            yield base, token
+        finally:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            errors.close()
 
 
 def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
