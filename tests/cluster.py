@@ -101,16 +101,28 @@ def free_port() -> int:
 
 def _lock(stack: contextlib.ExitStack, name: str) -> bool:
     """Takes ``LOCKS/name`` (released by ``stack``, or when this process dies); False if
-    another process holds it."""
+    another process holds it. The holder removes the file as it releases it, so that runs leave
+    no files behind; a file removed after this process opened it is no lock any more (its
+    inode differs from the path's), and counts as held."""
     LOCKS.mkdir(mode=0o1777, exist_ok=True)
-    fd = os.open(LOCKS / name, os.O_RDWR | os.O_CREAT, 0o666)
+    path = LOCKS / name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        if os.stat(path).st_ino != os.fstat(fd).st_ino:
+            raise BlockingIOError
+    except (BlockingIOError, FileNotFoundError):
         os.close(fd)
         return False
-    stack.callback(os.close, fd)
+    stack.callback(_unlock, path, fd)
     return True
+
+
+def _unlock(path: Path, fd: int) -> None:
+    """Removes the lock file while still holding it, then releases it."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    os.close(fd)
 
 
 def reserve_port(stack: contextlib.ExitStack) -> int:
