@@ -69,19 +69,25 @@ def database_url(owner_database_url: str) -> str:
 
 
 @pytest.fixture
-def second_database(server_url: str) -> Iterator[str]:
-    """Another, empty, migrated database on the same server (the cluster a ledger moves to),
-    logged in as ``ledger_app``; dropped afterwards."""
-    db = f"ledger_import_{secrets.token_hex(4)}"
+def empty_database(server_url: str) -> Iterator[str]:
+    """A new database with no schema at all on the same server, as its owner (the server's
+    superuser here); dropped afterwards."""
+    db = f"ledger_test_{secrets.token_hex(4)}"
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{db}"')
-    url = make_conninfo(**{**conninfo_to_dict(server_url), "dbname": db})
     try:
-        migrate(url)
-        yield login_as(url, APP_ROLE)  # import runs as the server's login, not the owner
+        yield make_conninfo(**{**conninfo_to_dict(server_url), "dbname": db})
     finally:
         with psycopg.connect(server_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+@pytest.fixture
+def second_database(empty_database: str) -> str:
+    """Another, empty, migrated database on the same server (the cluster a ledger moves to),
+    logged in as ``ledger_app``; dropped afterwards."""
+    migrate(empty_database)
+    return login_as(empty_database, APP_ROLE)  # import runs as the server's login, not the owner
 
 
 @pytest.fixture

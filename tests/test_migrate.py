@@ -5,32 +5,16 @@ index left by a concurrent build that failed."""
 from __future__ import annotations
 
 import re
-import secrets
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ledger.migrate import check_before_serving, migrate, newest_version
 from ledger.settings import SettingsError
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 INDEXES = ("events_periods", "events_account_history")
-
-
-@pytest.fixture
-def empty_database(server_url: str) -> Iterator[str]:
-    """A new database with no schema at all, as its owner (the server's superuser here)."""
-    name = f"ledger_migrate_{secrets.token_hex(4)}"
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_conninfo(**{**conninfo_to_dict(server_url), "dbname": name})
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def documented_statements() -> list[str]:

@@ -301,19 +301,6 @@ def test_the_multi_worker_factory_refuses_a_superuser_login_too(
     assert app_from_environment() is not None
 
 
-@pytest.fixture
-def empty_database(server_url: str) -> Iterator[str]:
-    """A database with no schema yet, as the owner; dropped afterwards."""
-    name = f"ledger_test_{secrets.token_hex(4)}"
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_conninfo(**{**conninfo_to_dict(server_url), "dbname": name})
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def test_serve_needs_a_current_schema_which_only_the_owner_migrates(
     empty_database: str, database_url: str
 ) -> None:
