@@ -29,6 +29,7 @@ from ledger.events import (
     TransferPosted,
     TransferReversed,
 )
+from ledger.queries import ledgers
 
 Totals = list[int]
 """[debits posted, credits posted, debits pending, credits pending]"""
@@ -126,7 +127,14 @@ def stream(conn: psycopg.Connection[Any], ledger: str, until: int | None) -> Ite
     """The ledger's events in order, through a server-side cursor (bounded memory).
 
     A thread fetches the next rows while the caller works on the current ones (Postgres and
-    the network then overlap with Python); at most ``_AHEAD`` fetches wait in between."""
+    the network then overlap with Python); at most ``_AHEAD`` fetches wait in between.
+
+    The ledger's id is read first and the events by it: with the ledger joined by name instead,
+    Postgres could not tell that ``events_pkey`` gives the order, and sorted the whole log
+    before the first row (at 10^6 events, 2 s of waiting and 0.5 GB of temporary files)."""
+    found = ledgers.LEDGER_NAMED.one_on(conn, (ledger,))
+    if found is None:  # no such ledger: no events, as the log of a ledger not yet created
+        return
     batches: queue.Queue[list[Any] | BaseException | None] = queue.Queue(maxsize=_AHEAD)
     stop = threading.Event()
 
@@ -134,10 +142,9 @@ def stream(conn: psycopg.Connection[Any], ledger: str, until: int | None) -> Ite
         try:
             with conn.transaction(), conn.cursor(name="replay", binary=True) as cur:
                 cur.execute(
-                    "SELECT e.position, e.topic, e.state FROM events e"
-                    " JOIN ledgers l ON l.id = e.ledger_id"
-                    " WHERE l.name = %s AND e.position <= %s ORDER BY e.position",
-                    (ledger, until if until is not None else 2**62),
+                    "SELECT position, topic, state FROM events"
+                    " WHERE ledger_id = %s AND position <= %s ORDER BY position",
+                    (found.id, until if until is not None else 2**62),
                 )
                 while not stop.is_set() and (rows := cur.fetchmany(_FETCH_ROWS)):
                     batches.put(rows)
