@@ -15,7 +15,10 @@ itself, with the FastAPI route's own pieces, none restated here:
 - the route's body field (the same pydantic model, validated as FastAPI validates it);
 - the function the route itself calls to build the command, call the service and render the
   answer (:func:`api.routes.transfer`, :func:`api.routes.batch`);
-- the app's exception handlers, looked up as Starlette's exception layer looks them up.
+- the app's exception handlers (its public ``exception_handlers``, as registered), looked up
+  as Starlette's exception layer looks them up (:class:`_Handlers`), with no private API of
+  Starlette's: an upgrade that changed that layer's lookup would show as a difference in
+  ``tests/test_batch_items.py`` (every error, both ways), not as a silent change here.
 
 It answers only a request it can answer exactly as FastAPI would. Anything else goes on to
 FastAPI untouched, which answers it as it always did: a query string (refused there, 400), a
@@ -29,13 +32,14 @@ access log.
 
 from __future__ import annotations
 
+import inspect
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi.routing import APIRoute
-from starlette._exception_handler import wrap_app_handling_exceptions
+from starlette.exceptions import HTTPException
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
@@ -77,6 +81,40 @@ class _Hot:
     """The route's header parameters: each one's name as sent (lower case) and its field."""
 
 
+class _Handlers:
+    """The app's exception handlers as its exception layer holds them: Starlette gives that
+    layer every registered handler but the one for ``Exception`` (or 500), which is the server
+    error layer's, outside the Guard; status-code keys answer an HTTPException of that status
+    first, then a handler is looked up along the exception's class hierarchy, nearest first."""
+
+    def __init__(self, registered: Mapping[Any, Callable[..., Any]]) -> None:
+        self.by_status: dict[int, Callable[..., Any]] = {}
+        self.by_class: dict[type, Callable[..., Any]] = {}
+        for key, handler in registered.items():
+            if key in (500, Exception):
+                continue
+            if isinstance(key, int):
+                self.by_status[key] = handler
+            else:
+                self.by_class[key] = handler
+        handlers = [*self.by_status.values(), *self.by_class.values()]
+        self.usable = HTTPException in self.by_class and all(
+            inspect.iscoroutinefunction(h) for h in handlers
+        )
+        """Whether the app registered its own HTTPException handler (FastAPI does; else
+        Starlette's layer has a default of its own) and every handler is a coroutine function
+        (Starlette runs a plain one in a thread). If not, this layer leaves the routes to
+        FastAPI."""
+
+    def handler(self, exc: Exception) -> Callable[..., Any] | None:
+        if isinstance(exc, HTTPException) and exc.status_code in self.by_status:
+            return self.by_status[exc.status_code]
+        for cls in type(exc).__mro__:
+            if cls in self.by_class:
+                return self.by_class[cls]
+        return None
+
+
 class HotPath:
     """The ASGI layer under the Guard that answers the two hot routes (see the module)."""
 
@@ -85,6 +123,9 @@ class HotPath:
         self._routes: dict[bool, _Hot] | None = None
         """Per route (is it the batch?): found at the first request, once every router is
         included."""
+        self._handlers: _Handlers | None = None
+        """The app's exception handlers, taken at the first request, as Starlette builds its
+        exception layer from them at the first request."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -107,9 +148,11 @@ class HotPath:
         FastAPI to answer it."""
         if self._routes is None:
             self._routes = _hot_routes()
+            self._handlers = _Handlers(scope["app"].exception_handlers)
         hot = self._routes.get(match.group(2) is not None)
         parsed = scope["state"].get(PARSED_BODY)
-        if hot is None or not isinstance(parsed, dict):
+        handlers = self._handlers
+        if hot is None or handlers is None or not handlers.usable or not isinstance(parsed, dict):
             return False
         route = hot.route
         ledger = match.group(1)
@@ -129,23 +172,20 @@ class HotPath:
         scope["route"] = route
         scope["endpoint"] = route.endpoint
         scope["path_params"] = {**scope.get("path_params", {}), "ledger": ledger}
-        exception_middleware: ExceptionMiddleware = self.app  # type: ignore[assignment]
-        scope["starlette.exception_handlers"] = (
-            exception_middleware._exception_handlers,
-            exception_middleware._status_handlers,
-        )
-        answer = hot.answer
-
-        async def respond(scope: Scope, receive: Receive, send: Send) -> None:
-            response = await answer(scope, ledger, body, headers)
-            await response(scope, receive, send)
-
-        # Errors from here on (the rules' refusals, conflicts, 503s) go through the app's own
-        # handlers, looked up as Starlette's exception layer looks them up for the routes;
-        # an error with no handler goes up to the server's error layer, as from a route.
-        await wrap_app_handling_exceptions(respond, Request(scope, receive, send))(
-            scope, receive, send
-        )
+        try:
+            response = await hot.answer(scope, ledger, body, headers)
+        except Exception as exc:
+            # Errors from here on (the rules' refusals, conflicts, 503s) go through the app's
+            # own handlers, as from a route; an error with no handler goes up to the server's
+            # error layer, as from a route.
+            handler = handlers.handler(exc)
+            if handler is None:
+                raise
+            response = await handler(Request(scope, receive, send), exc)
+            exc.__traceback__ = None  # as Starlette: a reused exception gathers no tracebacks
+            if response is None:
+                return True
+        await response(scope, receive, send)
         return True
 
 

@@ -18,7 +18,7 @@ from api.middleware import ParsedBodyRoute
 from api.replica import FRESH
 from ledger import domain, errors, limits
 from ledger.money import parse_asset
-from ledger.service import LedgerService, Result
+from ledger.service import LedgerService, Result, collector_paused
 
 router = APIRouter(prefix="/v1", route_class=ParsedBodyRoute)
 
@@ -240,15 +240,27 @@ async def batch(scope: Scope, ledger: str, body: schemas.BatchIn) -> Response:
     and by the hot path (api/hot.py)."""
     svc = service_of(scope)
     m = meta_of(scope)
-    return json_response({"results": await svc.post_batch(ledger, _batch_items(body.items), m)})
+    with collector_paused():  # no await inside
+        items = _batch_items(body.items)
+    return json_response({"results": await svc.post_batch(ledger, items, m)})
 
 
 _TRANSFER_ITEMS: TypeAdapter[list[schemas.BatchItemIn]] = TypeAdapter(list[schemas.BatchItemIn])
 
 
 def _batch_items(raws: list[dict[str, Any]]) -> list[tuple[Any, bool]]:
-    """Each item's command, or the error that refuses it. A batch of plain transfers is
-    validated in one call; if anything in it is invalid, item by item, to say which."""
+    """Each item's command, or the error that refuses it. A batch of valid transfers of the
+    common shape is checked and built directly (:func:`api.schemas.plain_transfers`); other
+    plain transfers are validated in one call; if anything in it is invalid, item by item, to
+    say which."""
+    plain = schemas.plain_transfers(raws)
+    if plain is not None:
+        return [(command, command.linked) for command in plain]
+    return _validated_items(raws)
+
+
+def _validated_items(raws: list[dict[str, Any]]) -> list[tuple[Any, bool]]:
+    """Each item's command or error, through the request models."""
     if not any("action" in raw for raw in raws):
         try:
             valid = _TRANSFER_ITEMS.validate_python(raws)

@@ -327,6 +327,91 @@ def test_batches_answer_alike_valid_replayed_conflicting_and_refused(pair: Pair)
     send(BATCH, content=b'{"items": [{"id": "x", "id": "y"}]}', headers=_json(), expect=422)
 
 
+def test_batches_of_plain_transfers_answer_alike_and_as_the_rules_say(pair: Pair) -> None:
+    """Batches whose items are plain transfers (api/schemas.py builds a valid batch's commands
+    without the models; a batch with anything wrong goes through them, item by item): valid,
+    each kind of invalid item, a key twice, linked chains, the limits, 38-digit amounts. Both
+    servers share that code, so the results are checked against the rules too."""
+
+    def results(items: list[Any], expect: int = 200) -> list[tuple[str, str | None]]:
+        answer = pair.send(BATCH, {"items": items}, expect=expect).json()
+        return [(r["status"], (r.get("error") or {}).get("code")) for r in answer["results"]]
+
+    def item(id_: str, *postings: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        return {"id": id_, "postings": list(postings or [_posting("1", "bank", "bob")]), **fields}
+
+    created = ("created", None)
+    pair.send(TRANSFERS, _transfer(), key="p-0", expect=201)  # the checks after each test look
+    # for the single transfers' route in the metrics, whichever test runs first
+    assert results([
+        item("p-1"),
+        item("p-2", metadata={"order": "o-2", "n": 2}),
+        item("p-3", pending=True, timeout_seconds=60),
+        item("p-4", _posting("1", "bank", "bob"), _posting("2", "bank", "alice")),
+        item("k" * limits.idempotency_key_length_max),
+        item("p-5", *[_posting("1", "bank", "bob")] * limits.postings_per_transfer_max),
+    ]) == [created] * 6
+    # A replay, the same key twice in one batch, the same key with another request
+    assert results([item("p-1"), item("p-6"), item("p-6"), item("p-1", metadata={"a": 1})]) == [
+        ("replayed", None), created, ("replayed", None), ("error", "idempotency_key_reused"),
+    ]
+    # Each kind of invalid item, next to a valid one: only the invalid one fails
+    invalid = [
+        item(""), item("has space"), item("k" * (limits.idempotency_key_length_max + 1)),
+        {"postings": [_posting("1", "bank", "bob")]}, item("q-1", extra=1),
+        {"id": "q-2", "postings": []}, {"id": "q-3", "postings": "x"},
+        item("q-4", *[_posting("1", "bank", "bob")] * (limits.postings_per_transfer_max + 1)),
+        item("q-5", _posting("0")), item("q-6", _posting("01")), item("q-7", _posting(1.5)),
+        item("q-8", _posting(True)), item("q-9", _posting("9" * 39)),
+        item("q-10", {**_posting(), "asset": "usd/2"}), item("q-11", {**_posting(), "memo": 1}),
+        item("q-12", _posting(debit="bank", credit="bank")), item("q-13", _posting(debit="a b")),
+        item("q-14", metadata=None), item("q-15", metadata={"a": "\x00"}),
+        item("q-16", pending="yes"), item("q-17", timeout_seconds=60),
+        item("q-18", pending=True, timeout_seconds=limits.pending_timeout_s_max + 1),
+        item("q-19", linked="yes"), item("q-20", effective_at="soon"),
+    ]
+    for wrong in invalid:
+        answered = results([item(f"v-{secrets.token_hex(4)}"), wrong])
+        assert answered[0] == created and answered[1][0] == "error", (wrong, answered)
+    # The rules, after validation
+    assert results([
+        item("r-1", _posting("999999999", "alice", "bob")), item("r-2", _posting(debit="nobody")),
+        item("r-3", _posting(debit="frozen")), item("r-4", {**_posting(), "asset": "XYZ/2"}),
+    ]) == [
+        ("error", "insufficient_funds"), ("error", "account_not_found"),
+        ("error", "account_frozen"), ("error", "asset_not_found"),
+    ]
+    # Linked chains: whole, broken by a rule, broken by an invalid item, left open
+    assert results([item("l-1", linked=True), item("l-2", linked=True), item("l-3")]) == [
+        created
+    ] * 3
+    assert results([
+        item("l-4", linked=True), item("l-5", _posting("999999999", "alice", "bob")), item("l-6"),
+    ]) == [("error", "linked_transfer_failed"), ("error", "insufficient_funds"), created]
+    assert results([item("l-7", linked=True), item("l-8", _posting("0")), item("l-9")])[::2] == [
+        ("error", "linked_transfer_failed"), created
+    ]
+    assert results([item("l-10"), item("l-11", linked=True)]) == [
+        created, ("error", "linked_chain_open")
+    ]
+    # The limits on the batch
+    assert results([item(f"m-{i}") for i in range(limits.batch_items_max)]) == [
+        created
+    ] * limits.batch_items_max
+    pair.send(BATCH, {"items": [item(f"n-{i}") for i in range(limits.batch_items_max + 1)]},
+              expect=413)
+    # 38-digit amounts: an asset that allows them, and one held to the default maximum
+    pair.send(f"/v1/ledgers/{LEDGER}/assets", {"asset": "BIG/0", "posting_amount_max": "9" * 38},
+              expect=201)
+    big = {"debit": "bank", "credit": "bob", "amount": "9" * 38, "asset": "BIG/0"}
+    answer = pair.send(BATCH, {"items": [item("h-38", big)]}, expect=200).json()
+    assert answer["results"][0]["transfer"]["postings"][0]["amount"] == "9" * 38
+    assert results([item("h-38b", {**big, "amount": int("9" * 38)}),
+                    item("h-usd", _posting("9" * 38, "bank", "bob"))]) == [
+        ("error", "overflow"), ("error", "amount_exceeds_asset_max"),
+    ]
+
+
 def _json() -> dict[str, str]:
     return {"Content-Type": "application/json"}
 
