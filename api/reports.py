@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import csv
 import io
+import itertools
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from typing import Annotated, Any, Literal, TypeVar
@@ -13,9 +14,9 @@ from typing import Annotated, Any, Literal, TypeVar
 import orjson
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import AwareDatetime
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
-from api import auth
+from api import auth, schemas
 from api.middleware import ParsedBodyRoute
 from api.replica import FRESH
 from api.routes import AccountPath, LedgerPath, _problems, json_response, service
@@ -30,6 +31,8 @@ router = APIRouter(prefix="/v1", tags=["reports"], route_class=ParsedBodyRoute)
 AsOf = Annotated[int | None, Query(ge=0, description="A log position")]
 Time = Annotated[AwareDatetime | None, Query(description="ISO 8601 with a UTC offset")]
 Format = Annotated[Literal["json", "csv"], Query()]
+Chunk = TypeVar("Chunk", str, bytes)
+T = TypeVar("T")
 
 
 async def _answer(
@@ -97,18 +100,112 @@ async def account_statement(
     end: Annotated[
         str | None, Query(alias="to", max_length=64, description="A position or a time")
     ] = None,
+    limit: Annotated[
+        int,
+        Query(
+            ge=1,
+            le=limits.statement_page_lines_max,
+            description="Lines in a page (JSON; CSV streams the whole period)",
+        ),
+    ] = limits.statement_page_lines_default,
+    after: Annotated[
+        str | None,
+        Query(
+            max_length=128,
+            pattern=schemas.CURSOR_PATTERN,
+            description="`next_after` of the previous page (JSON)",
+        ),
+    ] = None,
 ) -> Response:
-    """Opening balance, the period's posted entries, closing balance: `from` and `to` are
-    positions or times (`basis` says which clock times are on)."""
-    svc = service(request)
+    """Opening balance, the period's posted entries with the running balance after each,
+    closing balance: `from` and `to` are positions or times (`basis` says which clock times are
+    on). JSON comes a page at a time: at most `limit` lines, the balances `brought_forward` at
+    the page's start and `carried_forward` after it, `opening` on the first page, `closing` on
+    the last, `next_after` to pass back as `after` (null on the last page); every page stands
+    on the first one's log position (`position`). CSV streams the whole period in constant
+    memory, the key checked again as it goes (as the journal)."""
+    await service(request).ledger_ref(ledger)
     since = reports.period_start(start, basis)
     until = reports.parse_point(end, basis)
-    return await _answer(
-        svc,
-        lambda c: reports.account_statement(c, ledger, name, since, until),
-        format,
-        f"{ledger}-{name}-statement",
+    if format == "json":
+
+        def page(conn: Any) -> dict[str, Any]:
+            return reports.statement_page(conn, ledger, name, since, until, limit, after)
+
+        return json_response(await _on_direct_connection(request, page))
+    if after is not None:
+        raise errors.InvalidRequest("a CSV statement is the whole period: give no `after`")
+
+    def opened(conn: Any) -> Iterator[str]:
+        st, _ = reports.open_statement(conn, ledger, name, since, until)
+        return reports.statement_csv(conn, st, limits.statement_fetch_lines)
+
+    chunks = await _streamed(request, opened)
+    return StreamingResponse(
+        _while_allowed(request, ledger, chunks, "csv"),
+        media_type="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="{ledger}-{name}-statement.csv"'},
     )
+
+
+async def _on_direct_connection(request: Request, work: Callable[[Any], T]) -> T:
+    """``work(conn)`` in a thread, on a read-only connection of its own (a slot of
+    :func:`_direct_connection`'s), with the read pool's statement timeout."""
+    from ledger import postgres
+
+    url = request.app.state.read_database_url
+
+    def run() -> T:
+        with postgres.connect(url) as conn:
+            conn.execute(f"SET statement_timeout = {limits.read_statement_timeout_ms}")
+            conn.commit()
+            return work(conn)
+
+    async with _direct_connection(request):
+        return await asyncio.to_thread(run)
+
+
+async def _streamed(request: Request, opened: Callable[[Any], Iterator[Chunk]]) -> Iterator[Chunk]:
+    """An export's chunks, read in a thread on a connection of its own that holds a slot of
+    :func:`_direct_connection`'s until the export ends (or is dropped unread): ``opened(conn)``
+    checks what was asked for and returns the chunks; its errors, and those of the first
+    chunk, are raised here, before the response starts."""
+    from ledger import postgres
+
+    url = request.app.state.read_database_url
+    slots = await _direct_slot(request)
+    loop = asyncio.get_running_loop()
+
+    def first() -> tuple[Any, Iterator[Chunk], list[Chunk], Any]:
+        try:
+            conn = postgres.connect(url)
+        except BaseException:
+            loop.call_soon_threadsafe(slots.release)
+            raise
+        release = weakref.finalize(conn, loop.call_soon_threadsafe, slots.release)
+        try:
+            conn.execute(f"SET statement_timeout = {limits.read_statement_timeout_ms}")
+            conn.commit()
+            chunks = opened(conn)
+            return conn, chunks, list(itertools.islice(chunks, 1)), release
+        except BaseException:
+            conn.close()
+            release()
+            raise
+
+    conn, chunks, head, release = await asyncio.to_thread(first)
+
+    def every() -> Iterator[Chunk]:
+        try:
+            yield from head
+            yield from chunks
+        finally:
+            if isinstance(chunks, Generator):
+                chunks.close()
+            conn.close()
+            release()
+
+    return every()
 
 
 @router.get(
@@ -187,7 +284,6 @@ async def journal(
     )
 
 
-Chunk = TypeVar("Chunk", str, bytes)
 
 
 async def _while_allowed(

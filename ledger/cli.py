@@ -494,8 +494,6 @@ def _report(
     as_of: str | None,
     effective_at: str | None,
     csv: bool,
-    account: str | None = None,
-    start: str | None = None,
     depth: int = 1,
 ) -> None:
     from projections import reports
@@ -503,15 +501,11 @@ def _report(
     def action(settings: Settings) -> None:
         basis = "effective" if effective_at else "recorded"
         at = reports.parse_point(effective_at or as_of, basis)
-        if effective_at and as_of and kind != "account_statement":  # both axes at once
+        if effective_at and as_of:  # both axes at once
             at = replace(at, recorded_by=reports.parse_point(as_of, "recorded"))
 
         async def run(pool: Any) -> dict[str, Any]:
             async with pool.connection() as conn:
-                if kind == "account_statement":
-                    assert account is not None
-                    first = reports.period_start(start, basis)
-                    return await reports.account_statement(conn, ledger, account, first, at)
                 return await reports.report(conn, ledger, kind, at, depth)
 
         report = _with_pool(settings, run)
@@ -619,16 +613,22 @@ def report_statement(
     effective: Annotated[bool, typer.Option(help="Times are effective times")] = False,
     csv: CsvOption = False,
 ) -> None:
-    """Opening balance, the period's postings, closing balance."""
-    _report(
-        "account_statement",
-        ledger,
-        None if effective else as_of,
-        as_of if effective else None,
-        csv,
-        account,
-        start,
-    )
+    """Opening balance, the period's postings, closing balance: streamed to stdout a page at
+    a time (JSON, or CSV), so its memory does not grow with the period."""
+    from ledger import postgres
+    from projections import reports
+
+    def action(settings: Settings) -> None:
+        basis = "effective" if effective else "recorded"
+        since, until = reports.period_start(start, basis), reports.parse_point(as_of, basis)
+        with database_url(settings) as url, postgres.connect(url) as conn:
+            st, _ = reports.open_statement(conn, ledger, account, since, until)
+            write = reports.statement_csv if csv else reports.statement_json
+            for chunk in write(conn, st, limits.statement_fetch_lines):
+                sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    _run(action)
 
 
 @report_app.command("journal")

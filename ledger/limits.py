@@ -49,6 +49,13 @@ aggregate_groups_max: Final = 10_000
 """Rows (group and asset) one aggregate of balances by prefix answers at most."""
 report_subtotal_depth_max: Final = 8
 """Deepest account prefix (in ``:`` segments) a report subtotals by (``subtotal_depth``)."""
+statement_page_lines_default: Final = 1_000
+"""Lines in a page of an account statement (JSON) when ``limit`` is not given."""
+statement_page_lines_max: Final = 10_000
+"""Largest ``limit`` of a page of an account statement (JSON); its CSV streams the period."""
+statement_fetch_lines: Final = 2_000
+"""Lines a streamed account statement (CSV, and the command line) reads from Postgres at a
+time: its memory does not grow with the period."""
 journal_statement_timeout_ms: Final = 600_000
 """Longest a journal export's query may run over HTTP (a long period streams for a while)."""
 journal_fetch_rows: Final = 2_000

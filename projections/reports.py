@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import psycopg
 
 from ledger import domain, errors
-from ledger.log import LedgerRef
-from ledger.queries import accounts, ledgers
+from ledger.queries import accounts, ledgers, statements
 from ledger.queries.accounts import POSTED_SUMS, as_of_entry
 from ledger.queries.reader import Read, Reader
+from ledger.queries.search import decode_cursor, encode_cursor
+from ledger.queries.statements import LEG_MAX, POSITION_MAX
 
 NORMAL_DEBIT = ("asset", "expense")
 SECTIONS = {
@@ -348,113 +351,6 @@ async def report(
     raise errors.InvalidRequest(f"no report {name!r}: {', '.join(REPORTS)}")
 
 
-async def account_statement(
-    conn: psycopg.AsyncConnection[Any], ledger: str, account: str, start: Point, end: Point
-) -> dict[str, Any]:
-    """Opening balance, every posted entry in (start, end], closing balance, per asset."""
-    if start.kind != end.kind and "head" not in (start.kind, end.kind):
-        raise errors.InvalidRequest("a period's start and end must be on the same axis")
-    ledger_id, head, scales = await _ledger(conn, ledger)
-    row = await accounts.account_named(Reader.on(conn), LedgerRef(ledger_id, ledger), account)
-    if row is None:
-        raise errors.AccountNotFoundForRead(f"account {account!r} does not exist")
-    account_id = row.id
-    where, bounds, opening_sql, opening_arg, order = await _window(
-        conn, ledger_id, head, start, end
-    )
-    opening = (
-        {
-            r[0]: (int(r[1]), int(r[2]))
-            for r in await (
-                await conn.execute(
-                    f"SELECT e.asset, {POSTED_SUMS} FROM entries e"
-                    f" WHERE e.account_id = %s AND e.posted AND {opening_sql} GROUP BY e.asset",
-                    (account_id, opening_arg),
-                )
-            ).fetchall()
-        }
-        if opening_arg is not None
-        else {}
-    )
-    entries = await (
-        await conn.execute(
-            "SELECT e.asset, e.position, e.leg, e.debit, e.amount, e.effective_at, ev.recorded_at,"
-            " convert_from(ev.state, 'UTF8')::jsonb ->> 'key'"
-            " FROM entries e JOIN events ev ON ev.ledger_id = %s AND ev.position = e.position"
-            f" WHERE e.account_id = %s AND e.posted AND {where} ORDER BY {order}",
-            (ledger_id, account_id, *bounds),
-        )
-    ).fetchall()
-    normal = 1 if row.type in NORMAL_DEBIT else -1
-    running = {a: normal * (d - c) for a, (d, c) in opening.items()}
-    lines = _statement_lines(entries, normal, running, scales)
-    assets = sorted(set(running) | set(opening))
-    return {
-        "report": "account_statement",
-        "ledger": ledger,
-        "account": account,
-        "type": row.type,
-        "side": side_of(row.type),
-        "from": start.label(),
-        "to": end.label(),
-        "opening": [
-            {
-                "asset": f"{a}/{scales[a]}",
-                "balance": str(normal * (opening.get(a, (0, 0))[0] - opening.get(a, (0, 0))[1])),
-            }
-            for a in assets
-        ],
-        "lines": lines,
-        "closing": [
-            {"asset": f"{a}/{scales[a]}", "balance": str(running.get(a, 0))} for a in assets
-        ],
-    }
-
-
-async def _window(
-    conn: psycopg.AsyncConnection[Any], ledger_id: int, head: int, start: Point, end: Point
-) -> tuple[str, tuple[Any, Any], str, Any, str]:
-    """The SQL of a statement's period on its axis: the lines' condition and its bounds, the
-    opening balance's condition and its bound, and the lines' order."""
-    if "effective" in (start.kind, end.kind):
-        low, high = start.time, end.time
-        # The head on the effective axis is every effective time ("infinity" in Postgres).
-        where = "e.effective_at > %s AND e.effective_at <= coalesce(%s::timestamptz, 'infinity')"
-        bounds: tuple[Any, Any] = (low or datetime.min.replace(tzinfo=None), high)
-        # Lines in the order they took effect, so that each running balance is one the
-        # account had on this axis (in log order, a back-dated entry came last).
-        return where, bounds, "e.effective_at <= %s", low, "e.effective_at, e.position, e.leg"
-    low_pos = await _position(conn, ledger_id, head, start) if start.kind != "head" else head
-    high_pos = await _position(conn, ledger_id, head, end)
-    where = "e.position > %s AND e.position <= %s"
-    return where, (low_pos, high_pos), "e.position <= %s", low_pos, "e.position, e.leg"
-
-
-def _statement_lines(
-    entries: list[Any], normal: int, running: dict[str, int], scales: dict[str, int]
-) -> list[dict[str, Any]]:
-    """One line per entry with the account's running balance after it (``running`` is
-    updated: it ends as the closing balance)."""
-    lines = []
-    for asset, position, leg, debit, amount, effective_at, recorded_at, key in entries:
-        change = normal * (amount if debit else -amount)
-        running[asset] = running.get(asset, 0) + change
-        lines.append(
-            {
-                "position": position,
-                "leg": leg,
-                "transfer": key,
-                "asset": f"{asset}/{scales[asset]}",
-                "debit": str(amount) if debit else "",
-                "credit": "" if debit else str(amount),
-                "balance": str(running[asset]),
-                "effective_at": effective_at.isoformat(),
-                "recorded_at": recorded_at.isoformat(),
-            }
-        )
-    return lines
-
-
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 _NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?", re.ASCII)
 
@@ -497,10 +393,8 @@ def to_csv(report: dict[str, Any]) -> str:
     kind = report["report"]
     if kind == "trial_balance":
         _trial_balance_csv(w, report)
-    elif kind in SECTIONS:
-        _sections_csv(w, report)
     else:
-        _account_statement_csv(w, report)
+        _sections_csv(w, report)
     return out.getvalue()
 
 
@@ -596,77 +490,335 @@ def _sections_csv(w: _Writer, report: dict[str, Any]) -> None:
     _closed_row(w, report, 10)
 
 
-def _account_statement_csv(w: _Writer, report: dict[str, Any]) -> None:
-    w.writerow(
-        [
-            "position",
-            "transfer",
-            "asset",
-            "debit_minor",
-            "credit_minor",
-            "balance_minor",
-            "debit",
-            "credit",
-            "balance",
-            "effective_at",
-            "recorded_at",
-        ]
-    )
-    for o in report["opening"]:
-        w.writerow(
-            [
-                "",
-                "opening",
-                o["asset"],
-                "",
-                "",
-                o["balance"],
-                "",
-                "",
-                _money_cell(o["balance"], o["asset"]),
-                "",
-                "",
-            ]
-        )
-    for line in report["lines"]:
-        a = line["asset"]
-        w.writerow(
-            [
-                line["position"],
-                line["transfer"],
-                a,
-                line["debit"],
-                line["credit"],
-                line["balance"],
-                _money_cell(line["debit"], a),
-                _money_cell(line["credit"], a),
-                _money_cell(line["balance"], a),
-                line["effective_at"],
-                line["recorded_at"],
-            ]
-        )
-    for c in report["closing"]:
-        w.writerow(
-            [
-                "",
-                "closing",
-                c["asset"],
-                "",
-                "",
-                c["balance"],
-                "",
-                "",
-                _money_cell(c["balance"], c["asset"]),
-                "",
-                "",
-            ]
-        )
-
-
 def _closed_row(w: _Writer, report: dict[str, Any], width: int) -> None:
     """A last row saying which periods were closed when the report was produced."""
     if report.get("closed_through"):
         w.writerow(["closed_through", report["closed_through"], *[""] * (width - 2)])
+
+
+# --- Account statements: paged (JSON) or streamed (CSV), in constant memory ---------------------
+
+STATEMENT_CSV_COLUMNS = [
+    "position",
+    "transfer",
+    "asset",
+    "debit_minor",
+    "credit_minor",
+    "balance_minor",
+    "debit",
+    "credit",
+    "balance",
+    "effective_at",
+    "recorded_at",
+]
+
+_CURSOR = re.compile(
+    r"(r):([0-9]{1,19}):([0-9]{1,19}):([0-9]{1,5})"
+    r"|(e):([0-9]{1,19}):(-?[0-9]{1,17}):([0-9]{1,19}):([0-9]{1,5})",
+    re.ASCII,
+)
+"""``r:<position>:<line position>:<leg>`` or ``e:<position>:<effective µs>:<position>:<leg>``,
+base64url-encoded."""
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Statement:
+    """What every page of one account's statement shares: the account, and its period on one
+    axis as keys of lines (``(position, leg)`` recorded, ``(effective_at, position, leg)``
+    effective): lines after ``low`` (the opening's key) up to ``high_time`` (effective) and
+    ``position``, the log position the statement stands on (its end on the recorded axis, the
+    head when it was first asked for on the effective axis: later pages stay on it)."""
+
+    ledger: str
+    ledger_id: int
+    account: str
+    account_id: int
+    type: str
+    scales: dict[str, int]
+    effective: bool
+    low: tuple[Any, ...]
+    high_time: datetime | None
+    position: int
+    assets: list[str]
+    start: Point
+    end: Point
+
+    @property
+    def normal(self) -> int:
+        return 1 if self.type in NORMAL_DEBIT else -1
+
+    def cursor(self, key: tuple[Any, ...]) -> str:
+        """An opaque cursor after the line of ``key``, on this statement's position."""
+        if self.effective:
+            moment, position, leg = key
+            micros = (moment - _EPOCH) // timedelta(microseconds=1)
+            return encode_cursor(f"e:{self.position}:{micros}:{position}:{leg}")
+        return encode_cursor(f"r:{self.position}:{key[0]}:{key[1]}")
+
+
+def _after(cursor: str | None) -> tuple[str, int, tuple[Any, ...]] | None:
+    """A statement cursor: its axis (``r`` or ``e``), its position and its line's key."""
+    if cursor is None:
+        return None
+    text = decode_cursor(cursor)
+    found = _CURSOR.fullmatch(str(text))
+    if found is None:
+        raise errors.InvalidCursor(f"cursor {cursor[:40]!r} is not a statement's")
+    parts = [g for g in found.groups() if g is not None]
+    numbers = [int(p) for p in parts[1:]]
+    if max(numbers) > POSITION_MAX or numbers[-1] > LEG_MAX:
+        raise errors.InvalidCursor(f"cursor {cursor[:40]!r} is not a statement's")
+    if parts[0] == "e":
+        try:
+            moment = _EPOCH + timedelta(microseconds=numbers[1])
+        except OverflowError:
+            raise errors.InvalidCursor(f"cursor {cursor[:40]!r} is not a statement's") from None
+        return "e", numbers[0], (moment, numbers[2], numbers[3])
+    return "r", numbers[0], (numbers[1], numbers[2])
+
+
+def open_statement(
+    conn: psycopg.Connection[Any],
+    ledger: str,
+    account: str,
+    start: Point,
+    end: Point,
+    cursor: str | None = None,
+) -> tuple[Statement, tuple[Any, ...]]:
+    """The statement of ``account`` over ``(start, end]`` and the key its page starts after
+    (the opening's on the first page, else the cursor's). Errors (no ledger, no account, a
+    period across axes or outside the log, a cursor not of this statement) are raised here,
+    before anything is written."""
+    if start.kind != end.kind and "head" not in (start.kind, end.kind):
+        raise errors.InvalidRequest("a period's start and end must be on the same axis")
+    row = ledgers.ledger_on(conn, ledger)
+    ledger_id, head = int(row.id), int(row.head_position)
+    found = accounts.ACCOUNT_NAMED.one_on(conn, (ledger_id, account))
+    if found is None:
+        raise errors.AccountNotFoundForRead(f"account {account!r} does not exist")
+    after = _after(cursor)
+    effective = "effective" in (start.kind, end.kind)
+    high_time: datetime | None = None
+    if effective:
+        low: tuple[Any, ...] = (start.time or _EPOCH, POSITION_MAX, LEG_MAX)
+        high_time = end.time
+        position = head
+    else:
+        low_pos = head if start.kind == "head" else _position_on(conn, ledger_id, head, start)
+        low = (low_pos, LEG_MAX)
+        position = _position_on(conn, ledger_id, head, end)
+    key = low
+    if after is not None:
+        axis, pinned, key = after
+        if axis != ("e" if effective else "r") or key < low:
+            raise errors.InvalidCursor(f"cursor {cursor!r} is not of this statement's period")
+        position = min(position, pinned)
+    assets = [
+        a for (a,) in statements.ASSETS_POSTED.all_on(conn, (found.id, high_time, position))
+    ]
+    conn.commit()
+    return (
+        Statement(
+            ledger, ledger_id, account, int(found.id), found.type,
+            ledgers.scales_on(conn, ledger_id), effective, low, high_time, position, assets,
+            start, end,
+        ),
+        key,
+    )
+
+
+def _position_on(conn: psycopg.Connection[Any], ledger_id: int, head: int, at: Point) -> int:
+    if at.kind == "head":
+        return head
+    if at.kind == "position":
+        assert at.position is not None
+        if not 0 <= at.position <= head:
+            raise errors.PositionOutOfRange(f"as_of {at.position} is outside 0..{head}", head=head)
+        return at.position
+    assert at.time is not None
+    return ledgers.position_at_on(conn, ledger_id, at.time)
+
+
+def _balances_through(
+    conn: psycopg.Connection[Any], st: Statement, key: tuple[Any, ...]
+) -> dict[str, int]:
+    """The account's balance per asset (on its normal side) through the line of ``key``."""
+    if st.effective:
+        rows = statements.EFFECTIVE_TOTALS.all_on(conn, (st.account_id, *key, st.position))
+    else:
+        rows = statements.RECORDED_TOTALS.all_on(conn, (*key, st.account_id))
+    totals = {asset: st.normal * (int(d) - int(c)) for asset, d, c in rows}
+    return {a: totals.get(a, 0) for a in st.assets}
+
+
+def _lines_after(
+    conn: psycopg.Connection[Any], st: Statement, key: tuple[Any, ...], limit: int
+) -> list[tuple[Any, ...]]:
+    """At most ``limit`` posted entries of the statement after the line of ``key``."""
+    if st.effective:
+        params: tuple[Any, ...] = (
+            *key, st.high_time, st.position, limit, st.ledger_id, st.account_id, limit,
+        )
+        return statements.EFFECTIVE_PAGE.all_on(conn, params)
+    params = (*key, st.position, limit, st.ledger_id, st.account_id, limit)
+    return statements.RECORDED_PAGE.all_on(conn, params)
+
+
+def _line_key(st: Statement, row: tuple[Any, ...]) -> tuple[Any, ...]:
+    _, position, leg, _, _, effective_at, _, _ = row
+    return (effective_at, int(position), int(leg)) if st.effective else (int(position), int(leg))
+
+
+def _lines(
+    st: Statement, rows: list[tuple[Any, ...]], running: dict[str, int]
+) -> list[dict[str, Any]]:
+    """One line per entry with the account's balance after it (``running`` is updated)."""
+    out = []
+    for asset, position, leg, debit, amount, effective_at, recorded_at, key in rows:
+        running[asset] = running.get(asset, 0) + st.normal * (amount if debit else -amount)
+        out.append(
+            {
+                "position": position,
+                "leg": leg,
+                "transfer": key,
+                "asset": f"{asset}/{st.scales[asset]}",
+                "debit": str(amount) if debit else "",
+                "credit": "" if debit else str(amount),
+                "balance": str(running[asset]),
+                "effective_at": effective_at.isoformat(),
+                "recorded_at": recorded_at.isoformat(),
+            }
+        )
+    return out
+
+
+def _balance_list(st: Statement, balances: dict[str, int]) -> list[dict[str, str]]:
+    return [
+        {"asset": f"{a}/{st.scales[a]}", "balance": str(balances.get(a, 0))} for a in st.assets
+    ]
+
+
+def _statement_head(st: Statement) -> dict[str, Any]:
+    return {
+        "report": "account_statement",
+        "ledger": st.ledger,
+        "account": st.account,
+        "type": st.type,
+        "side": side_of(st.type),
+        "from": st.start.label(),
+        "to": st.end.label(),
+        "position": st.position,
+    }
+
+
+def statement_page(
+    conn: psycopg.Connection[Any],
+    ledger: str,
+    account: str,
+    start: Point,
+    end: Point,
+    limit: int,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """One page of a statement: at most ``limit`` lines, the balances ``brought_forward`` (at
+    the page's start) and ``carried_forward`` (after its last line), ``opening`` on the first
+    page and ``closing`` on the last (null elsewhere), and ``next_after`` (null on the last).
+    The pages of one statement join exactly: each brings forward what the one before carried
+    forward, and they stand on the first page's log position (``position``)."""
+    st, key = open_statement(conn, ledger, account, start, end, cursor)
+    brought = _balances_through(conn, st, key)
+    rows = _lines_after(conn, st, key, limit + 1)
+    conn.commit()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    running = dict(brought)
+    lines = _lines(st, rows, running)
+    return {
+        **_statement_head(st),
+        "opening": _balance_list(st, brought) if cursor is None else None,
+        "brought_forward": _balance_list(st, brought),
+        "lines": lines,
+        "carried_forward": _balance_list(st, running),
+        "closing": None if more else _balance_list(st, running),
+        "next_after": st.cursor(_line_key(st, rows[-1])) if more else None,
+    }
+
+
+def statement_lines(
+    conn: psycopg.Connection[Any], st: Statement, fetch_lines: int
+) -> Iterator[tuple[str, dict[str, int], list[dict[str, Any]]]]:
+    """The whole statement, a page of at most ``fetch_lines`` lines at a time (memory does not
+    grow with the period): ``("opening", balances, [])`` first, then ``("lines", running,
+    lines)`` per page, then ``("closing", balances, [])``."""
+    key = st.low
+    running = _balances_through(conn, st, key)
+    conn.commit()
+    yield "opening", dict(running), []
+    while True:
+        rows = _lines_after(conn, st, key, fetch_lines)
+        conn.commit()
+        if rows:
+            yield "lines", running, _lines(st, rows, running)
+            key = _line_key(st, rows[-1])
+        if len(rows) < fetch_lines:
+            break
+    yield "closing", running, []
+
+
+def statement_csv(
+    conn: psycopg.Connection[Any], st: Statement, fetch_lines: int
+) -> Iterator[str]:
+    """The statement as CSV, one chunk per page of lines: a header, an ``opening`` row per
+    asset, every line, a ``closing`` row per asset; every cell through the formula escaping."""
+    out = io.StringIO()
+    w = _Writer(out)
+    w.writerow(STATEMENT_CSV_COLUMNS)
+    for part, balances, lines in statement_lines(conn, st, fetch_lines):
+        if part == "lines":
+            for line in lines:
+                a = line["asset"]
+                w.writerow(
+                    [
+                        line["position"],
+                        line["transfer"],
+                        a,
+                        line["debit"],
+                        line["credit"],
+                        line["balance"],
+                        _money_cell(line["debit"], a),
+                        _money_cell(line["credit"], a),
+                        _money_cell(line["balance"], a),
+                        line["effective_at"],
+                        line["recorded_at"],
+                    ]
+                )
+        else:
+            for b in _balance_list(st, balances):
+                money = _money_cell(b["balance"], b["asset"])
+                w.writerow(["", part, b["asset"], "", "", b["balance"], "", "", money, "", ""])
+        yield out.getvalue()
+        out.seek(0)
+        out.truncate()
+
+
+def statement_json(
+    conn: psycopg.Connection[Any], st: Statement, fetch_lines: int
+) -> Iterator[str]:
+    """The whole statement as one JSON document (the command line's), written a page at a
+    time: the fields of a page, with every line, ``opening`` and ``closing``."""
+    head = _statement_head(st)
+    yield json.dumps(head)[:-1]
+    first = True
+    for part, balances, lines in statement_lines(conn, st, fetch_lines):
+        if part == "opening":
+            yield f', "opening": {json.dumps(_balance_list(st, balances))}, "lines": ['
+        elif part == "lines":
+            text = ",\n".join(json.dumps(line) for line in lines)
+            yield ("\n" if first else ",\n") + text
+            first = False
+        else:
+            yield f'], "closing": {json.dumps(_balance_list(st, balances))}}}\n'
 
 
 _MONTH_END_COLUMNS = [
