@@ -8,10 +8,11 @@ import csv
 import io
 import itertools
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
+import psycopg
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import AwareDatetime
 from starlette.responses import Response, StreamingResponse
@@ -20,7 +21,7 @@ from api import auth, schemas
 from api.middleware import ParsedBodyRoute
 from api.replica import FRESH
 from api.routes import AccountPath, LedgerPath, _problems, json_response, service
-from ledger import errors, limits
+from ledger import errors, limits, postgres
 from ledger.queries import ledgers
 from ledger.queries import projections as projected
 from ledger.queries.reader import Reader
@@ -33,20 +34,6 @@ Time = Annotated[AwareDatetime | None, Query(description="ISO 8601 with a UTC of
 Format = Annotated[Literal["json", "csv"], Query()]
 Chunk = TypeVar("Chunk", str, bytes)
 T = TypeVar("T")
-
-
-async def _answer(
-    svc: Any, work: Callable[[Any], Awaitable[dict[str, Any]]], fmt: str, name: str
-) -> Response:
-    async with svc.read_pool.connection() as conn:
-        report = await work(conn)
-    if fmt == "csv":
-        return Response(
-            reports.to_csv(report),
-            media_type="text/csv",
-            headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
-        )
-    return json_response(report)
 
 
 @router.get(
@@ -73,14 +60,26 @@ async def report(
     """`trial-balance`: every account's debits and credits per asset (per asset they are
     equal); `balance-sheet`: assets, liabilities and equity on their normal sides, with earnings
     to date; `income-statement`: revenue, expenses and net income to date. Every balance is on
-    its account's normal side (`side`), with subtotals per account prefix."""
-    svc = service(request)
+    its account's normal side (`side`), with subtotals per account prefix. Streamed, JSON or
+    CSV, in constant memory whatever the number of accounts, the key checked again as it goes
+    (as the journal): a report cut short ends with a line that says why."""
+    await service(request).ledger_ref(ledger)
     at = reports.point(as_of, recorded_at, effective_at)
-    return await _answer(
-        svc,
-        lambda c: reports.report(c, ledger, report, at, subtotal_depth),
-        format,
-        f"{ledger}-{report}",
+    write = reports.report_csv if format == "csv" else reports.report_json
+
+    def opened(conn: Any) -> Iterator[str]:
+        about, rows = reports.open_report(conn, ledger, report, at, limits.report_fetch_rows)
+        return write(about, rows, subtotal_depth, limits.report_fetch_rows)
+
+    chunks = await _streamed(request, opened)
+    if format == "csv":
+        return StreamingResponse(
+            _while_allowed(request, ledger, chunks, "csv"),
+            media_type="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="{ledger}-{report}.csv"'},
+        )
+    return StreamingResponse(
+        _while_allowed(request, ledger, chunks, "json"), media_type="application/json"
     )
 
 
@@ -151,8 +150,6 @@ async def account_statement(
 async def _on_direct_connection(request: Request, work: Callable[[Any], T]) -> T:
     """``work(conn)`` in a thread, on a read-only connection of its own (a slot of
     :func:`_direct_connection`'s), with the read pool's statement timeout."""
-    from ledger import postgres
-
     url = request.app.state.read_database_url
 
     def run() -> T:
@@ -170,8 +167,6 @@ async def _streamed(request: Request, opened: Callable[[Any], Iterator[Chunk]]) 
     :func:`_direct_connection`'s until the export ends (or is dropped unread): ``opened(conn)``
     checks what was asked for and returns the chunks; its errors, and those of the first
     chunk, are raised here, before the response starts."""
-    from ledger import postgres
-
     url = request.app.state.read_database_url
     slots = await _direct_slot(request)
     loop = asyncio.get_running_loop()
@@ -298,14 +293,19 @@ async def _while_allowed(
 
     authorization = request.headers.get("authorization")
     try:
-        async for chunk in iterate_in_threadpool(chunks):
-            try:
-                principal = await auth.authenticate(request.scope, authorization)
-                principal.require("read", ledger)
-            except errors.LedgerError as error:
-                yield _stopped_line(error, fmt)
-                return
-            yield chunk
+        try:
+            async for chunk in iterate_in_threadpool(chunks):
+                try:
+                    principal = await auth.authenticate(request.scope, authorization)
+                    principal.require("read", ledger)
+                except errors.LedgerError as error:
+                    yield _stopped_line(error, fmt)
+                    return
+                yield chunk
+        except errors.LedgerError as error:  # an expected failure met while streaming
+            yield _stopped_line(error, fmt)
+        except psycopg.Error as exc:  # the database failed after the first byte: say so
+            yield _stopped_line(postgres.translate(exc), fmt)
     finally:
         # Closes the export's connection at once (not when collected); a chunk still being
         # read in a thread (the client went away meanwhile) leaves that to the collector.
@@ -316,12 +316,15 @@ async def _while_allowed(
 
 def _stopped_line(error: errors.LedgerError, fmt: str) -> Any:
     """The last line of an export cut short: ``error,<code>,<detail>`` in CSV (in the
-    ``position`` column, where a reader expects a number), ``{"error": {…}}`` in JSON lines."""
+    ``position`` column, where a reader expects a number), ``{"error": {…}}`` in JSON lines
+    (and on a line of its own after a JSON document's part, which then does not parse)."""
     if fmt == "csv":
         out = io.StringIO()
         csv.writer(out).writerow(["error", error.code, error.detail])
         return out.getvalue()
     problem = {"code": error.code, "status": error.status, "detail": error.detail}
+    if fmt == "json":  # after part of one JSON document: it no longer parses, as it must not
+        return "\n" + orjson.dumps({"error": problem}).decode() + "\n"
     return orjson.dumps({"error": problem}) + b"\n"
 
 

@@ -496,6 +496,7 @@ def _report(
     csv: bool,
     depth: int = 1,
 ) -> None:
+    from ledger import postgres
     from projections import reports
 
     def action(settings: Settings) -> None:
@@ -503,15 +504,14 @@ def _report(
         at = reports.parse_point(effective_at or as_of, basis)
         if effective_at and as_of:  # both axes at once
             at = replace(at, recorded_by=reports.parse_point(as_of, "recorded"))
-
-        async def run(pool: Any) -> dict[str, Any]:
-            async with pool.connection() as conn:
-                return await reports.report(conn, ledger, kind, at, depth)
-
-        report = _with_pool(settings, run)
-        print(
-            reports.to_csv(report) if csv else json.dumps(report, indent=2), end="" if csv else "\n"
-        )
+        with database_url(settings) as url, postgres.connect(url) as conn:
+            about, rows = reports.open_report(conn, ledger, kind, at, limits.report_fetch_rows)
+            write = reports.report_csv if csv else reports.report_json
+            for chunk in write(about, rows, depth):
+                sys.stdout.write(chunk)
+            if not csv:
+                sys.stdout.write("\n")
+            sys.stdout.flush()
 
     _run(action)
 

@@ -49,6 +49,12 @@ aggregate_groups_max: Final = 10_000
 """Rows (group and asset) one aggregate of balances by prefix answers at most."""
 report_subtotal_depth_max: Final = 8
 """Deepest account prefix (in ``:`` segments) a report subtotals by (``subtotal_depth``)."""
+report_subtotal_groups_max: Final = 100_000
+"""Subtotals (account prefix and asset) one report holds at most while it streams; past this
+it ends with an error line (a smaller ``subtotal_depth`` has fewer)."""
+report_fetch_rows: Final = 2_000
+"""Accounts a report (trial balance, balance sheet, income statement) reads from Postgres at a
+time: it streams, so its memory does not grow with the number of accounts."""
 statement_page_lines_default: Final = 1_000
 """Lines in a page of an account statement (JSON) when ``limit`` is not given."""
 statement_page_lines_max: Final = 10_000

@@ -9,6 +9,7 @@ CSV form adds a decimal column per amount, written from the integer and the asse
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -20,7 +21,7 @@ from typing import Any, Literal
 
 import psycopg
 
-from ledger import domain, errors
+from ledger import domain, errors, limits
 from ledger.queries import accounts, ledgers, statements
 from ledger.queries.accounts import POSTED_SUMS, as_of_entry
 from ledger.queries.reader import Read, Reader
@@ -110,41 +111,63 @@ async def closed_through(conn: psycopg.AsyncConnection[Any], ledger: str) -> str
     return await ledgers.closed_through(Reader.on(conn), ledger)
 
 
-def subtotals(
-    rows: list[dict[str, Any]], depth: int, section: str | None = None
-) -> list[dict[str, Any]]:
+class Subtotals:
     """Per account prefix (its first 1..``depth`` ``:`` segments) and asset: the accounts'
-    debits, credits and balance. A prefix is a subtotal only when it has accounts below it
-    (``users`` for ``users:alice``), not for an account alone at the top. The balance is on
-    the accounts' common normal side; a prefix mixing both sides states ``debit``."""
-    groups: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in rows:
+    debits, credits and balance, added one account at a time (a streamed report's), at most
+    ``report_subtotal_groups_max`` groups. A prefix is a subtotal only when it has accounts
+    below it (``users`` for ``users:alice``), not for an account alone at the top. The balance
+    is on the accounts' common normal side; a prefix mixing both sides states ``debit``."""
+
+    def __init__(self, depth: int, section: str | None = None) -> None:
+        self.depth, self.section = depth, section
+        self.groups: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def add(self, r: dict[str, Any]) -> None:
         segments = r["account"].split(":")
-        for k in range(1, min(depth, len(segments) - 1) + 1):
+        for k in range(1, min(self.depth, len(segments) - 1) + 1):
             prefix = ":".join(segments[:k])
-            g = groups.setdefault(
-                (prefix, r["asset"]),
-                {"prefix": prefix, "depth": k, "asset": r["asset"], "accounts": 0,
-                 "debits": 0, "credits": 0, "sides": set()},
-            )
+            g = self.groups.get((prefix, r["asset"]))
+            if g is None:
+                if len(self.groups) >= limits.report_subtotal_groups_max:
+                    raise errors.InvalidRequest(
+                        f"more than {limits.report_subtotal_groups_max} subtotals:"
+                        " use a smaller subtotal_depth"
+                    )
+                g = self.groups[(prefix, r["asset"])] = {
+                    "prefix": prefix, "depth": k, "asset": r["asset"], "accounts": 0,
+                    "debits": 0, "credits": 0, "sides": set(),
+                }
             g["accounts"] += 1
             g["debits"] += r["debits"]
             g["credits"] += r["credits"]
             g["sides"].add(side_of(r["type"]))
-    out = []
-    for (_, _), g in sorted(groups.items()):
-        side = g.pop("sides").pop() if len(g["sides"]) == 1 else "debit"
-        out.append(
-            {
-                **({"section": section} if section else {}),
-                **g,
-                "side": side,
-                "balance": str(on_side(side, g["debits"], g["credits"])),
-                "debits": str(g["debits"]),
-                "credits": str(g["credits"]),
-            }
-        )
-    return out
+
+    def rows(self) -> list[dict[str, Any]]:
+        out = []
+        for (_, _), g in sorted(self.groups.items()):
+            sides = g["sides"]
+            side = next(iter(sides)) if len(sides) == 1 else "debit"
+            out.append(
+                {
+                    **({"section": self.section} if self.section else {}),
+                    **{k: v for k, v in g.items() if k != "sides"},
+                    "side": side,
+                    "balance": str(on_side(side, g["debits"], g["credits"])),
+                    "debits": str(g["debits"]),
+                    "credits": str(g["credits"]),
+                }
+            )
+        return out
+
+
+def subtotals(
+    rows: list[dict[str, Any]], depth: int, section: str | None = None
+) -> list[dict[str, Any]]:
+    """:class:`Subtotals` of a list of accounts' rows."""
+    groups = Subtotals(depth, section)
+    for r in rows:
+        groups.add(r)
+    return groups.rows()
 
 
 async def _ledger(conn: psycopg.AsyncConnection[Any], name: str) -> tuple[int, int, dict[str, int]]:
@@ -266,89 +289,8 @@ async def trial_balance(
     }
 
 
-async def statement_of(
-    conn: psycopg.AsyncConnection[Any], ledger: str, at: Point, kind: str, depth: int = 1
-) -> dict[str, Any]:
-    """A balance sheet (asset, liability, equity, and the period's earnings) or the cumulative
-    income statement, each balance on its account type's normal side, with subtotals per
-    section and account prefix down to ``depth`` segments."""
-    rows, scales, position = await balances_at(conn, ledger, at)
-    sections: dict[str, dict[str, list[dict[str, str]]]] = {}
-    totals: dict[str, dict[str, int]] = {}
-    by_section: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        if r["type"] in SECTIONS[kind] and r["debits"] != r["credits"]:
-            by_section.setdefault(r["type"], []).append(
-                {**r, "asset": f"{r['asset']}/{scales[r['asset']]}"}
-            )
-        sign = 1 if r["type"] in NORMAL_DEBIT else -1
-        normal = sign * (r["debits"] - r["credits"])
-        asset = f"{r['asset']}/{scales[r['asset']]}"
-        by_type = totals.setdefault(
-            asset, {t: 0 for t in ("asset", "liability", "equity", "revenue", "expense")}
-        )
-        by_type[r["type"]] += normal
-        if r["type"] in SECTIONS[kind] and normal:
-            sections.setdefault(r["type"], {}).setdefault(asset, []).append(
-                {
-                    "account": r["account"],
-                    "debits": str(r["debits"]),
-                    "credits": str(r["credits"]),
-                    "balance": str(normal),
-                }
-            )
-    summary = []
-    for asset, t in sorted(totals.items()):
-        earnings = t["revenue"] - t["expense"]
-        if kind == "balance_sheet":
-            summary.append(
-                {
-                    "asset": asset,
-                    "assets": str(t["asset"]),
-                    "liabilities": str(t["liability"]),
-                    "equity": str(t["equity"]),
-                    "earnings": str(earnings),
-                    "balanced": t["asset"] == t["liability"] + t["equity"] + earnings,
-                }
-            )
-        else:
-            summary.append(
-                {
-                    "asset": asset,
-                    "revenue": str(t["revenue"]),
-                    "expenses": str(t["expense"]),
-                    "net_income": str(earnings),
-                }
-            )
-    return {
-        "report": kind,
-        "ledger": ledger,
-        **at.label(),
-        "position": position,
-        **_produced(await closed_through(conn, ledger)),
-        "sections": sections,
-        "subtotals": [
-            s
-            for section in SECTIONS[kind]
-            for s in subtotals(by_section.get(section, []), depth, section)
-        ],
-        "summary": summary,
-    }
-
-
 REPORTS = ("trial-balance", "balance-sheet", "income-statement")
 """The reports of one point, by the names the API's URLs and the CLI's commands give them."""
-
-
-async def report(
-    conn: psycopg.AsyncConnection[Any], ledger: str, name: str, at: Point, depth: int = 1
-) -> dict[str, Any]:
-    """A report of one point by its name: the one dispatch the API and the CLI share."""
-    if name == "trial-balance":
-        return await trial_balance(conn, ledger, at, depth)
-    if name in REPORTS:
-        return await statement_of(conn, ledger, at, name.replace("-", "_"), depth)
-    raise errors.InvalidRequest(f"no report {name!r}: {', '.join(REPORTS)}")
 
 
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -386,108 +328,44 @@ def rows_to_csv(columns: list[str], rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
-def to_csv(report: dict[str, Any]) -> str:
-    """One table per report, with a decimal column beside every amount in minor units."""
-    out = io.StringIO()
-    w = _Writer(out)
-    kind = report["report"]
-    if kind == "trial_balance":
-        _trial_balance_csv(w, report)
-    else:
-        _sections_csv(w, report)
-    return out.getvalue()
-
-
 def _money_cell(amount: str, asset: str) -> str:
     """An amount in minor units of ``CODE/SCALE`` as an exact decimal ("" for none)."""
     return _money(int(amount), int(asset.split("/")[1])) if amount else ""
 
 
-def _trial_balance_csv(w: _Writer, report: dict[str, Any]) -> None:
-    w.writerow(
-        [
-            "account",
-            "type",
-            "asset",
-            "debits_minor",
-            "credits_minor",
-            "balance_minor",
-            "debits",
-            "credits",
-            "balance",
-            "side",
-            "line",
-            "prefix",
-        ]
-    )
-
-    def amounts(x: dict[str, Any]) -> list[str]:
-        a = x["asset"]
-        d, c, b = x["debits"], x["credits"], x["balance"]
-        return [d, c, b, _money_cell(d, a), _money_cell(c, a), _money_cell(b, a), x["side"]]
-
-    for line in report["lines"]:
-        row = [line["account"], line["type"], line["asset"], *amounts(line)]
-        w.writerow([*row, "account", ""])
-    for sub in report.get("subtotals", []):
-        w.writerow(["", "", sub["asset"], *amounts(sub), "subtotal", sub["prefix"]])
-    for t in report["totals"]:
-        a = t["asset"]
-        d, c = t["debits"], t["credits"]
-        w.writerow(["", "", a, d, c, "", _money_cell(d, a), _money_cell(c, a), "", "", "total", ""])
-    _closed_row(w, report, 12)
+_TRIAL_BALANCE_COLUMNS = [
+    "account",
+    "type",
+    "asset",
+    "debits_minor",
+    "credits_minor",
+    "balance_minor",
+    "debits",
+    "credits",
+    "balance",
+    "side",
+    "line",
+    "prefix",
+]
+_SECTIONS_COLUMNS = [
+    "section",
+    "account",
+    "asset",
+    "balance_minor",
+    "balance",
+    "side",
+    "debits_minor",
+    "credits_minor",
+    "line",
+    "prefix",
+]
 
 
-def _sections_csv(w: _Writer, report: dict[str, Any]) -> None:
-    """A balance sheet or an income statement."""
-    w.writerow(
-        [
-            "section",
-            "account",
-            "asset",
-            "balance_minor",
-            "balance",
-            "side",
-            "debits_minor",
-            "credits_minor",
-            "line",
-            "prefix",
-        ]
-    )
-    for section, by_asset in report["sections"].items():
-        for asset, lines in by_asset.items():
-            for line in lines:
-                w.writerow(
-                    [
-                        section,
-                        line["account"],
-                        asset,
-                        line["balance"],
-                        _money_cell(line["balance"], asset),
-                        side_of(section),
-                        line.get("debits", ""),
-                        line.get("credits", ""),
-                        "account",
-                        "",
-                    ]
-                )
-    for sub in report.get("subtotals", []):
-        a = sub["asset"]
-        w.writerow(
-            [
-                sub["section"],
-                "",
-                a,
-                sub["balance"],
-                _money_cell(sub["balance"], a),
-                sub["side"],
-                sub["debits"],
-                sub["credits"],
-                "subtotal",
-                sub["prefix"],
-            ]
-        )
-    _closed_row(w, report, 10)
+def _amounts(x: dict[str, Any]) -> list[str]:
+    """A trial balance line's or subtotal's amounts, in minor units and as decimals."""
+    a = x["asset"]
+    d, c, b = x["debits"], x["credits"], x["balance"]
+    return [d, c, b, _money_cell(d, a), _money_cell(c, a), _money_cell(b, a), x["side"]]
 
 
 def _closed_row(w: _Writer, report: dict[str, Any], width: int) -> None:
@@ -819,6 +697,250 @@ def statement_json(
             first = False
         else:
             yield f'], "closing": {json.dumps(_balance_list(st, balances))}}}\n'
+
+
+# --- Reports streamed (JSON and CSV), in constant memory ------------------------------------------
+
+_TYPES_IN_ORDER = ["asset", "liability", "equity", "revenue", "expense"]
+
+
+def open_report(
+    conn: psycopg.Connection[Any], ledger: str, name: str, at: Point, fetch_rows: int
+) -> tuple[dict[str, Any], Iterator[dict[str, Any]]]:
+    """What a report says of itself (ledger, point, position, closed periods) and its accounts'
+    rows, read ``fetch_rows`` at a time through a server-side cursor: by name and asset for the
+    trial balance, by section (type), asset and name for the others. Errors (no ledger, a point
+    outside the log, no such report) are raised here, before anything is written."""
+    if name not in REPORTS:
+        raise errors.InvalidRequest(f"no report {name!r}: {', '.join(REPORTS)}")
+    row = ledgers.ledger_on(conn, ledger)
+    ledger_id, head = int(row.id), int(row.head_position)
+    scales = ledgers.scales_on(conn, ledger_id)
+    position: int | None
+    params: list[Any]
+    if at.kind == "effective":
+        position = None
+        if at.recorded_by is not None:
+            position = _position_on(conn, ledger_id, head, at.recorded_by)
+        read, params = _EFFECTIVE_TOTALS, [ledger_id, at.time, position, position]
+    else:
+        position = _position_on(conn, ledger_id, head, at)
+        read, params = _TOTALS_AS_OF, [position, ledger_id]
+    sql = read.sql
+    if name != "trial-balance":
+        sql = f"SELECT * FROM ({sql}) r ORDER BY array_position(%s::text[], r.type), 3, 1"
+        params.append(_TYPES_IN_ORDER)
+    closed = ledgers.CLOSED_THROUGH.one_on(conn, (ledger,))
+    conn.commit()
+    about = {
+        "report": name.replace("-", "_"),
+        "ledger": ledger,
+        **at.label(),
+        "position": position,
+        **_produced(None if closed is None else closed.closed_through),
+    }
+
+    # The query runs, and its first rows are read, before this returns: a failure (a lock
+    # waited on, a connection dropped) is answered as an error, not after the first byte.
+    cur = conn.cursor(name="report")
+    try:
+        cur.execute(sql, params)
+        batch = cur.fetchmany(fetch_rows)
+    except BaseException:
+        cur.close()
+        raise
+
+    def rows(batch: list[Any]) -> Iterator[dict[str, Any]]:
+        try:
+            while batch:
+                for account, kind, asset, debits, credits in batch:
+                    yield {"account": account, "type": kind, "asset": f"{asset}/{scales[asset]}",
+                           "debits": int(debits), "credits": int(credits)}
+                batch = cur.fetchmany(fetch_rows)
+        finally:
+            with contextlib.suppress(psycopg.Error):  # (closed already when the export failed)
+                cur.close()
+                conn.rollback()  # a read: nothing to keep, and no transaction left open
+
+    return about, rows(batch)
+
+
+def _trial_balance_parts(
+    rows: Iterator[dict[str, Any]], depth: int, chunk_lines: int
+) -> Iterator[tuple[str, Any]]:
+    """``("lines", [line, …])`` a chunk at a time, then ``("subtotals", […])`` and
+    ``("totals", […])``: the trial balance as :func:`trial_balance` answers it."""
+    groups = Subtotals(depth)
+    totals: dict[str, list[int]] = {}
+    lines: list[dict[str, Any]] = []
+    for r in rows:
+        if r["debits"] == r["credits"] == 0:
+            continue
+        groups.add(r)
+        side = side_of(r["type"])
+        lines.append(
+            {
+                "account": r["account"],
+                "type": r["type"],
+                "asset": r["asset"],
+                "debits": str(r["debits"]),
+                "credits": str(r["credits"]),
+                "side": side,
+                "balance": str(on_side(side, r["debits"], r["credits"])),
+            }
+        )
+        t = totals.setdefault(r["asset"], [0, 0])
+        t[0] += r["debits"]
+        t[1] += r["credits"]
+        if len(lines) == chunk_lines:
+            yield "lines", lines
+            lines = []
+    yield "lines", lines
+    yield "subtotals", groups.rows()
+    yield "totals", [
+        {"asset": a, "debits": str(d), "credits": str(c), "balanced": d == c}
+        for a, (d, c) in sorted(totals.items())
+    ]
+
+
+def _sections_parts(
+    rows: Iterator[dict[str, Any]], kind: str, depth: int, chunk_lines: int
+) -> Iterator[tuple[str, Any]]:
+    """``("lines", [(section, asset, line), …])`` a chunk at a time (rows come by section,
+    asset and name), then ``("subtotals", […])`` and ``("summary", […])``: the balance sheet or
+    income statement as :func:`statement_of` answers it."""
+    groups = {section: Subtotals(depth, section) for section in SECTIONS[kind]}
+    totals: dict[str, dict[str, int]] = {}
+    lines: list[tuple[str, str, dict[str, str]]] = []
+    for r in rows:
+        normal = (1 if r["type"] in NORMAL_DEBIT else -1) * (r["debits"] - r["credits"])
+        by_type = totals.setdefault(r["asset"], dict.fromkeys(_TYPES_IN_ORDER, 0))
+        by_type[r["type"]] += normal
+        if r["type"] in SECTIONS[kind] and normal:
+            groups[r["type"]].add(r)
+            line = {"account": r["account"], "debits": str(r["debits"]),
+                    "credits": str(r["credits"]), "balance": str(normal)}
+            lines.append((r["type"], r["asset"], line))
+            if len(lines) == chunk_lines:
+                yield "lines", lines
+                lines = []
+    yield "lines", lines
+    yield "subtotals", [s for section in SECTIONS[kind] for s in groups[section].rows()]
+    summary = []
+    for asset, t in sorted(totals.items()):
+        earnings = t["revenue"] - t["expense"]
+        if kind == "balance_sheet":
+            summary.append(
+                {
+                    "asset": asset,
+                    "assets": str(t["asset"]),
+                    "liabilities": str(t["liability"]),
+                    "equity": str(t["equity"]),
+                    "earnings": str(earnings),
+                    "balanced": t["asset"] == t["liability"] + t["equity"] + earnings,
+                }
+            )
+        else:
+            summary.append(
+                {
+                    "asset": asset,
+                    "revenue": str(t["revenue"]),
+                    "expenses": str(t["expense"]),
+                    "net_income": str(earnings),
+                }
+            )
+    yield "summary", summary
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def report_json(
+    about: dict[str, Any], rows: Iterator[dict[str, Any]], depth: int, chunk_lines: int = 500
+) -> Iterator[str]:
+    """The report as one JSON document, written a chunk of lines at a time: the same document
+    the report was as a whole (its sections' assets in code order, sections in their order)."""
+    kind = about["report"]
+    if kind == "trial_balance":
+        head = _dumps(about)[:-1] + ',"lines":['  # written with the first lines
+        first = True
+        for part, value in _trial_balance_parts(rows, depth, chunk_lines):
+            if part == "lines":
+                yield head + ("" if first or not value else ",") + ",".join(map(_dumps, value))
+                head, first = "", first and not value
+            elif part == "subtotals":
+                yield '],"subtotals":' + _dumps(value)
+            else:
+                yield ',"totals":' + _dumps(value) + "}"
+        return
+    head = _dumps(about)[:-1] + ',"sections":{'
+    at: tuple[str, str] | None = None
+    for part, value in _sections_parts(rows, kind, depth, chunk_lines):
+        if part == "lines":
+            out = [head]
+            head = ""
+            for section, asset, line in value:
+                if at is None or at[0] != section:
+                    opened = f"{_dumps(section)}:{{{_dumps(asset)}:["
+                    out.append(("" if at is None else "]},") + opened)
+                elif at[1] != asset:
+                    out.append(f"],{_dumps(asset)}:[")
+                else:
+                    out.append(",")
+                out.append(_dumps(line))
+                at = (section, asset)
+            yield "".join(out)
+        elif part == "subtotals":
+            yield ("" if at is None else "]}") + '},"subtotals":' + _dumps(value)
+        else:
+            yield ',"summary":' + _dumps(value) + "}"
+
+
+def report_csv(
+    about: dict[str, Any], rows: Iterator[dict[str, Any]], depth: int, chunk_lines: int = 500
+) -> Iterator[str]:
+    """The report as CSV, a chunk of lines at a time: the same table it was as a whole."""
+    out = io.StringIO()
+    w = _Writer(out)
+    if about["report"] == "trial_balance":
+        w.writerow(_TRIAL_BALANCE_COLUMNS)
+        for part, value in _trial_balance_parts(rows, depth, chunk_lines):
+            if part == "lines":
+                for line in value:
+                    row = [line["account"], line["type"], line["asset"], *_amounts(line)]
+                    w.writerow([*row, "account", ""])
+            elif part == "subtotals":
+                for sub in value:
+                    w.writerow(["", "", sub["asset"], *_amounts(sub), "subtotal", sub["prefix"]])
+            else:
+                for t in value:
+                    a, d, c = t["asset"], t["debits"], t["credits"]
+                    w.writerow(["", "", a, d, c, "", _money_cell(d, a), _money_cell(c, a), "",
+                                "", "total", ""])
+                _closed_row(w, about, len(_TRIAL_BALANCE_COLUMNS))
+            yield out.getvalue()
+            out.seek(0)
+            out.truncate()
+        return
+    w.writerow(_SECTIONS_COLUMNS)
+    for part, value in _sections_parts(rows, about["report"], depth, chunk_lines):
+        if part == "lines":
+            for section, asset, line in value:
+                w.writerow([section, line["account"], asset, line["balance"],
+                            _money_cell(line["balance"], asset), side_of(section),
+                            line["debits"], line["credits"], "account", ""])
+        elif part == "subtotals":
+            for sub in value:
+                a = sub["asset"]
+                w.writerow([sub["section"], "", a, sub["balance"], _money_cell(sub["balance"], a),
+                            sub["side"], sub["debits"], sub["credits"], "subtotal",
+                            sub["prefix"]])
+        else:
+            _closed_row(w, about, len(_SECTIONS_COLUMNS))
+        yield out.getvalue()
+        out.seek(0)
+        out.truncate()
 
 
 _MONTH_END_COLUMNS = [
