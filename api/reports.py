@@ -25,6 +25,7 @@ from ledger import errors, limits, postgres
 from ledger.queries import ledgers
 from ledger.queries import projections as projected
 from ledger.queries.reader import Reader
+from ledger.queries.search import decode_cursor, encode_cursor
 from projections import reports
 
 router = APIRouter(prefix="/v1", tags=["reports"], route_class=ParsedBodyRoute)
@@ -339,11 +340,17 @@ async def positions(
     as_of: AsOf = None,
     recorded_at: Time = None,
     effective_at: Time = None,
+    cursor: Annotated[
+        str | None,
+        Query(max_length=512, pattern=schemas.CURSOR_PATTERN, description="From the previous page"),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=limits.page_size_max)] = limits.page_size_default,
 ) -> Response:
     """Per holder and asset: quantity, pending, cost basis and realised P&L (average cost and
-    FIFO). From the projection; with `as_of` (a position) or `recorded_at` (the last position
-    recorded at or before it), replayed from the log up to that position. Positions follow the
-    log's order (lots, cost, P&L), so `effective_at` is refused."""
+    FIFO), a page at a time by holder and asset (`next_cursor`, null on the last page). From
+    the projection; with `as_of` (a position) or `recorded_at` (the last position recorded at or
+    before it), replayed from the log up to that position. Positions follow the log's order
+    (lots, cost, P&L), so `effective_at` is refused."""
     svc = service(request)
     from projections import positions as model
 
@@ -354,6 +361,7 @@ async def positions(
         )
     if as_of is not None and recorded_at is not None:
         raise errors.InvalidRequest("give as_of or recorded_at (both name a log position)")
+    after = _position_cursor(cursor)
     ref = await ledgers.ledger_ref(svc.reads, ledger)
     if recorded_at is not None:
         as_of = await ledgers.position_at(svc.reads, ref.id, recorded_at)
@@ -361,7 +369,9 @@ async def positions(
     if as_of is None:
         async with svc.read_pool.connection() as conn:
             on_conn = Reader.on(conn)
-            rows = await on_conn.all(projected.POSITIONS_HELD, (ref.id, holder, holder))
+            rows = await on_conn.all(
+                projected.POSITIONS_PAGE, (ref.id, holder, holder, *after, limit + 1)
+            )
             tracked = await projected.tracked(
                 on_conn, projected.tracking_name(projected.POSITIONS, ledger)
             )
@@ -370,11 +380,37 @@ async def positions(
         head = await ledgers.head(svc.reads, ledger)
         if as_of > head:
             raise errors.PositionOutOfRange(f"as_of {as_of} is beyond the head {head}", head=head)
-
-        rows, position = await _replay_positions(request, ledger, as_of, holder), as_of
+        # The replay holds every position of the log anyway; the page bounds the answer.
+        replayed = sorted(
+            await _replay_positions(request, ledger, as_of, holder), key=lambda r: (r[0], r[1])
+        )
+        rows = [r for r in replayed if (r[0], r[1]) > after][: limit + 1]
+        position = as_of
+    more = len(rows) > limit
+    rows = rows[:limit]
     return json_response(
-        {"ledger": ledger, "position": position, "items": [model.as_json(tuple(r)) for r in rows]}
+        {
+            "ledger": ledger,
+            "position": position,
+            "items": [model.as_json(tuple(r)) for r in rows],
+            "next_cursor": encode_cursor(orjson.dumps([rows[-1][0], rows[-1][1]]).decode())
+            if more
+            else None,
+        }
     )
+
+
+def _position_cursor(cursor: str | None) -> tuple[str, str]:
+    """The (holder, asset) a page of positions starts after ("", "" for the first page)."""
+    if cursor is None:
+        return "", ""
+    try:
+        found = orjson.loads(str(decode_cursor(cursor)))
+    except orjson.JSONDecodeError:
+        found = None
+    if not (isinstance(found, list) and len(found) == 2 and all(isinstance(x, str) for x in found)):
+        raise errors.InvalidCursor(f"cursor {cursor[:40]!r} is not a page of positions")
+    return found[0], found[1]
 
 
 class _ReplayTooLong(Exception):

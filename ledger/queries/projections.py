@@ -65,6 +65,14 @@ POSITIONS_HELD = Read(
 )
 """The positions projection of a ledger, every holder's or one's: parameters (ledger id,
 holder or null, the same again)."""
+POSITIONS_PAGE = Read(
+    "SELECT holder, asset, quantity, pending, quote, cost_average, pnl_average, lots, pnl_fifo"
+    " FROM positions WHERE ledger_id = %s AND (%s::text IS NULL OR holder = %s)"
+    " AND (holder, asset) > (%s, %s) ORDER BY holder, asset LIMIT %s",
+    Held,
+)
+"""A page of the positions projection, after a (holder, asset): parameters (ledger id, holder
+or null, the same again, holder and asset after which, limit)."""
 
 
 class Behind(NamedTuple):
