@@ -16,6 +16,8 @@ three additions, each a few lines around uvicorn's callbacks:
   when a handler waits longer than that for a body; this closes the connection a moment later
   in every case, also for a body that no handler reads.
 
+And one thing for speed: a response leaves in one socket write, not two (:class:`OneWrite`).
+
 TLS is the standard library's, from a certificate and key file (a key file readable by
 anyone but its owner is refused). Proxies: see docs/operations.md, "Behind a proxy".
 """
@@ -46,6 +48,69 @@ class _HeadTooLarge(Exception):
     pass
 
 
+class OneWrite(asyncio.Transport):
+    """The transport as uvicorn's ``RequestResponseCycle`` sees it: a write is held until the
+    next write, which takes it along in one send, or until the end of this turn of the event
+    loop, whichever comes first; ``close`` sends what is held first.
+
+    uvicorn writes a response's status line and headers at ``http.response.start`` and its body
+    at ``http.response.body``: two sends for every response, and on loopback TCP each send
+    also does the receiver's TCP work inside the sender's system call. A JSON answer sends
+    both in the same turn, so here they leave together, with the same bytes in the same order.
+    What is held is one write at most, never past the turn it was written in (a streamed
+    response's head, or a ``100 Continue``, is sent at the end of the turn as before, not kept
+    until a later chunk). The protocol sends what is held before anything it writes or closes
+    itself (:meth:`EdgeProtocol.flush`), and drops it when the connection is lost.
+    """
+
+    __slots__ = ("_flush_at_turn_end", "_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self._flush_at_turn_end: asyncio.Handle | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        held = self._held
+        if held is None:
+            self._held = bytes(data)
+            self._flush_at_turn_end = self._loop.call_soon(self.flush)
+            return
+        self._held = None
+        if self._flush_at_turn_end is not None:
+            self._flush_at_turn_end.cancel()
+            self._flush_at_turn_end = None
+        self._transport.write(held + data)
+
+    def flush(self) -> None:
+        """Sends what is held, if anything."""
+        held, self._held = self._held, None
+        if self._flush_at_turn_end is not None:
+            self._flush_at_turn_end.cancel()
+            self._flush_at_turn_end = None
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def drop(self) -> None:
+        """Forgets what is held: the connection is gone."""
+        self._held = None
+        if self._flush_at_turn_end is not None:
+            self._flush_at_turn_end.cancel()
+            self._flush_at_turn_end = None
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+
 class EdgeProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a connection cap, header and body deadlines, and a
     header size cap. The bounds are class attributes: :func:`protocol_for` makes a subclass
@@ -59,6 +124,8 @@ class EdgeProtocol(HttpToolsProtocol):
     body_timeout_s: ClassVar[float] = limits.body_timeout_s
     header_bytes_max: ClassVar[int] = limits.header_bytes_max
 
+    writer: OneWrite
+    """What the current response is written through (made with the connection)."""
     _deadline: asyncio.TimerHandle | None = None
     _head_bytes = 0  # bytes received since the head began (with any body in the same read)
     _head_exact = 0  # bytes of the head's line and complete headers, as parsed
@@ -66,6 +133,7 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.writer = OneWrite(transport, self.loop)
         self.open_connections.add(self)
         if len(self.open_connections) > self.connections_max:
             self._refuse(errors.Unavailable("too many connections; retry in a moment"))
@@ -76,6 +144,7 @@ class EdgeProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.open_connections.discard(self)
         self._disarm()
+        self.writer.drop()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -114,7 +183,31 @@ class EdgeProtocol(HttpToolsProtocol):
     def handle_websocket_upgrade(self) -> None:
         self._disarm()  # the WebSocket protocol takes over the connection, with its own pings
         self.open_connections.discard(self)
+        self.writer.flush()  # what is held goes before the WebSocket protocol writes
         super().handle_websocket_upgrade()
+
+    # One write per response (OneWrite): the cycle writes through it; whatever the protocol
+    # writes or closes itself goes after what the cycle has written.
+
+    def flush(self) -> None:
+        """Sends what the current response has written and is held."""
+        self.writer.flush()
+
+    def send_400_response(self, msg: str) -> None:
+        self.writer.flush()
+        super().send_400_response(msg)
+
+    def on_response_complete(self) -> None:
+        self.writer.flush()  # a HEAD answer's head, or a streamed answer's last chunk
+        super().on_response_complete()
+
+    def shutdown(self) -> None:
+        self.writer.flush()
+        super().shutdown()
+
+    def timeout_keep_alive_handler(self) -> None:
+        self.writer.flush()
+        super().timeout_keep_alive_handler()
 
     # Parser callbacks: the head is counted as it is parsed, then the deadline moves on.
 
@@ -135,6 +228,8 @@ class EdgeProtocol(HttpToolsProtocol):
         self._reading_head, self._head_exact = False, 0
         self._arm(self.body_timeout_s + BODY_GRACE_S)
         super().on_headers_complete()
+        if self.cycle is not None:  # this request's cycle (or, on an upgrade, the last one)
+            self.cycle.transport = self.writer
 
     def on_message_complete(self) -> None:
         self._disarm()  # the request is in; answering it is the application's time
@@ -161,6 +256,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._deadline = None
         if self.transport.is_closing():
             return
+        self.writer.flush()
         if self._reading_head:
             self._refuse(
                 errors.RequestTimeout(
@@ -191,6 +287,7 @@ class EdgeProtocol(HttpToolsProtocol):
         ]
         if error.status == 503:
             head.append(b"retry-after: 1\r\n")
+        self.writer.flush()
         self.transport.write(b"".join([*head, b"\r\n", body]))
         self.transport.close()
 

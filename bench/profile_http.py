@@ -12,6 +12,19 @@ each layer (exclusive: a sample goes to the layer of its frame nearest the leaf,
 the standard library counts for its caller's layer). Without py-spy or wrk it says so and stops.
 
     BENCH_SERVER_ROOT=/tmp/before .venv/bin/python bench/profile_http.py   # another checkout
+
+Same-minute A/B pairs of ``ledger serve`` (one process, as shipped: api/server.py's protocol),
+a checkout given (e.g. ``git archive`` of main) against this one, alternating in each pair
+which goes first; per run the rate, the server's CPU per request and, with ``--strace``, its
+socket-write system calls per request (strace -c -f on the server during wrk: it slows the
+server, so rates and CPU from such runs are not figures):
+
+    .venv/bin/python bench/profile_http.py --ab /tmp/before --pairs 4 --seconds 10
+    .venv/bin/python bench/profile_http.py --ab /tmp/before --pairs 1 --strace
+
+With ``--perf``, ``perf record`` (cpu-clock, call graphs) samples the server during wrk and each
+run also prints the share of its samples inside the kernel's write and send system calls
+(inclusive: the loopback send also does the receiving socket's TCP work).
 """
 
 from __future__ import annotations
@@ -53,7 +66,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 
-def profile(seconds: int, raw_out: Path | None) -> None:
+def profile(seconds: int, raw_out: Path | None, ledger_serve: bool = False) -> None:
     spy = shutil.which("py-spy") or str(ROOT / ".venv/bin/py-spy")
     if not Path(spy).exists() or not shutil.which("wrk"):
         raise SystemExit("profile_http: needs py-spy (the test extra) and wrk")
@@ -70,7 +83,8 @@ def profile(seconds: int, raw_out: Path | None) -> None:
             run.TOKEN[0] = await run.make_key(url)
 
         run.asyncio.run(prepare())
-        with run.server(url) as (port, pid):
+        served = run.serve_command(url, 1, False) if ledger_serve else run.server(url)
+        with served as (port, pid):
             run.wrk(port, 16, 3)  # warm up
             raw = Path(tempfile.mkstemp(suffix=".txt")[1])
             spy_proc = subprocess.Popen(
@@ -96,6 +110,121 @@ def profile(seconds: int, raw_out: Path | None) -> None:
     print(f"server CPU per request: {cpu / result['requests'] * 1e6:,.0f} µs"
           f" ({cpu / result['seconds'] * 100:.0f} % of a core)")
     summarise(stacks)
+
+
+WRITE_CALLS = ("write", "writev", "sendto", "sendmsg", "send")
+"""The system calls a response can leave by (uvloop: write/writev; asyncio: send/sendto)."""
+
+
+def ab(before: Path, pairs: int, seconds: int, strace: bool, perf: bool = False) -> None:
+    """Alternating runs of ``ledger serve`` from ``before`` and from this checkout."""
+    import statistics
+
+    with run.cluster() as (server_url, _), run.database(server_url, "ledger_ab") as url:
+        run.migrate(url)
+
+        async def prepare() -> None:
+            pool = run.postgres.async_pool(url, 4)
+            await pool.open()
+            svc = run.LedgerService(pool)
+            await run.setup_ledger(svc)
+            await svc.close()
+            await pool.close()
+            run.TOKEN[0] = await run.make_key(url)
+
+        run.asyncio.run(prepare())
+        found: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
+        for pair in range(1, pairs + 1):
+            order = [("before", before), ("after", ROOT)]
+            for label, root in order if pair % 2 else order[::-1]:
+                os.environ["BENCH_SERVER_ROOT"] = str(root)
+                with run.serve_command(url, 1, projections=False) as (port, pid):
+                    run.wrk(port, 16, 2)  # warm up
+                    tracer = _strace(pid) if strace else None
+                    perf_run = _perf(pid, seconds) if perf else None
+                    start = _cpu_s(pid)
+                    result = run.wrk(port, 64, seconds)
+                    cpu = (_cpu_s(pid) - start) / result["requests"] * 1e6
+                    calls = ""
+                    if tracer is not None:
+                        counts = _strace_done(*tracer)
+                        per = {k: v / result["requests"] for k, v in counts.items() if v}
+                        calls = "; per request " + ", ".join(
+                            f"{k} {v:.2f}" for k, v in sorted(per.items())
+                        )
+                    if perf_run is not None:
+                        calls += "; " + _perf_done(*perf_run)
+                    found[label].append((result["rate"], cpu))
+                    print(
+                        f"ab: pair {pair}, {label}: {result['rate']:,.0f} transfers/s,"
+                        f" p50 {result['p50']:.1f} ms, p99 {result['p99']:.1f} ms,"
+                        f" server CPU {cpu:,.0f} µs per request{calls};"
+                        f" load average {os.getloadavg()[0]:.1f}",
+                        flush=True,
+                    )
+        for label, runs in found.items():
+            print(
+                f"ab: {label}, median of {len(runs)}:"
+                f" {statistics.median(r for r, _ in runs):,.0f} transfers/s,"
+                f" {statistics.median(c for _, c in runs):,.0f} µs CPU per request"
+            )
+
+
+PERF_SYSCALLS = ("ksys_write", "do_writev", "__sys_sendto")
+"""The kernel's entries for write, writev and sendto (what perf's call graphs show here)."""
+
+
+def _perf(pid: int, seconds: int) -> tuple[subprocess.Popen[bytes], Path]:
+    out = Path(tempfile.mkstemp(suffix=".perf")[1])
+    proc = subprocess.Popen(
+        ["perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-o", str(out), "-p", str(pid),
+         "--", "sleep", str(seconds)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return proc, out
+
+
+def _perf_done(proc: subprocess.Popen[bytes], out: Path) -> str:
+    proc.wait(timeout=120)
+    report = subprocess.run(
+        ["perf", "report", "-i", str(out), "--stdio", "--children", "--sort", "sym",
+         "-g", "none", "--percent-limit", "0.5"],
+        capture_output=True, text=True, check=False,
+    ).stdout
+    if os.environ.get("PERF_KEEP"):
+        shutil.copy(out, os.environ["PERF_KEEP"] + str(time.monotonic_ns()))
+    out.unlink()
+    shares = []
+    for line in report.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[-1] in PERF_SYSCALLS:
+            shares.append(f"{fields[-1]} {fields[0]}")
+    return "perf, share of samples: " + (", ".join(shares) or "no write or send above 0.5 %")
+
+
+def _strace(pid: int) -> tuple[subprocess.Popen[bytes], Path]:
+    out = Path(tempfile.mkstemp(suffix=".strace")[1])
+    proc = subprocess.Popen(
+        ["strace", "-c", "-f", "-e", "trace=" + ",".join(WRITE_CALLS), "-o", str(out),
+         "-p", str(pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1)
+    return proc, out
+
+
+def _strace_done(proc: subprocess.Popen[bytes], out: Path) -> dict[str, int]:
+    proc.send_signal(2)  # SIGINT: strace detaches and writes its summary
+    proc.wait(timeout=30)
+    counts = {}
+    for line in out.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[-1] in WRITE_CALLS and fields[3].isdigit():
+            counts[fields[-1]] = int(fields[3])
+    out.unlink()
+    return counts
 
 
 def summarise(stacks: dict[str, int]) -> None:
@@ -136,11 +265,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--raw", type=Path, help="keep py-spy's raw stacks here")
     parser.add_argument("--summarise", type=Path, help="only summarise raw stacks kept before")
+    parser.add_argument(
+        "--ledger-serve", action="store_true",
+        help="profile `ledger serve` (one process, no projections) instead of uvicorn on the app",
+    )
+    parser.add_argument("--ab", type=Path, help="A/B pairs: this checkout against another")
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--strace", action="store_true", help="with --ab: count write calls")
+    parser.add_argument("--perf", action="store_true", help="with --ab: time in write calls")
     args = parser.parse_args()
+    if args.ab:
+        ab(args.ab, args.pairs, args.seconds, args.strace, args.perf)
+        return
     if args.summarise:
         summarise(_read(args.summarise))
         return
-    profile(args.seconds, args.raw)
+    profile(args.seconds, args.raw, args.ledger_serve)
 
 
 if __name__ == "__main__":

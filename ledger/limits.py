@@ -77,6 +77,9 @@ writer_cache_entries_max: Final = 400_000
 """Accounts and balances the writers of a server process keep between their transactions, all
 ledgers together (one budget, ``log.CacheBudget``); past this the least recently used ledgers'
 caches are emptied and refilled from Postgres as groups need them."""
+gc_young_objects_max: Final = 20_000
+"""Container objects a server process allocates (net) before the garbage collector's
+first-generation pass (Python's default is 700; api/app.py, docs/performance.md)."""
 lock_timeout_ms: Final = 5_000
 statement_timeout_ms: Final = 30_000
 request_timeout_ms: Final = 30_000
