@@ -132,6 +132,8 @@ async def measure(
 
     collecting = _Collections()
     gc.callbacks.append(collecting.callback)
+    backends = await _backend_pids(writer)
+    pg_cpu = _cpu_seconds(backends)
     cpu, wall = time.process_time(), time.perf_counter()
     if profile:
         profile.enable()
@@ -139,6 +141,7 @@ async def measure(
     if profile:
         profile.disable()
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    pg_cpu = _cpu_seconds(backends) - pg_cpu
     gc.callbacks.remove(collecting.callback)
     done = rounds * per_submit * clients
     work.clear()
@@ -147,9 +150,35 @@ async def measure(
         "cpu_us": cpu / done * 1e6,
         "gc_us": collecting.cpu / done * 1e6,
         "rate": done / wall,
+        "wall_us": wall / done * 1e6,
+        "pg_cpu_us": pg_cpu / done * 1e6,
         "transfers": done,
         "collections": collecting.count,
     }
+
+
+async def _backend_pids(writer: Any) -> list[int]:
+    """The server processes of this database's connections (the writer's among them)."""
+    async with writer.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        )
+        pids = [int(r[0]) for r in await cur.fetchall()]
+        await conn.rollback()
+    return pids
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU of these processes so far (``/proc/PID/stat``; 0 for any not
+    readable: a server on another machine, or one that exited)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class _Collections:
@@ -282,6 +311,8 @@ def report(result: dict[str, Any], label: str = "") -> None:
         f"{label}1,000-batches: {b['cpu_us']:6.1f} µs CPU/transfer (collector"
         f" {b.get('gc_us', 0):4.1f}), {b['rate']:8,.0f} transfers/s"
     )
+    if "wall_us" in b:  # absent from a checkout before these fields
+        line += f" (wall {b['wall_us']:5.1f} µs, Postgres backends {b['pg_cpu_us']:5.1f} µs CPU)"
     if "singles" in result:
         s = result["singles"]
         line += (
@@ -356,6 +387,10 @@ def main() -> None:
     for side, runs in results.items():
         batch = statistics.median(r["batches"]["cpu_us"] for r in runs)
         line = f"median {side:<6} 1,000-batches {batch:6.1f} µs CPU/transfer"
+        wall = statistics.median(r["batches"]["wall_us"] for r in runs)
+        pg_cpu = statistics.median(r["batches"]["pg_cpu_us"] for r in runs)
+        rate = statistics.median(r["batches"]["rate"] for r in runs)
+        line += f" (wall {wall:5.1f} µs, {rate:,.0f}/s; Postgres backends {pg_cpu:5.1f} µs)"
         if args.singles:
             single = statistics.median(r["singles"]["cpu_us"] for r in runs)
             line += f", singles {single:6.1f} µs"
