@@ -18,7 +18,7 @@ from api.middleware import ParsedBodyRoute
 from api.replica import FRESH
 from ledger import domain, errors, limits
 from ledger.money import parse_asset
-from ledger.service import LedgerService, Result, collector_paused
+from ledger.service import LedgerService, Result
 
 router = APIRouter(prefix="/v1", route_class=ParsedBodyRoute)
 
@@ -240,9 +240,7 @@ async def batch(scope: Scope, ledger: str, body: schemas.BatchIn) -> Response:
     and by the hot path (api/hot.py)."""
     svc = service_of(scope)
     m = meta_of(scope)
-    with collector_paused():  # no await inside
-        items = _batch_items(body.items)
-    return json_response({"results": await svc.post_batch(ledger, items, m)})
+    return json_response({"results": await svc.post_batch(ledger, _batch_items(body.items), m)})
 
 
 _TRANSFER_ITEMS: TypeAdapter[list[schemas.BatchItemIn]] = TypeAdapter(list[schemas.BatchItemIn])

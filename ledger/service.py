@@ -8,9 +8,6 @@ as the queries render what they read (``ledger.queries.bodies``). Reads are the 
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -192,8 +189,19 @@ class LedgerService:
             decided = await self.writers.get(ref).submit(submitted)
             for (i, _), outcome in zip(todo, decided, strict=True):
                 outcomes[i] = outcome
-        with collector_paused():
-            return _results(outcomes)
+        results = []
+        for done in outcomes:
+            if isinstance(done, log.Committed):
+                results.append(
+                    {
+                        "status": "replayed" if done.replayed else "created",
+                        "transfer": transfer_body(done),
+                    }
+                )
+            else:
+                assert isinstance(done, errors.LedgerError)
+                results.append({"status": "error", "error": done.to_result()})
+        return results
 
     async def expire_due(self) -> int:
         """Wakes the writer of every ledger with pending transfers past their timeout; the
@@ -254,40 +262,6 @@ class LedgerService:
         self, ledger: str, cursor: str | None, limit: int, as_of: int | None = None
     ) -> dict[str, Any]:
         return await accounts.balances(self.reads, ledger, cursor, limit, as_of)
-
-
-def _results(outcomes: list[log.Outcome | None]) -> list[dict[str, Any]]:
-    """A batch's results, in request order."""
-    results = []
-    for done in outcomes:
-        if isinstance(done, log.Committed):
-            results.append(
-                {
-                    "status": "replayed" if done.replayed else "created",
-                    "transfer": transfer_body(done),
-                }
-            )
-        else:
-            assert isinstance(done, errors.LedgerError)
-            results.append({"status": "error", "error": done.to_result()})
-    return results
-
-
-@contextmanager
-def collector_paused() -> Iterator[None]:
-    """The garbage collector waits while a batch's commands or results are made: about ten
-    objects per item that all live until the answer is sent, which its passes in between
-    would only scan again and again (as ledger/log.py pauses it during a group). For a step
-    with no ``await`` only, so that nothing else runs meanwhile; if it is paused already (a
-    writer's group in flight), it is left as it is."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 __all__ = [
