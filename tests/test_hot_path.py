@@ -348,7 +348,7 @@ def test_batches_of_plain_transfers_answer_alike_and_as_the_rules_say(pair: Pair
         item("p-2", metadata={"order": "o-2", "n": 2}),
         item("p-3", pending=True, timeout_seconds=60),
         item("p-4", _posting("1", "bank", "bob"), _posting("2", "bank", "alice")),
-        item("k" * limits.idempotency_key_length_max),
+        item("p" * limits.idempotency_key_length_max),  # (the single transfers use k's)
         item("p-5", *[_posting("1", "bank", "bob")] * limits.postings_per_transfer_max),
     ]) == [created] * 6
     # A replay, the same key twice in one batch, the same key with another request
