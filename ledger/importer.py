@@ -135,6 +135,13 @@ class _Rebuild:
         data = orjson.loads(state)
         kind = topic.rpartition(":")[2]
         recorded = datetime.fromisoformat(data["recorded_at"])
+        if self.recorded is not None and recorded < self.recorded:
+            # Reads as of a recorded time search the positions for it (position_recorded_by,
+            # migrations/0011): the writer never records an event before the one it follows.
+            raise errors.ExportInvalid(
+                f"event {position} ({kind}) is recorded at {data['recorded_at']}, before event"
+                f" {self.position}; nothing was imported"
+            )
         if kind == "LedgerCreated" and position == 1:
             assets = [parse_asset(a) for a in data["assets"]]
             self.state.assets.update({a.code: a.scale for a in assets})
