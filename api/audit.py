@@ -13,10 +13,11 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
-from api import auth
+from api import auth, schemas
 from api.middleware import ParsedBodyRoute
-from api.routes import KeyPath, LedgerPath, _problems, json_response, service
+from api.routes import KeyPath, LedgerPath, Limit, _problems, json_response, service
 from ledger import audit, errors, limits, postgres
+from ledger.queries.search import decode_cursor, encode_cursor
 
 router = APIRouter(prefix="/v1", tags=["audit"], route_class=ParsedBodyRoute)
 T = TypeVar("T")
@@ -57,24 +58,38 @@ async def seal(ledger: LedgerPath, request: Request) -> Response:
 
 
 @router.get("/ledgers/{ledger}/checkpoints", responses=_problems, openapi_extra=auth.scope("audit"))
-async def list_checkpoints(ledger: LedgerPath, request: Request) -> Response:
-    found = await _in_thread(request, lambda conn: audit.checkpoints(conn, ledger))
+async def list_checkpoints(
+    ledger: LedgerPath,
+    request: Request,
+    cursor: Annotated[
+        str | None,
+        Query(max_length=64, pattern=schemas.CURSOR_PATTERN, description="From the previous page"),
+    ] = None,
+    limit: Limit = limits.page_size_default,
+) -> Response:
+    """The signed checkpoints, a page at a time by tree size (`next_cursor`, null on the last
+    page)."""
+    after = int(decode_cursor(cursor, numeric=True) or 0)
+    found = await _in_thread(
+        request, lambda conn: audit.checkpoints_page(conn, ledger, after, limit + 1)
+    )
     public = request.app.state.public_key
+    page = found[:limit]
     return json_response(
         {
             "public_key": audit.public_hex(public) if public else None,
-            "items": [c.as_json() for c in found],
+            "items": [c.as_json() for c in page],
+            "next_cursor": encode_cursor(page[-1].tree_size) if len(found) > limit else None,
         }
     )
 
 
 async def _checkpoint(request: Request, ledger: str, size: int | None) -> audit.Checkpoint:
-    found = await _in_thread(request, lambda conn: audit.checkpoints(conn, ledger))
-    chosen = [c for c in found if size is None or c.tree_size == size]
-    if not chosen:
+    found = await _in_thread(request, lambda conn: audit.checkpoint(conn, ledger, size))
+    if found is None:
         of_size = "" if size is None else f" of size {size}"
         raise errors.CheckpointNotFound(f"no checkpoint{of_size}")
-    return chosen[-1]
+    return found
 
 
 @router.get(

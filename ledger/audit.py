@@ -201,14 +201,31 @@ def leaf_hashes(
 
 
 def checkpoints(conn: psycopg.Connection[Any], ledger: str) -> list[Checkpoint]:
+    """Every checkpoint of the ledger, by tree size (verify and export, which read the whole
+    log anyway); the API pages them (``checkpoints_page``) or reads one (``checkpoint``)."""
     ledger_id, _, _ = _ledger(conn, ledger)
-    return [
-        Checkpoint(
-            ledger, int(r.tree_size), bytes(r.root), r.signed_at.astimezone(UTC).isoformat(),
-            r.key_id, bytes(r.signature),
-        )
-        for r in _CHECKPOINTS.all_on(conn, (ledger_id,))
-    ]
+    return [_checkpoint(ledger, r) for r in _CHECKPOINTS.all_on(conn, (ledger_id,))]
+
+
+def checkpoints_page(
+    conn: psycopg.Connection[Any], ledger: str, after: int, limit: int
+) -> list[Checkpoint]:
+    """At most ``limit`` checkpoints of tree size above ``after``, by tree size."""
+    ledger_id, _, _ = _ledger(conn, ledger)
+    rows = _CHECKPOINTS_PAGE.all_on(conn, (ledger_id, after, limit))
+    return [_checkpoint(ledger, r) for r in rows]
+
+
+def checkpoint(
+    conn: psycopg.Connection[Any], ledger: str, size: int | None = None
+) -> Checkpoint | None:
+    """The checkpoint of tree size ``size``, or the latest (``None``); None if there is none."""
+    ledger_id, _, _ = _ledger(conn, ledger)
+    if size is None:
+        row = _CHECKPOINT_LATEST.one_on(conn, (ledger_id,))
+    else:
+        row = _CHECKPOINT_OF_SIZE.one_on(conn, (ledger_id, size))
+    return None if row is None else _checkpoint(ledger, row)
 
 
 class _Signed(NamedTuple):
@@ -219,11 +236,22 @@ class _Signed(NamedTuple):
     signature: bytes
 
 
-_CHECKPOINTS = Read(
-    "SELECT tree_size, root, signed_at, key_id, signature FROM checkpoints"
-    " WHERE ledger_id = %s ORDER BY tree_size",
-    _Signed,
+def _checkpoint(ledger: str, r: _Signed) -> Checkpoint:
+    return Checkpoint(
+        ledger, int(r.tree_size), bytes(r.root), r.signed_at.astimezone(UTC).isoformat(),
+        r.key_id, bytes(r.signature),
+    )
+
+
+_SIGNED = "SELECT tree_size, root, signed_at, key_id, signature FROM checkpoints"
+_CHECKPOINTS = Read(f"{_SIGNED} WHERE ledger_id = %s ORDER BY tree_size", _Signed)
+_CHECKPOINTS_PAGE = Read(
+    f"{_SIGNED} WHERE ledger_id = %s AND tree_size > %s ORDER BY tree_size LIMIT %s", _Signed
 )
+_CHECKPOINT_LATEST = Read(
+    f"{_SIGNED} WHERE ledger_id = %s ORDER BY tree_size DESC LIMIT 1", _Signed
+)
+_CHECKPOINT_OF_SIZE = Read(f"{_SIGNED} WHERE ledger_id = %s AND tree_size = %s", _Signed)
 
 
 def seal(
@@ -236,20 +264,20 @@ def seal(
     ledger_id, head, _ = _ledger(conn, ledger)
     if head == 0:
         raise errors.NothingToSeal(f"ledger {ledger!r} has no event to sign")
-    existing = [c for c in checkpoints(conn, ledger) if c.tree_size == head]
-    if existing:
-        return existing[0]
+    existing = checkpoint(conn, ledger, head)
+    if existing is not None:
+        return existing
     root = merkle.root(leaf_hashes(conn, ledger, head, progress))
     signed_at = datetime.now(UTC).replace(microsecond=0).isoformat()
     signature = key.sign(tree_head(ledger, head, root, signed_at))
-    checkpoint = Checkpoint(ledger, head, root, signed_at, key_id(key.public_key()), signature)
+    sealed = Checkpoint(ledger, head, root, signed_at, key_id(key.public_key()), signature)
     with conn.transaction():
         conn.execute(
             "INSERT INTO checkpoints (ledger_id, tree_size, root, signed_at, key_id, signature)"
             " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-            (ledger_id, head, root, signed_at, checkpoint.key_id, signature),
+            (ledger_id, head, root, signed_at, sealed.key_id, signature),
         )
-    return checkpoint
+    return sealed
 
 
 def stored_event(conn: psycopg.Connection[Any], ledger: str, position: int) -> tuple[str, str]:
