@@ -151,9 +151,9 @@ def serving(
     try:
         yield int(server.sockets[0].getsockname()[1])
     finally:
-        server.close()
 
         async def stop() -> None:
+            server.close()  # on the loop's thread: asyncio's Server is not thread-safe
             for connection in list(state.connections):
                 connection.shutdown()
             await asyncio.sleep(0.05)
