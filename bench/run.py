@@ -150,8 +150,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-WORKERS = [0]
-"""``--workers N``: serve with ``ledger serve --workers N`` (0: uvicorn on the app, as always)."""
+WORKERS = [1]
+"""``--workers N``: serve with ``ledger serve --workers N``, what a user runs (the edge's checks,
+one write per response); by default one process. 0: plain uvicorn on the app, without the
+edge (what the figures before 2026-11-30 14:00 UTC measured)."""
 
 
 def listeners(port: int) -> int:
@@ -718,8 +720,9 @@ def main() -> None:
     parser.add_argument(
         "--workers",
         type=int,
-        default=0,
-        help="serve the HTTP figures with `ledger serve --workers N` (default: uvicorn on the app)",
+        default=1,
+        help="serve the HTTP figures with `ledger serve --workers N` (default 1; 0: plain"
+        " uvicorn on the app, without the edge)",
     )
     args = parser.parse_args()
     WORKERS[0] = args.workers
