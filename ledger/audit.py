@@ -606,6 +606,23 @@ def _check_derived_state(
     )
 
 
+RECORDED_TIMES = (
+    "SELECT min(position) FILTER (WHERE recorded_at <> hashed),"
+    " min(position) FILTER (WHERE hashed < before)"
+    " FROM (SELECT position, recorded_at, hashed,"
+    "   lag(hashed) OVER (ORDER BY position) AS before"
+    "   FROM (SELECT position, recorded_at,"
+    "     (convert_from(state, 'UTF8')::jsonb ->> 'recorded_at')::timestamptz AS hashed"
+    "     FROM events WHERE ledger_id = %s OFFSET 0) AS e) AS o"
+)
+"""The first position whose ``recorded_at`` column is not the time in its hashed state, and the
+first whose hashed time is before the one before it: ``position_recorded_by`` (migrations/0011)
+binary-searches the positions by time, so a time that goes back makes reads as of a time answer
+from the wrong position. One pass parses each state once for both checks: ``OFFSET 0`` keeps the
+planner from pulling the inner select up into the outer ones, which copied the parse into the
+window and each filter and tripled the query's time (0.30 -> 0.73 s at 1.2 x 10^5 events)."""
+
+
 def _check_copied_columns(conn: psycopg.Connection[Any], ledger_id: int, report: Report) -> None:
     """Columns that copy what the hashed events say (keys, times), used to answer lookups:
     they must agree with the events."""
@@ -622,18 +639,19 @@ def _check_copied_columns(conn: psycopg.Connection[Any], ledger_id: int, report:
         keys is not None and keys[0] == 0,
         "" if keys and keys[0] == 0 else "a stored key points at another event",
     )
-    # Columns that copy what the hashed state says, used to answer by time: they must agree.
-    times = conn.execute(
-        "SELECT min(position) FROM events WHERE ledger_id = %s AND recorded_at <>"
-        " (convert_from(state, 'UTF8')::jsonb ->> 'recorded_at')::timestamptz",
-        (ledger_id,),
-    ).fetchone()
-    bad_time = times[0] if times else None
+    times = conn.execute(RECORDED_TIMES, (ledger_id,)).fetchone()
+    bad_time, back = (times[0], times[1]) if times else (None, None)
     report.add(
         "recorded_at_matches_events",
         bad_time is None,
         "" if bad_time is None else "a recorded_at column disagrees with its event",
         bad_time,
+    )
+    report.add(
+        "recorded_at_never_decreases",
+        back is None,
+        "" if back is None else "an event is recorded before the event before it",
+        back,
     )
     effective = conn.execute(
         "SELECT min(e.position) FROM entries e JOIN accounts a ON a.id = e.account_id"
