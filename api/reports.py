@@ -163,16 +163,22 @@ async def _on_direct_connection(request: Request, work: Callable[[Any], T]) -> T
         return await asyncio.to_thread(run)
 
 
-async def _streamed(request: Request, opened: Callable[[Any], Iterator[Chunk]]) -> Iterator[Chunk]:
-    """An export's chunks, read in a thread on a connection of its own that holds a slot of
-    :func:`_direct_connection`'s until the export ends (or is dropped unread): ``opened(conn)``
-    checks what was asked for and returns the chunks; its errors, and those of the first
-    chunk, are raised here, before the response starts."""
+async def _streamed(
+    request: Request,
+    opened: Callable[[Any], Iterator[T]],
+    timeout_ms: int = limits.read_statement_timeout_ms,
+) -> Iterator[T]:
+    """An export's chunks, read in a thread on a connection of its own, opened outside the
+    pools, that holds a slot of :func:`_direct_connection`'s until the export ends (or is
+    dropped unread, when the client goes away before the first chunk), under a statement
+    timeout of ``timeout_ms``: ``opened(conn)`` checks what was asked for and returns the
+    chunks; its errors, and those of the first chunk, are raised here, before the response
+    starts."""
     url = request.app.state.read_database_url
     slots = await _direct_slot(request)
     loop = asyncio.get_running_loop()
 
-    def first() -> tuple[Any, Iterator[Chunk], list[Chunk], Any]:
+    def first() -> tuple[Any, Iterator[T], list[T], Any]:
         try:
             conn = postgres.connect(url)
         except BaseException:
@@ -180,7 +186,7 @@ async def _streamed(request: Request, opened: Callable[[Any], Iterator[Chunk]]) 
             raise
         release = weakref.finalize(conn, loop.call_soon_threadsafe, slots.release)
         try:
-            conn.execute(f"SET statement_timeout = {limits.read_statement_timeout_ms}")
+            conn.execute(f"SET statement_timeout = {timeout_ms}")
             conn.commit()
             chunks = opened(conn)
             return conn, chunks, list(itertools.islice(chunks, 1)), release
@@ -191,7 +197,7 @@ async def _streamed(request: Request, opened: Callable[[Any], Iterator[Chunk]]) 
 
     conn, chunks, head, release = await asyncio.to_thread(first)
 
-    def every() -> Iterator[Chunk]:
+    def every() -> Iterator[T]:
         try:
             yield from head
             yield from chunks
@@ -223,59 +229,25 @@ async def journal(
     """The general ledger: every posting that moved posted amounts in `(from, to]`, one line
     each with its transfer, accounts, amount (minor units and decimal), both times and its
     event's hash; CSV or JSON lines, streamed (constant memory whatever the period)."""
-    import asyncio
-    import itertools
-
-    from starlette.responses import StreamingResponse
-
-    from ledger import postgres
     from projections import journal as gl
 
     await service(request).ledger_ref(ledger)
     since = reports.period_start(start, basis)
     until = reports.parse_point(end, basis)
-    url = request.app.state.read_database_url
-    # The stream's connection is opened outside the pools: it holds one of their slots until
-    # it is closed (or dropped unread, when the client goes away before the first chunk).
-    slots = await _direct_slot(request)
-    loop = asyncio.get_running_loop()
 
-    def first() -> tuple[Any, Any, list[dict[str, Any]], Any]:  # errors before the first byte
-        try:
-            conn = postgres.connect(url)
-        except BaseException:
-            loop.call_soon_threadsafe(slots.release)
-            raise
-        release = weakref.finalize(conn, loop.call_soon_threadsafe, slots.release)
-        try:
-            conn.execute(f"SET statement_timeout = {limits.journal_statement_timeout_ms}")
-            lines = gl.entries(conn, ledger, since, until)
-            return conn, lines, list(itertools.islice(lines, 1)), release
-        except BaseException:
-            conn.close()
-            release()
-            raise
+    def opened(conn: Any) -> Iterator[dict[str, Any]]:
+        return gl.entries(conn, ledger, since, until)
 
-    conn, lines, head, release = await asyncio.to_thread(first)
-
-    def every() -> Any:
-        try:
-            yield from head
-            yield from lines
-        finally:
-            lines.close()
-            conn.close()
-            release()
-
+    lines = await _streamed(request, opened, limits.journal_statement_timeout_ms)
     name = f"{ledger}-journal"
     if format == "csv":
         return StreamingResponse(
-            _while_allowed(request, ledger, gl.as_csv(every()), format),
+            _while_allowed(request, ledger, gl.as_csv(lines), format),
             media_type="text/csv",
             headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
         )
     return StreamingResponse(
-        _while_allowed(request, ledger, gl.as_json_lines(every()), format),
+        _while_allowed(request, ledger, gl.as_json_lines(lines), format),
         media_type="application/x-ndjson",
     )
 

@@ -25,7 +25,7 @@ import psycopg
 
 from ledger import errors, limits
 from ledger.queries import ledgers
-from projections.reports import Point, _money, csv_cell
+from projections.reports import Point, _money, csv_cell, position_on
 
 BOOKED = {
     "ledger.events:TransferPosted": "transfer",
@@ -50,19 +50,6 @@ COLUMNS = [
 ]
 
 
-def _bound(conn: psycopg.Connection[Any], ledger_id: int, head: int, at: Point) -> int:
-    """A point on the recorded axis as a log position."""
-    if at.kind == "head":
-        return head
-    if at.kind == "position":
-        assert at.position is not None
-        if not 0 <= at.position <= head:
-            raise errors.PositionOutOfRange(f"{at.position} is outside 0..{head}", head=head)
-        return at.position
-    assert at.time is not None
-    return ledgers.position_at_on(conn, ledger_id, at.time)
-
-
 def _query(
     conn: psycopg.Connection[Any], ledger_id: int, head: int, start: Point, end: Point
 ) -> tuple[str, tuple[Any, ...]]:
@@ -82,8 +69,8 @@ def _query(
             " ORDER BY p.effective_at, ev.position"
         )
         return sql, (low, high, ledger_id, ledger_id)
-    low_pos = _bound(conn, ledger_id, head, start)
-    high_pos = _bound(conn, ledger_id, head, end)
+    low_pos = position_on(conn, ledger_id, head, start, said="")
+    high_pos = position_on(conn, ledger_id, head, end, said="")
     sql = (
         "SELECT position, topic, state, recorded_at, hash FROM events"
         " WHERE ledger_id = %s AND position > %s AND position <= %s"

@@ -176,16 +176,26 @@ async def _ledger(conn: psycopg.AsyncConnection[Any], name: str) -> tuple[int, i
     return row.id, row.head_position, await ledgers.scales(reader, row.id)
 
 
-async def _position(
-    conn: psycopg.AsyncConnection[Any], ledger_id: int, head: int, at: Point
-) -> int:
+def _position_in_log(at: Point, head: int, said: str = "as_of ") -> int | None:
+    """The log position a point names by itself (the head, or a position checked to be in
+    ``0..head``; ``said`` opens the error's detail), or None for a time (looked up)."""
     if at.kind == "head":
         return head
     if at.kind == "position":
         assert at.position is not None
         if not 0 <= at.position <= head:
-            raise errors.PositionOutOfRange(f"as_of {at.position} is outside 0..{head}", head=head)
+            raise errors.PositionOutOfRange(f"{said}{at.position} is outside 0..{head}", head=head)
         return at.position
+    assert at.time is not None
+    return None
+
+
+async def _position(
+    conn: psycopg.AsyncConnection[Any], ledger_id: int, head: int, at: Point
+) -> int:
+    found = _position_in_log(at, head)
+    if found is not None:
+        return found
     assert at.time is not None
     return await ledgers.position_at(Reader.on(conn), ledger_id, at.time)
 
@@ -483,9 +493,9 @@ def open_statement(
         high_time = end.time
         position = head
     else:
-        low_pos = head if start.kind == "head" else _position_on(conn, ledger_id, head, start)
+        low_pos = head if start.kind == "head" else position_on(conn, ledger_id, head, start)
         low = (low_pos, LEG_MAX)
-        position = _position_on(conn, ledger_id, head, end)
+        position = position_on(conn, ledger_id, head, end)
     key = low
     if after is not None:
         axis, pinned, key = after
@@ -506,14 +516,13 @@ def open_statement(
     )
 
 
-def _position_on(conn: psycopg.Connection[Any], ledger_id: int, head: int, at: Point) -> int:
-    if at.kind == "head":
-        return head
-    if at.kind == "position":
-        assert at.position is not None
-        if not 0 <= at.position <= head:
-            raise errors.PositionOutOfRange(f"as_of {at.position} is outside 0..{head}", head=head)
-        return at.position
+def position_on(
+    conn: psycopg.Connection[Any], ledger_id: int, head: int, at: Point, said: str = "as_of "
+) -> int:
+    """A point on the recorded axis as a log position (``said`` opens a range error's detail)."""
+    found = _position_in_log(at, head, said)
+    if found is not None:
+        return found
     assert at.time is not None
     return ledgers.position_at_on(conn, ledger_id, at.time)
 
@@ -721,10 +730,10 @@ def open_report(
     if at.kind == "effective":
         position = None
         if at.recorded_by is not None:
-            position = _position_on(conn, ledger_id, head, at.recorded_by)
+            position = position_on(conn, ledger_id, head, at.recorded_by)
         read, params = _EFFECTIVE_TOTALS, [ledger_id, at.time, position, position]
     else:
-        position = _position_on(conn, ledger_id, head, at)
+        position = position_on(conn, ledger_id, head, at)
         read, params = _TOTALS_AS_OF, [position, ledger_id]
     sql = read.sql
     if name != "trial-balance":
