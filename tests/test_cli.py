@@ -7,8 +7,10 @@ import io
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from tests.support import build_sealed
@@ -133,21 +135,29 @@ def test_money_moves_and_reports_come_out_through_the_command_line(
     assert missing.stderr.strip() == "ledger: ledger_not_found: ledger 'nope' does not exist"
 
 
-def test_logs_go_to_stderr_and_stdout_stays_the_output(tmp_path: Path) -> None:
+def test_logs_go_to_stderr_and_stdout_stays_the_output() -> None:
     """With the embedded Postgres (which logs its start and stop) and info logs, stdout holds
     the command's output alone."""
+    # Not pytest's tmp_path: as root the embedded server runs as another OS user, and the
+    # directories the wheel opens up for it under /tmp/pytest-of-root are closed again (0700)
+    # by any other pytest that starts meanwhile: initdb then failed with "Permission denied",
+    # 2 runs in 4 while other test runs loaded the machine.
+    data = Path(tempfile.mkdtemp(prefix="ledger-cli-", dir="/tmp"))
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")},
-        "LEDGER_DATA_DIR": str(tmp_path / "data"),
+        "LEDGER_DATA_DIR": str(data / "data"),
         "LEDGER_LOG_LEVEL": "info",
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "ledger", "migrate"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "ledger", "migrate"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("schema version ") and len(done.stdout.splitlines()) == 1
     assert "embedded postgres" in done.stderr
