@@ -102,6 +102,17 @@ def free_port() -> int:
         return port
 
 
+def stop(process: subprocess.Popen[Any]) -> None:
+    """Stops a server process: SIGTERM, then SIGKILL if it has not exited within 10 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @contextmanager
 def served(
     database_url: str, env: dict[str, str] | None = None, wait_s: float = 30.0
@@ -145,12 +156,7 @@ def served(
                 time.sleep(0.1)
             yield base, token
         finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
             errors.close()
 
 

@@ -32,7 +32,7 @@ from api import server
 from api.middleware import BodyBudget
 from api.ratelimit import Rate, RateLimiter, retry_after
 from ledger.settings import Settings, SettingsError
-from tests.support import ROOT, api_client, bearer, free_port, make_key, served
+from tests.support import ROOT, api_client, bearer, free_port, make_key, served, stop
 
 PROBLEM = "application/problem+json"
 HEADER_TIMEOUT_S = 1.5
@@ -361,7 +361,7 @@ def test_the_server_speaks_tls_from_a_certificate_and_key(
         with pytest.raises(httpx.TransportError):  # plain HTTP is not answered
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).raise_for_status()
     finally:
-        _stop(process)
+        stop(process)
 
 
 def test_a_tls_key_readable_by_others_is_refused_in_one_line(
@@ -375,7 +375,7 @@ def test_a_tls_key_readable_by_others_is_refused_in_one_line(
     try:
         _, stderr = process.communicate(timeout=30)
     finally:
-        _stop(process)
+        stop(process)
     assert process.returncode == 2
     lines = [line for line in stderr.splitlines() if line.startswith("ledger:")]
     assert lines and "LEDGER_TLS_KEY_FILE" in lines[0] and "readable by others" in lines[0]
@@ -409,16 +409,6 @@ def _start(database_url: str, env: dict[str, str]) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def _stop(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 # --- Body and query checks (in process) -----------------------------------------------------

@@ -40,7 +40,7 @@ from ledger import limits
 from ledger.migrate import migrate
 from ledger.postgres import APP_ROLE, login_as
 from ledger.settings import Settings
-from tests.support import ROOT, api_client, free_port, make_key_record
+from tests.support import ROOT, api_client, free_port, make_key_record, stop
 
 LAUNCH = """
 import sys
@@ -650,13 +650,7 @@ class _serve:
             time.sleep(0.1)
 
     def __exit__(self, *_: Any) -> None:
-        process = self.server.process
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(self.server.process)
         self.log.unlink(missing_ok=True)
 
 
